@@ -88,5 +88,5 @@ def tiny_model(name: str = "tiny-qwen3", seed: int = 0) -> torch.nn.Module:
     """A randomly initialised toy decoder; the same `seed` gives bit-identical weights in every process."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(name), attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(tiny_config(name))
     return model.eval()

@@ -1,0 +1,214 @@
+"""The quality gate: a tiny linear probe before the FFN of every decoder layer of any HF causal decoder.
+
+In each chosen layer the gate reads the FFN input x (the output of `post_attention_layernorm`):
+`score = x · w`, `good_ratio = sigmoid(score)`.
+- `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
+- `probe`: the gate only reads x; the model's outputs are untouched.
+
+The gate lives as `layer.quality_gate` and acts through hooks on `layer.mlp`, so the backbone's own state-dict
+keys never change and the gates save and load on their own (`gates.safetensors` + `gates.json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qgate
+
+MODES = ("modulate", "probe")
+GATES_FILE = "gates.safetensors"
+GATES_META = "gates.json"
+GATES_FORMAT = 1
+
+
+class QualityGate(nn.Module):
+    """`nn.Linear(hidden, 1)`: one logit per token. Init N(init_mean, init_std); optional bias set to init_bias."""
+
+    def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
+                 bias: bool = False, init_bias: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, bias=bias)
+        nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
+        if bias:
+            nn.init.constant_(self.linear.bias, init_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(self.linear.weight.dtype)).squeeze(-1)  # [B, T, H] -> [B, T]
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The first ModuleList whose blocks all have `post_attention_layernorm` and `mlp`."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            hasattr(block, "post_attention_layernorm") and hasattr(block, "mlp") for block in module
+        ):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no decoder layers with `post_attention_layernorm` and `mlp`; "
+        "quality gates attach to Llama/Qwen/Mistral-style decoders"
+    )
+
+
+class GateSet:
+    """The gates of one model: their hooks, the logits of the last forward pass, save and load."""
+
+    def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[QualityGate]):
+        self.model, self.mode, self.layers, self.gates = model, mode, layers, gates
+        self.forced_ratio: float | None = None
+        self._logits: list[torch.Tensor | None] = [None] * len(gates)
+        self._hooks = []
+        blocks = find_decoder_layers(model)
+        for slot, (index, gate) in enumerate(zip(layers, gates)):
+            blocks[index].quality_gate = gate
+            self._hooks.append(blocks[index].mlp.register_forward_pre_hook(self._read_hook(slot)))
+            self._hooks.append(blocks[index].mlp.register_forward_hook(self._scale_hook(slot)))
+
+    def _read_hook(self, slot: int):
+        def hook(module, args):
+            self._logits[slot] = self.gates[slot](args[0])  # [B, T]
+        return hook
+
+    def _scale_hook(self, slot: int):
+        def hook(module, args, output):
+            if self.mode != "modulate":
+                return None
+            ratio = self.good_ratio_of(self._logits[slot]).unsqueeze(-1)  # [B, T, 1]
+            if isinstance(output, tuple):  # MoE blocks return (hidden, router_logits)
+                return (output[0] * ratio.to(output[0].dtype),) + output[1:]
+            return output * ratio.to(output.dtype)
+        return hook
+
+    def good_ratio_of(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.forced_ratio is not None:
+            return torch.full_like(logits, self.forced_ratio)
+        return torch.sigmoid(logits)
+
+    def logits(self) -> torch.Tensor:
+        """Gate logits of the last forward pass. [B, L, T]"""
+        if any(x is None for x in self._logits):
+            raise RuntimeError("no forward pass has run since the gates were attached or cleared")
+        return torch.stack(self._logits, dim=1)
+
+    def clear(self) -> None:
+        self._logits = [None] * len(self.gates)
+
+    @contextlib.contextmanager
+    def forced(self, ratio: float = 1.0):
+        """Within the block every gate passes `ratio` of the FFN (1.0 = the base model in modulate mode)."""
+        previous, self.forced_ratio = self.forced_ratio, ratio
+        try:
+            yield self
+        finally:
+            self.forced_ratio = previous
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for gate in self.gates for p in gate.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{index}.{name}": tensor.detach().cpu().contiguous()
+                for index, gate in zip(self.layers, self.gates)
+                for name, tensor in gate.linear.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for index, gate in zip(self.layers, self.gates):
+            prefix = f"layers.{index}."
+            gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def remove(self) -> None:
+        """Detach hooks and gate modules: the model is the plain backbone again."""
+        blocks = find_decoder_layers(self.model)
+        for handle in self._hooks:
+            handle.remove()
+        for index in self.layers:
+            del blocks[index].quality_gate
+        self.model.qgate_gates = None
+
+
+def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
+                 bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
+                 seed: int = 0) -> GateSet:
+    """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet."""
+    if mode not in MODES:
+        raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
+    if getattr(model, "qgate_gates", None) is not None:
+        raise ValueError("this model already has quality gates; call .remove() on them first")
+    blocks = find_decoder_layers(model)
+    layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
+    if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
+        raise ValueError(f"gate layers {layers} out of range for a model with {len(blocks)} layers")
+    reference = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias) for _ in layers]
+    gates = [g.to(device=reference.device, dtype=reference.dtype) for g in gates]
+    gate_set = GateSet(model, mode, layers, gates)
+    model.qgate_gates = gate_set
+    return gate_set
+
+
+def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
+    """Only gate parameters keep `requires_grad`; returns them."""
+    gate_params = {id(p) for p in model.qgate_gates.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in gate_params)
+    return model.qgate_gates.parameters()
+
+
+def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """`gates.safetensors` + `gates.json` (format, mode, layers, shapes and whatever `metadata` adds)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(gates.state_dict(), out_dir / GATES_FILE)
+    meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
+            "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
+            "bias": gates.gates[0].linear.bias is not None, "n_model_layers": len(find_decoder_layers(gates.model)),
+            **(metadata or {})}
+    (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out_dir
+
+
+def read_gate_metadata(gates_dir: str | Path) -> dict:
+    return json.loads((Path(gates_dir) / GATES_META).read_text())
+
+
+def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None) -> GateSet:
+    """Attach gates to `model` as saved in `gates_dir` (mode may be overridden) and load their weights."""
+    meta = read_gate_metadata(gates_dir)
+    n_layers = len(find_decoder_layers(model))
+    if meta["hidden_size"] != model.config.hidden_size or meta["n_model_layers"] != n_layers:
+        raise ValueError(
+            f"gates in {gates_dir} were trained for hidden size {meta['hidden_size']} and {meta['n_model_layers']} "
+            f"layers; this model has {model.config.hidden_size} and {n_layers} (base model: {meta.get('base_model')})"
+        )
+    gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"])
+    gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
+    return gates
+
+
+def save_gated_model(model: nn.Module, tokenizer, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """A directory that `from_pretrained` loads as the base model and `load_gated_model` loads with its gates."""
+    gates = model.qgate_gates
+    blocks = find_decoder_layers(model)
+    detached = {index: blocks[index]._modules.pop("quality_gate") for index in gates.layers}
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        for index, gate in detached.items():
+            blocks[index].quality_gate = gate
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return save_gates(gates, out_dir, metadata)
+
+
+def load_gated_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, gates) from a directory written by `save_gated_model`."""
+    from qgate.models import load_model, load_tokenizer
+
+    model = load_model(str(path), dtype=dtype, device=device)
+    return model, load_tokenizer(str(path)), load_gates(model, path)

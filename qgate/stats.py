@@ -1,0 +1,148 @@
+"""Per-sample statistics from one forward pass of a gated model: token NLL, gate logits, S per α, baselines.
+
+`Scorer.score(rows)` is the one scoring routine behind collect (Ray Data actors), serve (HTTP) and the
+self-check, so they cannot drift apart. Rows come from `qgate.encoding.encode_row`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qgate.gate import GateSet
+
+STATS_VERSION = 1
+
+
+def micro_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int = 64) -> list[list[int]]:
+    """Indices grouped longest first so that (rows × longest row) stays under `max_batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (longest * (len(current) + 1) > max_batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + ([current] if current else [])
+
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    longest = max(len(s) for s in sequences)
+    return torch.tensor([list(s) + [value] * (longest - len(s)) for s in sequences], dtype=torch.long)  # [B, T]
+
+
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """NLL of each token given the ones before it; position 0 gets 0. [B, T] -> [B, T] float32.
+
+    The LM head runs on chunks of positions so the [B, T, V] logits never exist at once.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]  # [B, T-1, H]
+    targets = input_ids[:, 1:]  # [B, T-1]
+    head = model.get_output_embeddings()
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = [F.cross_entropy(head(flat_h[i:i + chunk]).float(), flat_t[i:i + chunk], reduction="none")
+              for i in range(0, flat_t.numel(), chunk)]
+    nll = torch.cat(pieces).view_as(targets)
+    return F.pad(nll, (1, 0))  # [B, T]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)  # [B]
+
+
+def layer_scores_batch(gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor,
+                       alphas: list[float], eps: float) -> torch.Tensor:
+    """S for each α, as `qgate.scoring.layer_scores` on the masked tokens. [B, L, T] -> [B, A, L] float64"""
+    good = torch.sigmoid(gate_logits.double())  # [B, L, T]
+    maskb = mask.bool()
+    out = []
+    for alpha in alphas:
+        log_w = torch.where(maskb, alpha * nll.double(), torch.full_like(nll, -math.inf, dtype=torch.float64))
+        top = log_w.max(dim=1, keepdim=True).values  # [B, 1]
+        unnorm = torch.exp(log_w - top)
+        weights = unnorm / (unnorm.sum(1, keepdim=True) + eps * torch.exp(-top))  # [B, T]
+        out.append((good * weights.unsqueeze(1)).sum(-1))  # [B, L]
+    return torch.stack(out, dim=1)
+
+
+class Scorer:
+    """Scores encoded rows with a gated model. Plain class: Ray actors and the HTTP app wrap it."""
+
+    def __init__(self, model, tokenizer, gates: GateSet, alphas=(1.0,), eps: float = 1e-8,
+                 max_batch_tokens: int = 8192, ifd: bool = False, raw: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
+        self.model, self.gates, self.alphas, self.eps = model.eval(), gates, [float(a) for a in alphas], eps
+        self.pad_id = tokenizer.pad_token_id
+        self.max_batch_tokens, self.ifd, self.raw = max_batch_tokens, ifd, raw
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[list[int]], masks: list[list[int]]):
+        input_ids = pad(ids, self.pad_id).to(self.device)  # [B, T]
+        attention = pad([[1] * len(s) for s in ids], 0).to(self.device)  # [B, T]
+        with self._autocast():
+            nll = token_nll(self.model, input_ids, attention)  # [B, T]
+        gate_logits = self.gates.logits().float()  # [B, L, T]
+        self.gates.clear()
+        return nll, gate_logits, pad(masks, 0).to(self.device)
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Per-row stats in input order; rows must carry `input_ids`, `score_mask`, `response_mask`."""
+        results: list[dict | None] = [None] * len(rows)
+        for batch in micro_batches([len(r["input_ids"]) for r in rows], self.max_batch_tokens):
+            for index, stats in zip(batch, self._score_batch([rows[i] for i in batch])):
+                results[index] = stats
+        return results
+
+    def _score_batch(self, rows: list[dict]) -> list[dict]:
+        nll, gate_logits, score_mask = self._forward([r["input_ids"] for r in rows], [r["score_mask"] for r in rows])
+        response_mask = pad([r.get("response_mask") or r["score_mask"] for r in rows], 0).to(self.device)
+        S = layer_scores_batch(gate_logits, nll, score_mask, self.alphas, self.eps)  # [B, A, L]
+        mean_nll = masked_mean(nll, score_mask)  # [B]
+        response_nll = masked_mean(nll, response_mask)  # [B]
+        ifd = self._ifd(rows, response_nll) if self.ifd else [None] * len(rows)
+        out = []
+        for i, row in enumerate(rows):
+            stats = {"n_scored": int(sum(row["score_mask"])), "alphas": self.alphas,
+                     "S": S[i].float().cpu().numpy().tolist(), "mean_nll": float(mean_nll[i]),
+                     "ppl": float(math.exp(min(float(mean_nll[i]), 80.0))), "response_nll": float(response_nll[i]),
+                     "ifd": ifd[i]}
+            if self.raw:
+                stats.update(self._raw(gate_logits[i], nll[i], score_mask[i]))
+            out.append(stats)
+        return out
+
+    def _ifd(self, rows: list[dict], conditioned_nll: torch.Tensor) -> list[float | None]:
+        """IFD = response loss with the instruction / response loss alone (a second pass, same model)."""
+        alone_rows = [r for r in rows if r.get("ifd_input_ids")]
+        if not alone_rows:
+            return [None] * len(rows)
+        nll, _, mask = self._forward([r["ifd_input_ids"] for r in alone_rows], [r["ifd_score_mask"] for r in alone_rows])
+        alone = iter(masked_mean(nll, mask).tolist())
+        return [float(conditioned_nll[i]) / max(next(alone), 1e-8) if r.get("ifd_input_ids") else None
+                for i, r in enumerate(rows)]
+
+    def _raw(self, gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> dict:
+        keep = mask.bool()
+        return {"raw_gate_logits": gate_logits[:, keep].cpu().numpy().astype(np.float16).tobytes(),  # [L, T_s]
+                "raw_nll": nll[keep].cpu().numpy().astype(np.float16).tobytes()}  # [T_s]
+
+
+def decode_raw(row: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gate_logits [L, T_s], nll [T_s]) as float32 from a stats row written with raw=true."""
+    nll = np.frombuffer(row["raw_nll"], dtype=np.float16).astype(np.float32)
+    logits = np.frombuffer(row["raw_gate_logits"], dtype=np.float16).astype(np.float32)
+    return logits.reshape(n_layers, nll.shape[0]), nll

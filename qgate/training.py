@@ -1,0 +1,68 @@
+"""One warmup step of a gated model, without Ray: batching, the loss, the optimizer step.
+
+Loss = CE on originals + quality_loss_weight · quality_loss + negatives_weight · negatives_loss, where
+the negatives term needs batches holding corrupted copies (`is_clean` = 0) beside their originals.
+Ray Train's worker loop (`ray_jobs/warmup.py`) and the tests call the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
+from qgate.stats import masked_mean, pad, token_nll
+
+
+@dataclass
+class WarmupLossConfig(QualityLossConfig):
+    negatives_weight: float = 0.0  # weight of the BCE on originals vs corrupted copies; 0 = the seeds' losses only
+    negatives_alpha: float = 1.0  # α of the perplexity weights inside the negatives loss
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads encoded rows into tensors: input_ids, attention_mask, score_mask [B, T] and is_clean [B]."""
+    return {
+        "input_ids": pad([r["input_ids"] for r in rows], pad_id),
+        "attention_mask": pad([[1] * len(r["input_ids"]) for r in rows], 0),
+        "score_mask": pad([r["score_mask"] for r in rows], 0),
+        "is_clean": torch.tensor([float(r.get("is_clean", 1.0)) for r in rows]),
+    }
+
+
+def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) -> tuple[torch.Tensor, dict]:
+    """The total loss and its parts (floats) for logging: ce, quality, negatives, good_ratio per layer."""
+    gates = model.qgate_gates
+    nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    logits = gates.logits()  # [B, L, T]
+    gates.clear()
+    mask, clean = batch["score_mask"], batch["is_clean"]
+    ce = masked_mean(nll, mask * clean.unsqueeze(1)).sum() / clean.sum().clamp_min(1.0)
+    loss_params = {k: v for k, v in asdict(cfg).items() if k in QualityLossConfig.__dataclass_fields__}
+    weight = loss_params.pop("quality_loss_weight")
+    quality = quality_loss(torch.sigmoid(logits), mask * clean.unsqueeze(1), **loss_params)
+    total = ce + weight * quality
+    parts = {"ce": ce.item(), "quality": quality.item()}
+    if cfg.negatives_weight > 0 and (clean < 1).any():
+        negatives = negatives_loss(logits, nll, mask, clean, cfg.negatives_alpha)
+        total = total + cfg.negatives_weight * negatives
+        parts["negatives"] = negatives.item()
+    ratio = (torch.sigmoid(logits) * mask.unsqueeze(1)).sum((0, 2)) / mask.sum().clamp_min(1.0)  # [L]
+    parts["good_ratio"] = ratio.detach().cpu().tolist()
+    return total, parts
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               cfg: WarmupLossConfig, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Forward, backward, step; returns the loss parts."""
+    model.train()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        total, parts = warmup_loss(model, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    parts["loss"] = total.item()
+    return parts

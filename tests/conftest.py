@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY_ARCHS = ["tiny-qwen3", "tiny-llama"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def toy_rows(n: int = 6, seed: int = 0, vocab: int = 400) -> list[dict]:
+    """Encoded rows of varied length, as `encode_row` makes them, without a tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 6 + (i * 5) % 17
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        mask = [0] + [1] * (length - 1)
+        rows.append({"id": f"r{i}", "input_ids": ids, "score_mask": mask, "response_mask": mask})
+    return rows

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from conftest import TINY_ARCHS, toy_rows
+from qgate.gate import attach_gates, freeze_backbone, load_gated_model, load_gates, save_gated_model, save_gates
+from qgate.stats import Scorer
+from qgate.tiny import tiny_model, tiny_tokenizer
+from qgate.training import WarmupLossConfig, collate, train_step
+
+IDS = torch.tensor([[1, 17, 40, 99, 5, 230, 8, 61], [1, 3, 300, 12, 77, 42, 9, 100]])
+
+
+def logits_of(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_probe_mode_leaves_logits_bit_identical(arch):
+    model = tiny_model(arch)
+    base = logits_of(model)
+    gates = attach_gates(model, mode="probe")
+    assert torch.equal(logits_of(model), base)
+    assert gates.logits().shape == (2, 2, 8)  # [B, L, T]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_modulate_mode_forced_open_matches_base_and_differs_at_init(arch):
+    model = tiny_model(arch)
+    base = logits_of(model)
+    gates = attach_gates(model, mode="modulate")
+    with gates.forced(1.0):
+        assert torch.allclose(logits_of(model), base, atol=1e-5)
+    assert (logits_of(model) - base).abs().max() > 1e-2  # sigmoid ≈ 0.5 at the seed init
+
+
+def test_gate_logits_read_the_ffn_input():
+    model = tiny_model("tiny-llama")
+    gates = attach_gates(model, mode="probe", layers=[1])
+    seen = {}
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.setdefault("x", out))
+    logits_of(model)
+    expected = seen["x"] @ gates.gates[0].linear.weight.T  # [B, T, 1]
+    assert torch.allclose(gates.logits()[:, 0], expected.squeeze(-1), atol=1e-6)
+
+
+def test_bad_arguments_are_explained():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="mode"):
+        attach_gates(model, mode="sideways")
+    with pytest.raises(ValueError, match="out of range"):
+        attach_gates(model, layers=[5])
+    with pytest.raises(ValueError, match="no decoder layers"):
+        attach_gates(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("mode", ["modulate", "probe"])
+def test_warmup_steps_change_only_gate_parameters(mode):
+    model = tiny_model("tiny-qwen3")
+    attach_gates(model, mode=mode)
+    params = freeze_backbone(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = collate(toy_rows(4), pad_id=0)
+    for _ in range(3):
+        train_step(model, optimizer, batch, WarmupLossConfig())
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("quality_gate" in k for k in changed)
+    assert len(changed) == 2  # both layers' gates moved
+
+
+def test_saved_gates_reload_to_identical_scores(tmp_path):
+    model = tiny_model("tiny-llama")
+    gates = attach_gates(model, mode="modulate", init_std=0.5, seed=3)
+    tokenizer = tiny_tokenizer()
+    rows = toy_rows(5)
+    expected = Scorer(model, tokenizer, gates, alphas=[0.0, 1.0]).score(rows)
+    save_gates(gates, tmp_path / "g", {"base_model": "tiny-llama"})
+
+    fresh = tiny_model("tiny-llama")
+    reloaded = load_gates(fresh, tmp_path / "g")
+    assert reloaded.mode == "modulate" and reloaded.layers == [0, 1]
+    assert Scorer(fresh, tokenizer, reloaded, alphas=[0.0, 1.0]).score(rows) == expected
+
+    save_gated_model(model, tokenizer, tmp_path / "full", {"base_model": "tiny-llama"})
+    model2, _, gates2 = load_gated_model(tmp_path / "full")
+    assert Scorer(model2, tokenizer, gates2, alphas=[0.0, 1.0]).score(rows) == expected
+
+
+def test_gates_refuse_a_different_model(tmp_path):
+    save_gates(attach_gates(tiny_model()), tmp_path, {"base_model": "tiny-qwen3"})
+    from transformers import AutoModelForCausalLM
+    from qgate.tiny import tiny_config
+
+    wider = AutoModelForCausalLM.from_config(tiny_config().__class__(**{**tiny_config().to_dict(), "hidden_size": 32}))
+    with pytest.raises(ValueError, match="hidden size"):
+        load_gates(wider, tmp_path)
