@@ -212,3 +212,17 @@ def load_gated_model(path: str | Path, dtype: str = "float32", device: str = "cp
 
     model = load_model(str(path), dtype=dtype, device=device)
     return model, load_tokenizer(str(path)), load_gates(model, path)
+
+
+def build_gated_model(model_name: str, gates_dir: str | Path | None = None, gate_kwargs: dict | None = None,
+                      dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer, gates): saved gates from `gates_dir`, or new ones made with `gate_kwargs`."""
+    from qgate.models import load_model, load_tokenizer
+
+    model = load_model(model_name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    if gates_dir is not None:
+        gates = load_gates(model, gates_dir)
+    else:
+        gates = attach_gates(model, **(gate_kwargs or {}))
+    return model, tokenizer, gates

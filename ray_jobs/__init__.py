@@ -1,0 +1,1 @@
+"""Ray entrypoints: warmup (Ray Train), collect (Ray Data), select, pipeline, finetune, evaluate."""

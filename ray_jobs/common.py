@@ -1,0 +1,95 @@
+"""What every Ray entrypoint shares: connecting to Ray, the run directory, per-stage logs, GPU choice."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qgate.config import load_config, save_config
+
+log = logging.getLogger("qgate")
+
+
+def run_paths(out: str | Path) -> dict[str, Path]:
+    """The layout of a run directory."""
+    out = Path(out).resolve()
+    return {"out": out, "config": out / "config.yaml", "logs": out / "logs", "gates": out / "gates",
+            "checkpoints": out / "warmup", "stats": out / "stats", "rejects": out / "rejects",
+            "selection": out / "selection"}
+
+
+def init_ray(config: DictConfig) -> None:
+    """Connect to `ray_address`, the cluster of `ray job submit`, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "QGATE_CACHE": os.environ.get("QGATE_CACHE", "")}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def gpus_available() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def use_gpu(config: DictConfig) -> bool:
+    """`use_gpu: auto` means: when the cluster has GPUs."""
+    if str(config.use_gpu).lower() == "auto":
+        return gpus_available() > 0
+    return bool(config.use_gpu)
+
+
+@contextlib.contextmanager
+def stage_log(out: str | Path, stage: str):
+    """Logs of a stage go to the console and to `out/logs/<stage>.log`; the stage's wall time is logged."""
+    path = run_paths(out)["logs"] / f"{stage}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    start = time.time()
+    log.info("stage %s started", stage)
+    try:
+        yield path
+    finally:
+        log.info("stage %s finished in %.1f s", stage, time.time() - start)
+        root.removeHandler(handler)
+        handler.close()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_from_argv(argv: list[str] | None) -> DictConfig:
+    """`--config FILE` plus key=value overrides; `out` must be set."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+    config = load_config(argv, path)
+    if not config.out:
+        raise SystemExit("set the run directory: out=DIR")
+    return config
+
+
+def record_config(config: DictConfig) -> None:
+    save_config(config, run_paths(config.out)["config"])
