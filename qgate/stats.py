@@ -109,7 +109,8 @@ class Scorer:
 
     def _score_batch(self, rows: list[dict]) -> list[dict]:
         nll, gate_logits, score_mask = self._forward([r["input_ids"] for r in rows], [r["score_mask"] for r in rows])
-        response_mask = pad([r.get("response_mask") or r["score_mask"] for r in rows], 0).to(self.device)
+        response_mask = pad([r["response_mask"] if sum(r.get("response_mask") or []) else r["score_mask"]
+                             for r in rows], 0).to(self.device)
         S = layer_scores_batch(gate_logits, nll, score_mask, self.alphas, self.eps)  # [B, A, L]
         mean_nll = masked_mean(nll, score_mask)  # [B]
         response_nll = masked_mean(nll, response_mask)  # [B]
