@@ -1,0 +1,49 @@
+"""`qgate <command> key=value …`: one subcommand per stage, each a thin door to its Ray entrypoint.
+
+Every key of `configs/qgate.yaml` can be overridden (`gate.mode=probe`, `collect.actors=4`); short aliases
+are listed in `qgate.config.ALIASES`. `qgate <command> --help` shows the command's own docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "pipeline": ("ray_jobs.pipeline", "warmup → collect → self-check → select, into one run directory"),
+    "warmup": ("ray_jobs.warmup", "train the gates with the backbone frozen (Ray Train, DDP)"),
+    "collect": ("ray_jobs.collect", "score a corpus into Parquet stats shards (Ray Data actor pool)"),
+    "selfcheck": ("ray_jobs.selfcheck", "measure on the user's own rows whether high q means clean"),
+    "select": ("ray_jobs.select", "global a/b/μ, q for every sample, top k%, report"),
+    "serve": ("serve.app", "HTTP scoring of new samples relative to a run's corpus (Ray Serve)"),
+    "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
+}
+
+USAGE = "usage: qgate <command> [key=value ...]   (qgate <command> --help for details)\n\ncommands:\n"
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return USAGE + "\n".join(lines) + "\n\nconfiguration: configs/qgate.yaml (every key overridable as key=value)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"qgate: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    if any(arg in ("-h", "--help") for arg in rest):
+        print(module.__doc__)
+        return 0
+    result = module.main(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
