@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("ray_jobs.demo", "the whole pipeline on the offline demo corpus with SmolLM2, graded on planted noise"),
     "pipeline": ("ray_jobs.pipeline", "warmup → collect → self-check → select, into one run directory"),
     "warmup": ("ray_jobs.warmup", "train the gates with the backbone frozen (Ray Train, DDP)"),
     "collect": ("ray_jobs.collect", "score a corpus into Parquet stats shards (Ray Data actor pool)"),
