@@ -7,9 +7,11 @@ Ray Train's worker loop (`ray_jobs/warmup.py`) and the tests call the same funct
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
 from qgate.stats import masked_mean, pad, token_nll
@@ -66,3 +68,40 @@ def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.T
     optimizer.step()
     parts["loss"] = total.item()
     return parts
+
+
+class WarmupObjective(nn.Module):
+    """The warmup loss of a gated model as one module, so DDP can wrap it: forward(batch) -> (loss, parts).
+
+    Wrapping the objective (not the model) keeps the gate hooks and `token_nll`'s decoder path inside the
+    wrapped forward, so DDP sees and syncs the gate gradients.
+    """
+
+    def __init__(self, model: nn.Module, cfg: WarmupLossConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return warmup_loss(self.model, batch, self.cfg)
+
+
+def objective_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                   device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:
+    """`train_step` for a (possibly DDP-wrapped) `WarmupObjective`; returns the loss parts."""
+    objective.train()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        total, parts = objective(batch)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    parts["loss"] = total.item()
+    return parts
+
+
+def step_block(step: int, n_blocks: int, seed: int) -> int:
+    """The block (of one global batch) that 0-based `step` reads; the block order is reshuffled every epoch."""
+    epoch, index = divmod(step, n_blocks)
+    order = list(range(n_blocks))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order[index]

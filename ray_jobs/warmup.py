@@ -1,0 +1,355 @@
+"""Stage 1, warmup: train only the quality gates of a frozen LLM with Ray Train (DDP), checkpointed and resumable.
+
+    python -m ray_jobs.warmup data=corpus.jsonl out=runs/demo                      # defaults: SmolLM2-135M
+    python -m ray_jobs.warmup data=corpus.jsonl model=tiny-qwen3 out=/tmp/q workers=2 warmup.steps=20  # tiny CPU
+
+The driver samples `warmup.warmup_fraction` of the good rows (seeded, at most `warmup.max_rows`), encodes them and,
+with `loss.negatives_weight > 0`, one corrupted copy of each (`warmup.negative_kinds`). Worker r gets the shard
+`rows[r::workers]` of that seeded order. A step reads one global batch of `batch_size × workers` originals (plus
+their copies) chosen by the step alone, so the same seed and global batch give the same gates on 1 or N workers.
+
+Checkpoints (gates, optimizer, step, metric history, RNG state) go to `out/warmup/`. Running again with the same
+`out` resumes from the latest one, as does the attempt Ray Train restarts after a worker failure
+(`warmup.max_failures`). Outputs: `out/gates/` (gates.safetensors + gates.json) and `out/warmup/metrics.jsonl`.
+
+Fault injection (tests): with `QGATE_FAIL_AT_STEP=k QGATE_FAIL_MARKER=path` set for the driver, the rank-0 worker
+creates the marker and raises before step k, once: it does nothing while the marker exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+import torch
+from omegaconf import DictConfig
+
+from qgate.config import as_dict
+from qgate.data import iter_file_rows, list_input_files, write_jsonl
+from qgate.encoding import encode_row
+from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
+from ray_jobs.common import (
+    config_from_argv,
+    init_ray,
+    record_config,
+    run_paths,
+    setup_logging,
+    stage_log,
+    use_gpu,
+)
+
+log = logging.getLogger("qgate.warmup")
+
+CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
+    "gates.safetensors", "optimizer.pt", "state.json", "rng.pt")
+
+
+# ---- driver: the rows ----------------------------------------------------------------------------
+
+
+def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
+    """The seeded `warmup_fraction` of the good rows (at most `max_rows`), in a seeded order.
+
+    One pass keeps the `max_rows` rows of smallest seeded hash, so the sample does not depend on file order.
+    """
+    heap, n_good = [], 0
+    limit = float("inf") if config.warmup.max_rows is None else config.warmup.max_rows
+    for path in list_input_files(config.data):
+        for row in iter_file_rows(path):
+            counts["read"] += 1
+            if row["reason"]:
+                counts[f"reject:{row['reason']}"] += 1
+                continue
+            n_good += 1
+            item = (-_sample_key(config.seed, row), n_good, row)  # a max-heap on the key
+            if len(heap) < limit:
+                heapq.heappush(heap, item)
+            elif item[0] > heap[0][0]:
+                heapq.heapreplace(heap, item)
+    k = min(len(heap), max(1, round(config.warmup.warmup_fraction * n_good)))
+    counts.update(good=n_good, sampled=k)
+    return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))[:k]]
+
+
+def _sample_key(seed: int, row: dict) -> int:
+    digest = hashlib.sha1(f"{seed}\0{row['dataset']}\0{row['id']}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter) -> list[dict]:
+    """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`.
+
+    With negatives on, an original whose copy cannot be made or encoded is left out (`no_negative`), so every
+    batch holds as many copies as originals and the loss averages the same way on any number of workers.
+    """
+    encoded = [_encoded(config, tokenizer, row, counts) for row in rows]
+    kept = [(row, enc) for row, enc in zip(rows, encoded) if enc is not None]
+    if config.loss.negatives_weight <= 0:
+        return [{**enc, "negatives": []} for _, enc in kept]
+    from qgate.corruption import corrupt_samples
+
+    indexed = [{**row, "id": str(i)} for i, (row, _) in enumerate(kept)]  # ids may repeat across datasets
+    by_source = {}
+    for copy in corrupt_samples(indexed, list(config.warmup.negative_kinds), config.seed):
+        enc = _encoded(config, tokenizer, {**copy, "reason": ""}, counts, clean=0.0, prefix="negative_reject:")
+        if enc is not None:
+            by_source.setdefault(int(copy["source_id"]), []).append(enc)
+    items = [{**enc, "negatives": by_source[i]} for i, (_, enc) in enumerate(kept) if i in by_source]
+    counts["no_negative"] += len(kept) - len(items)
+    return items
+
+
+def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
+             prefix: str = "reject:") -> dict | None:
+    out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on)
+    if out["reason"]:
+        counts[prefix + out["reason"]] += 1
+        return None
+    return {"input_ids": out["input_ids"], "score_mask": out["score_mask"], "is_clean": clean}
+
+
+def shard_items(items: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
+    """Rank-strided shards of the items, cycled up to a whole number of global batches."""
+    global_batch = batch_size * workers
+    n = -(-len(items) // global_batch) * global_batch
+    padded = [items[i % len(items)] for i in range(n)]
+    return [padded[rank::workers] for rank in range(workers)]
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+
+def train_loop(cfg: dict) -> dict | None:
+    """One Ray Train worker: its shard, the gated model under DDP, steps, reports, checkpoints."""
+    setup_logging()
+    rank = ray.train.get_context().get_world_rank()
+    shard, device = ray.get(cfg["shards"][rank]), ray.train.torch.get_device()
+    gates, objective, optimizer = _training_parts(cfg)
+    state = _restore(ray.train.get_checkpoint(), gates, optimizer, device)
+    if rank == 0 and state["start_step"]:
+        log.info("resuming from step %d", state["start_step"])
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    window, clock = [], time.perf_counter()
+    for step in range(state["step"] + 1, cfg["steps"] + 1):
+        _maybe_fail(cfg, rank, step)
+        window.append(objective_step(objective, optimizer, _batch(shard, step, cfg), device, autocast))
+        state["step"] = step
+        save = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
+        if save or step % cfg["report_every"] == 0:
+            metrics = _metrics(window, state, cfg["steps"], time.perf_counter() - clock, device, gates)
+            state["history"].append(metrics)
+            _report(metrics, state, gates, optimizer, rank, save)
+            window, clock = [], time.perf_counter()
+    return state if rank == 0 else None
+
+
+def _training_parts(cfg: dict):
+    """The gates, the DDP-prepared objective over the frozen model, and AdamW over the gates."""
+    from qgate.gate import attach_gates, freeze_backbone
+    from qgate.models import load_model
+
+    model = load_model(cfg["model"], dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"])
+    gates = attach_gates(model, **cfg["gate"])
+    freeze_backbone(model)
+    objective = ray.train.torch.prepare_model(  # buffers (rotary tables) are equal on every rank
+        WarmupObjective(model, WarmupLossConfig(**cfg["loss"])), parallel_strategy_kwargs={"broadcast_buffers": False})
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return gates, objective, optimizer
+
+
+def _batch(shard: list[dict], step: int, cfg: dict) -> dict[str, torch.Tensor]:
+    """This worker's part of the step's global batch: its originals, then their corrupted copies."""
+    size = cfg["batch_size"]
+    block = step_block(step - 1, len(shard) // size, cfg["seed"])
+    originals = shard[block * size:(block + 1) * size]
+    return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"])
+
+
+def _restore(checkpoint, gates, optimizer, device) -> dict:
+    """Training state from the latest checkpoint, or a fresh one."""
+    if checkpoint is None:
+        return {"step": 0, "start_step": 0, "history": []}
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as path:
+        path = Path(path)
+        gates.load_state_dict(load_file(str(path / CHECKPOINT_GATES)))
+        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER, map_location=device))
+        rng = torch.load(path / CHECKPOINT_RNG)
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return {**state, "start_step": state["step"]}
+
+
+def _maybe_fail(cfg: dict, rank: int, step: int) -> None:
+    marker = cfg["fail_marker"]
+    if rank == 0 and step == cfg["fail_at_step"] and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(f"injected failure at step {step} (QGATE_FAIL_AT_STEP)")
+
+
+def _metrics(window: list[dict], state: dict, steps: int, seconds: float, device, gates) -> dict:
+    """Loss parts averaged over the steps since the last report and over workers, with speed and ETA.
+
+    The last step's metrics also hold every rank's gate checksum: equal when DDP keeps the replicas in sync.
+    """
+    keys = [k for k in ("loss", "ce", "quality", "negatives") if k in window[0]]
+    values = [sum(p[k] for p in window) / len(window) for k in keys]
+    n_layers = len(window[0]["good_ratio"])
+    values += [sum(p["good_ratio"][i] for p in window) / len(window) for i in range(n_layers)]
+    values = _all_mean(values, device)
+    rate = len(window) / max(seconds, 1e-9)
+    metrics = {"step": state["step"], "steps": steps, **dict(zip(keys, values)), "good_ratio": values[len(keys):],
+               "steps_per_s": rate, "eta_s": (steps - state["step"]) / rate, "start_step": state["start_step"]}
+    if state["step"] == steps:
+        metrics["gate_checksums"] = _all_gather(_checksum(gates))
+    return metrics
+
+
+def _all_mean(values: list[float], device) -> list[float]:
+    if not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return (tensor / torch.distributed.get_world_size()).tolist()
+
+
+def _all_gather(value: str) -> list[str]:
+    if not torch.distributed.is_initialized():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _checksum(gates) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(gates.state_dict().items()):
+        digest.update(name.encode() + tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _report(metrics: dict, state: dict, gates, optimizer, rank: int, save: bool) -> None:
+    """`ray.train.report` on every worker; with `save`, rank 0 attaches the checkpoint."""
+    if rank == 0:
+        log.info(_progress_line(metrics))
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = _write_checkpoint(Path(tmp), state, gates, optimizer) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:06d}")
+
+
+def _progress_line(m: dict) -> str:
+    losses = " ".join(f"{k} {m[k]:.4f}" for k in ("loss", "ce", "quality", "negatives") if k in m)
+    ratios = " ".join(f"{r:.3f}" for r in m["good_ratio"])
+    return (f"step {m['step']}/{m['steps']} {losses} good_ratio [{ratios}] "
+            f"{m['steps_per_s']:.2f} steps/s eta {m['eta_s']:.0f} s")
+
+
+def _write_checkpoint(path: Path, state: dict, gates, optimizer):
+    from safetensors.torch import save_file
+
+    save_file(gates.state_dict(), path / CHECKPOINT_GATES)
+    torch.save(optimizer.state_dict(), path / CHECKPOINT_OPTIMIZER)
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, path / CHECKPOINT_RNG)
+    (path / CHECKPOINT_STATE).write_text(json.dumps({"step": state["step"], "history": state["history"]}))
+    return ray.train.Checkpoint.from_directory(str(path))
+
+
+# ---- driver: Ray Train and outputs ---------------------------------------------------------------
+
+
+def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
+    """What every worker needs: flat settings and the object refs of the shards."""
+    warmup = config.warmup
+    return {
+        "shards": shards, "pad_id": pad_id, "model": config.model, "dtype": config.dtype,
+        "trust_remote_code": config.trust_remote_code, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
+        "seed": config.seed, "steps": warmup.steps, "batch_size": warmup.batch_size, "lr": warmup.lr,
+        "weight_decay": warmup.weight_decay, "report_every": warmup.report_every,
+        "checkpoint_every": warmup.checkpoint_every,
+        "fail_at_step": int(os.environ.get("QGATE_FAIL_AT_STEP", "0")),
+        "fail_marker": os.environ.get("QGATE_FAIL_MARKER", ""),
+    }
+
+
+def gate_kwargs(config: DictConfig) -> dict:
+    return {**as_dict(config.gate), "seed": config.seed}
+
+
+def trainer(config: DictConfig, loop_cfg: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_config = RunConfig(
+        name="warmup", storage_path=str(run_paths(config.out)["out"]),
+        failure_config=FailureConfig(max_failures=config.warmup.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.warmup.keep_checkpoints),
+    )
+    scaling = ScalingConfig(num_workers=config.warmup.workers, use_gpu=use_gpu(config))
+    return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
+
+
+def write_outputs(config: DictConfig, result, counts: Counter) -> Path:
+    """`out/gates` from the last checkpoint's gates and `out/warmup/metrics.jsonl` from the history."""
+    from safetensors.torch import load_file
+
+    from qgate.gate import build_gated_model, save_gates
+    from qgate.models import model_identity
+
+    paths, state = run_paths(config.out), result.return_value
+    write_jsonl(str(paths["checkpoints"] / "metrics.jsonl"), state["history"])
+    _, _, gates = build_gated_model(config.model, gate_kwargs=gate_kwargs(config), dtype=config.dtype,
+                                    trust_remote_code=config.trust_remote_code)
+    with result.checkpoint.as_directory() as path:
+        gates.load_state_dict(load_file(str(Path(path) / CHECKPOINT_GATES)))
+    metadata = {**model_identity(config.model), "loss": as_dict(config.loss), "warmup": as_dict(config.warmup),
+                "encoding": as_dict(config.encoding), "seed": config.seed, "steps_done": state["step"],
+                "resumed_from": state["start_step"], "final_metrics": state["history"][-1], "rows": dict(counts)}
+    return save_gates(gates, paths["gates"], metadata)
+
+
+def run(config: DictConfig) -> Path:
+    """Warm up the gates on `config.data`; returns the gates directory `out/gates`."""
+    from qgate.models import load_tokenizer
+
+    if config.warmup.steps < 1:
+        raise ValueError(f"warmup.steps must be at least 1, got {config.warmup.steps}")
+    init_ray(config)
+    with stage_log(config.out, "warmup"):
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        counts = Counter()
+        items = encode_items(config, tokenizer, sample_rows(config, counts), counts)
+        log.info("warmup rows: %s", dict(sorted(counts.items())))
+        if not items:
+            raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
+        shards = [ray.put(s) for s in shard_items(items, config.warmup.batch_size, config.warmup.workers)]
+        result = trainer(config, loop_config(config, shards, tokenizer.pad_token_id)).fit()
+        state = result.return_value
+        log.info("warmup done: steps %d (this run from step %d), final %s",
+                 state["step"], state["start_step"], state["history"][-1] if state["history"] else {})
+        return write_outputs(config, result, counts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    config = config_from_argv(argv)
+    record_config(config)
+    run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Warmup through real Ray Train on the tiny model: outputs, DDP equivalence, resume, and a worker failure."""
+
+import json
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from qgate.config import load_config
+from qgate.data import read_jsonl
+from qgate.gate import attach_gates, load_gates, read_gate_metadata
+from qgate.tiny import tiny_model
+from ray_jobs import warmup
+
+pytestmark = pytest.mark.timeout(120)
+
+TOPICS = ["tea", "rivers", "bicycles", "volcanoes", "libraries", "owls", "bread", "chess", "glaciers", "trains",
+          "honey", "lighthouses", "maps", "violins", "tides", "paper", "gardens", "clocks", "bridges", "salt"]
+
+
+def less_rows() -> list[dict]:
+    rows = []
+    for i, topic in enumerate(TOPICS):
+        rows.append(({"role": "user", "content": f"Tell me one fact about {topic}."},
+                     {"role": "assistant", "content": f"People have studied {topic} for centuries, and each "
+                                                      f"generation finds something new to say about them."}))
+        rows.append(({"role": "user", "content": f"Why do people enjoy {topic}?"},
+                     {"role": "assistant", "content": f"Many enjoy {topic} because they are useful, calm to "
+                                                      f"think about, and often {['quiet', 'lovely'][i % 2]}."}))
+    return [{"dataset": "toy", "id": f"toy-{i}", "messages": list(m)} for i, m in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # the controller notices finished workers sooner
+        ray.init(num_cpus=2, include_dashboard=False)
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    lines = [json.dumps(row) for row in less_rows()] + ["{not json", json.dumps({"messages": []})]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def config(data, out, **overrides):
+    args = {"data": data, "out": out, "model": "tiny-qwen3", "use_gpu": "false", "encoding.max_length": 64,
+            "warmup.warmup_fraction": 0.5, "warmup.batch_size": 4, "warmup.workers": 1, "warmup.steps": 4,
+            "warmup.report_every": 1, "warmup.checkpoint_every": 2, "warmup.lr": 0.01, **overrides}
+    return load_config([f"{key}={value}" for key, value in args.items()])
+
+
+def run(data, out, **overrides) -> dict:
+    """A warmup run; what it wrote, read back."""
+    gates_dir = warmup.run(config(data, out, **overrides))
+    return {"out": out, "gates": load_file(str(gates_dir / "gates.safetensors")),
+            "meta": read_gate_metadata(gates_dir), "history": read_jsonl(str(out / "warmup" / "metrics.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_local, corpus, tmp_path_factory):
+    return run(corpus, tmp_path_factory.mktemp("one"))
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_local, corpus, tmp_path_factory):
+    """2 workers × batch 2 (the one-worker run's global batch); rank 0 fails once at step 3, so the run resumes
+    from the step-2 checkpoint within the same fit."""
+    out = tmp_path_factory.mktemp("two")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QGATE_FAIL_AT_STEP", "3")
+        mp.setenv("QGATE_FAIL_MARKER", str(out / "failed-once"))
+        return run(corpus, out, **{"warmup.workers": 2, "warmup.batch_size": 2, "warmup.max_failures": 1})
+
+
+def test_global_batches_do_not_depend_on_the_number_of_workers():
+    items = [{"input_ids": [100 + i, 7], "score_mask": [0, 1], "is_clean": 1.0, "negatives": []} for i in range(10)]
+    cfg = {"seed": 3, "pad_id": 0}
+
+    def global_batch(step, workers):
+        shards = warmup.shard_items(items, 4 // workers, workers)
+        return sorted(warmup._batch(shard, step, {**cfg, "batch_size": 4 // workers})["input_ids"][:, 0].tolist()
+                      for shard in shards)
+
+    batches = [[x for part in global_batch(step, 1) for x in part] for step in range(1, 10)]
+    for step in range(1, 10):
+        assert sorted(x for part in global_batch(step, 2) for x in part) == sorted(batches[step - 1])
+    assert sorted(x for batch in batches[:3] for x in batch) == sorted(100 + i % 10 for i in range(12))  # one epoch
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_one_worker_writes_gates_that_load_and_moved(one_worker):
+    meta = one_worker["meta"]
+    assert meta["steps_done"] == 4 and meta["resumed_from"] == 0
+    assert meta["base_model"] == "tiny-qwen3" and meta["layers"] == [0, 1]
+    assert meta["rows"]["reject:bad_json"] == 1 and meta["rows"]["reject:empty_messages"] == 1
+    assert meta["rows"]["sampled"] == 20 and meta["rows"]["no_negative"] == 0
+    assert [m["step"] for m in one_worker["history"]] == [1, 2, 3, 4]
+    assert set(meta["final_metrics"]) >= {"ce", "quality", "negatives", "good_ratio", "steps_per_s", "eta_s"}
+    gates = load_gates(tiny_model("tiny-qwen3"), one_worker["out"] / "gates")
+    init = attach_gates(tiny_model("tiny-qwen3"), mode="modulate", bias=True, init_bias=3.0, seed=0)
+    assert max_diff(gates.state_dict(), init.state_dict()) > 1e-3
+    assert max_diff(gates.state_dict(), one_worker["gates"]) == 0
+    assert (one_worker["out"] / "logs" / "warmup.log").exists()
+
+
+def test_two_workers_stay_in_sync_and_match_one_worker(one_worker, two_workers):
+    """Also after the injected failure: the resumed attempt replays the same batches with the restored optimizer."""
+    checksums = two_workers["meta"]["final_metrics"]["gate_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert max_diff(two_workers["gates"], one_worker["gates"]) < 1e-5
+    one, two = one_worker["history"][-1], two_workers["history"][-1]
+    assert two["ce"] == pytest.approx(one["ce"], abs=1e-5)
+
+
+def test_resume_continues_from_the_last_checkpoint(one_worker, corpus):
+    resumed = run(corpus, one_worker["out"], **{"warmup.steps": 8})
+    meta, history = resumed["meta"], resumed["history"]
+    assert meta["resumed_from"] == 4 and meta["steps_done"] == 8
+    assert [m["step"] for m in history] == list(range(1, 9))
+    assert [m["start_step"] for m in history] == [0] * 4 + [4] * 4
+    kept = sorted(p.name for p in (one_worker["out"] / "warmup").glob("step_*"))
+    assert kept == ["step_000006", "step_000008"]
+    assert max_diff(resumed["gates"], one_worker["gates"]) > 0
+
+
+def test_a_worker_failure_resumes_and_finishes(two_workers):
+    meta = two_workers["meta"]
+    assert (two_workers["out"] / "failed-once").exists()
+    assert meta["steps_done"] == 4 and meta["resumed_from"] == 2
+    assert [m["step"] for m in two_workers["history"]] == [1, 2, 3, 4]
+    assert [m["start_step"] for m in two_workers["history"]] == [0, 0, 2, 2]
