@@ -24,3 +24,14 @@ def toy_rows(n: int = 6, seed: int = 0, vocab: int = 400) -> list[dict]:
         mask = [0] + [1] * (length - 1)
         rows.append({"id": f"r{i}", "input_ids": ids, "score_mask": mask, "response_mask": mask})
     return rows
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (2 CPUs), shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

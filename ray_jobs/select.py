@@ -1,0 +1,330 @@
+"""Stage 3, select: global a_l/b_l/μ_l over every stats shard, q for every sample, the global top k%.
+
+Run (after collect):
+    python -m ray_jobs.select out=runs/r1 selection.percentage=0.3
+Batch selection over several runs (their stats are pooled: one a/b/μ, one top k):
+    python -m ray_jobs.select out=runs/pooled 'selection.runs=[runs/r1,runs/r2]'
+Tiny CPU run, after the tiny collect of `ray_jobs/collect.py`:
+    python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher
+
+Three passes over the stats, vectorized per batch on CPU workers:
+1. a partial `LayerStats` per batch, merged on the driver: the corpus-wide a, b, μ;
+2. q of every row, sorted by (q, id) across the cluster; the driver streams the sorted rows into `scores.parquet`
+   and keeps q (8 bytes per row: quantiles, histogram) and a dataset code (4 bytes per row);
+3. the rows up to the k-th (q, id) and the report's worst rows, sorted again; the driver streams them into
+   `selected_data.jsonl`, best first.
+So the driver holds about 12 bytes per row (120 MB at 10^7 rows), and 9 more while it renders the report.
+α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from qgate.report import render_report
+from qgate.scoring import LayerStats, layer_scores, quality_scores, quantiles, selection_count
+from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log
+
+log = logging.getLogger("qgate.select")
+
+DIRECTIONS = ("higher", "lower")
+# Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
+SCORE_ROWS_PER_PARTITION, LINE_ROWS_PER_PARTITION = 2_000_000, 50_000
+SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "n_tokens"]
+
+
+# ---- S of a batch --------------------------------------------------------------------------------------
+
+
+def alpha_spec(stats_dir: Path, alpha: float) -> dict:
+    """How to get S for `alpha` from one stats directory: a stored index, or recomputation from raw stats."""
+    schema = json.loads((stats_dir / "_schema.json").read_text())
+    alphas = [float(a) for a in schema["alphas"]]
+    matches = [i for i, a in enumerate(alphas) if abs(a - alpha) < 1e-9]
+    if not matches and not schema.get("raw"):
+        raise ValueError(f"α={alpha} is not among the collected alphas {alphas} of {stats_dir}, and the stats "
+                         "there are not raw: collect again with this α in collect.alphas, or with collect.raw=true")
+    return {"index": matches[0] if matches else None, "alpha": alpha, "n_alphas": len(alphas),
+            "n_layers": int(schema["n_layers"]), "eps": float(schema["eps"]), "schema": schema}
+
+
+def batch_layer_scores(table: pa.Table, spec: dict) -> np.ndarray:
+    """S [B, L] of a batch of stats rows for the spec's α."""
+    if spec["index"] is None:
+        return _raw_layer_scores(table, spec)
+    values = table.column("S").combine_chunks().flatten().flatten().to_numpy()  # [B * A * L]
+    S = values.reshape(table.num_rows, spec["n_alphas"], spec["n_layers"])  # [B, A, L]
+    return S[:, spec["index"]].astype(np.float64)  # [B, L]
+
+
+def _raw_layer_scores(table: pa.Table, spec: dict) -> np.ndarray:
+    from qgate.stats import decode_raw  # the raw format's one reader (imports torch: only on this path)
+
+    rows = table.select(["raw_gate_logits", "raw_nll"]).to_pylist()
+    scores = [layer_scores(*decode_raw(row, spec["n_layers"]), alpha=spec["alpha"], eps=spec["eps"])
+              for row in rows]
+    return np.stack(scores) if scores else np.zeros((0, spec["n_layers"]))  # [B, L]
+
+
+def _s_columns(spec: dict) -> list[str]:
+    return ["S"] if spec["index"] is not None else ["raw_gate_logits", "raw_nll"]
+
+
+def _q(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float) -> np.ndarray:
+    return quality_scores(batch_layer_scores(table, spec), eps, tau, stats=LayerStats.from_dict(stats))  # [B]
+
+
+# ---- the three passes (map_batches functions) ----------------------------------------------------------
+
+
+def partial_stats(table: pa.Table, spec: dict) -> pa.Table:
+    """Pass 1: min, max, sum and count of S per layer over one batch."""
+    return pa.table({"partial": [json.dumps(LayerStats.of(batch_layer_scores(table, spec)).to_dict())]})
+
+
+def score_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float) -> pa.Table:
+    """Pass 2: q and the small per-sample columns of `scores.parquet`."""
+    q = _q(table, spec, stats, eps, tau)
+    return pa.table({"q": q, **{name: table.column(name) for name in SCORE_COLUMNS}})
+
+
+def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, cuts: dict) -> pa.Table:
+    """Pass 3: rows selected (at or before the k-th) or among the worst, with their output line."""
+    q = _q(table, spec, stats, eps, tau)
+    ids = table.column("id")
+    selected = _before(q, ids, cuts["k"], cuts["higher"], inclusive=True)
+    worst = ~_before(q, ids, cuts["worst"], cuts["higher"], inclusive=False)
+    keep = np.flatnonzero(selected | worst)
+    rows = table.select(["id", "dataset", "record", "messages"]).take(keep).to_pylist()
+    lines = [json.dumps(selected_line(row, float(q[i])), ensure_ascii=False) for row, i in zip(rows, keep)]
+    return pa.table({"q": q[keep], "id": ids.take(keep), "selected": selected[keep], "line": lines})
+
+
+def _before(q: np.ndarray, ids, cut: tuple[float, str], higher: bool, inclusive: bool) -> np.ndarray:
+    """Rows ahead of `cut` in selection order: better q, or equal q and a smaller id."""
+    cut_q, cut_id = cut
+    better = q > cut_q if higher else q < cut_q
+    compare = pc.less_equal if inclusive else pc.less
+    id_ok = compare(ids, cut_id).to_numpy(zero_copy_only=False)
+    return better | ((q == cut_q) & id_ok)
+
+
+def selected_line(row: dict, q: float) -> dict:
+    """The seeds' `selected_data.jsonl` shape: dataset, id, scores, messages, then the input record's fields."""
+    record = json.loads(row["record"])
+    head = {"dataset": row["dataset"], "id": row["id"], "scores": q, "messages": json.loads(row["messages"])}
+    return {**head, **{key: value for key, value in record.items() if key not in head}}
+
+
+# ---- reading the stats ---------------------------------------------------------------------------------
+
+
+def stats_dirs(config) -> list[Path]:
+    """The run's own stats (when there are any) and those of `selection.runs` (run or stats directories)."""
+    own = run_paths(config.out)["stats"]
+    dirs = [own] if (own / "_schema.json").exists() else []
+    for run in config.selection.runs or []:
+        path = Path(run).resolve()
+        dirs.append(path if (path / "_schema.json").exists() else path / "stats")
+    dirs = list(dict.fromkeys(dirs))
+    for path in dirs:
+        if not (path / "_schema.json").exists():
+            raise FileNotFoundError(f"no stats in {path} (no _schema.json): run collect first")
+    if not dirs:
+        raise FileNotFoundError(f"no stats in {own} and no selection.runs")
+    return dirs
+
+
+def _datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kwargs: dict):
+    """One map_batches over the shards of every stats directory, each with its own α spec, as one dataset."""
+    import ray
+
+    parts = []
+    for path, spec in zip(dirs, specs):
+        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        if files:
+            ds = ray.data.read_parquet(files, columns=columns + _s_columns(spec))
+            parts.append(ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec, **fn_kwargs}))
+    if not parts:
+        raise FileNotFoundError(f"no stats shards in {', '.join(map(str, dirs))}")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def global_stats(dirs: list[Path], specs: list[dict]) -> LayerStats:
+    partials = _datasets(dirs, specs, [], partial_stats, {})
+    merged = None
+    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch.column("partial").to_pylist():
+            part = LayerStats.from_dict(json.loads(text))
+            merged = part if merged is None else merged.merge(part)
+    if merged is None or merged.n == 0:
+        raise ValueError(f"no scored samples in {', '.join(map(str, dirs))}")
+    return merged
+
+
+def sorted_by_q(ds, higher: bool, n_rows: int, rows_per_partition: int):
+    """`ds` sorted by (q, id), q descending when `higher`; partitions sized by rows, not by blocks."""
+    ds.context.default_hash_shuffle_parallelism = max(1, math.ceil(n_rows / rows_per_partition))
+    return ds.sort(["q", "id"], descending=[higher, False])
+
+
+# ---- the driver's streams ------------------------------------------------------------------------------
+
+
+def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int) -> dict:
+    """Stream rows sorted by (q, id) into `scores.parquet` with rank and selected; keep q and datasets."""
+    schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("rank", pa.int64()),
+                        ("selected", pa.bool_()), ("ppl", pa.float64()), ("response_nll", pa.float64()),
+                        ("ifd", pa.float64()), ("n_tokens", pa.int32())])
+    q_parts, code_parts, names, cuts, offset = [], [], {}, {}, 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            rank = np.arange(offset, offset + batch.num_rows)
+            table = batch.append_column("rank", pa.array(rank)).append_column("selected", pa.array(rank < k))
+            writer.write_table(table.select(schema.names).cast(schema))
+            q = batch.column("q").to_numpy()
+            q_parts.append(q)
+            code_parts.append(_dataset_codes(batch.column("dataset"), names))
+            for name, at in (("k", k - 1), ("worst", n - n_worst)):
+                if offset <= at < offset + batch.num_rows:
+                    cuts[name] = (float(q[at - offset]), batch.column("id")[at - offset].as_py())
+            offset += batch.num_rows
+    return {"q": np.concatenate(q_parts), "codes": np.concatenate(code_parts), "names": list(names), "cuts": cuts}
+
+
+def _dataset_codes(column, names: dict[str, int]) -> np.ndarray:
+    """Codes of a batch's datasets in the run-wide `names` (extended in place); vectorized per batch."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    lookup = np.array([names.setdefault(name, len(names)) for name in encoded.dictionary.to_pylist()], dtype=np.int32)
+    return lookup[encoded.indices.to_numpy()] if len(lookup) else np.zeros(0, dtype=np.int32)
+
+
+def write_selected(sorted_rows, path: Path, n_report: int) -> tuple[int, list[dict], list[dict]]:
+    """Stream the selected lines, best first; returns their count and the report's best and worst samples."""
+    n_selected, best, worst = 0, [], deque(maxlen=n_report)
+    with path.open("w", encoding="utf-8") as f:
+        for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            for selected, line in zip(batch.column("selected").to_pylist(), batch.column("line").to_pylist()):
+                if selected:
+                    f.write(line + "\n")
+                    n_selected += 1
+                    if len(best) < n_report:
+                        best.append(_sample(line))
+                worst.append(line)
+    return n_selected, best, [_sample(line) for line in reversed(worst)]
+
+
+def _sample(line: str) -> dict:
+    row = json.loads(line)
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    return {"id": row["id"], "dataset": row["dataset"], "q": row["scores"], "text": text}
+
+
+# ---- the job -------------------------------------------------------------------------------------------
+
+
+def resolve_direction(setting: str, out: Path) -> tuple[str, str, dict | None]:
+    """(direction, where it came from, the self-check dict if there is one)."""
+    path = out / "selfcheck" / "selfcheck.json"
+    check = json.loads(path.read_text()) if path.exists() else None
+    if setting in DIRECTIONS:
+        return setting, "config", check
+    if setting != "auto":
+        raise ValueError(f"selection.direction must be auto, higher or lower, got {setting!r}")
+    if check is not None and check.get("direction") in DIRECTIONS:
+        return check["direction"], "selfcheck", check
+    log.warning("!" * 100)
+    log.warning("selection.direction=auto but %s has no direction: selecting the HIGHEST q. Nothing guarantees "
+                "that a high q means clean data; run the self-check or set selection.direction.", path)
+    log.warning("!" * 100)
+    return "higher", "default", check
+
+
+def _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selected) -> dict:
+    s, totals = config.selection, Counter(scores["codes"].tolist())
+    chosen = Counter(scores["codes"][:k].tolist())
+    schema = specs[0]["schema"]
+    return {
+        "strategy": s.strategy, "alpha": float(s.alpha), "eps": float(s.eps), "tau": float(s.tau),
+        "direction": direction[0], "direction_source": direction[1], "percentage": float(s.percentage),
+        "N": int(stats.n), "k": k, "n_selected": n_selected, "threshold": float(scores["q"][k - 1]),
+        "quantiles": {str(p): v for p, v in quantiles(scores["q"]).items()},
+        "layers": {"a": stats.a.tolist(), "b": stats.b.tolist(), "mu": stats.mu.tolist()},
+        "datasets": {name: {"total": totals[i], "selected": chosen[i]} for i, name in enumerate(scores["names"])},
+        "stats_dirs": [str(d) for d in dirs], "alpha_from": ["stored" if sp["index"] is not None else "raw"
+                                                              for sp in specs],
+        "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
+        "selfcheck": direction[2],
+    }
+
+
+def _check_compatible(dirs: list[Path], specs: list[dict]) -> None:
+    layers = {tuple(spec["schema"]["gate_layers"]) for spec in specs}
+    if len(layers) > 1:
+        raise ValueError(f"stats of {', '.join(map(str, dirs))} have different gate layers {sorted(layers)}")
+
+
+def _report(path: Path, config, summary: dict, scores: dict, stats: LayerStats, best, worst) -> None:
+    k = summary["k"]
+    meta = {"run_id": Path(config.out).name, "model": summary["model"], "N": summary["N"], "k": k,
+            "alpha": summary["alpha"], "eps": summary["eps"], "tau": summary["tau"],
+            "direction": f"{summary['direction']} ({summary['direction_source']})", "strategy": summary["strategy"],
+            "stats": ", ".join(summary["stats_dirs"])}
+    names = np.array(scores["names"], dtype=object)
+    render_report(path, q=scores["q"], datasets=names[scores["codes"]], selected_mask=np.arange(len(scores["q"])) < k,
+                  threshold=summary["threshold"], layer_a=stats.a, layer_b=stats.b, layer_mu=stats.mu, best=best,
+                  worst=worst, meta=meta, direction_check=summary["selfcheck"])
+
+
+def run(config) -> Path:
+    """Select the top k% of every stats row of the run (and of `selection.runs`); returns `out/selection`."""
+    s, out = config.selection, run_paths(config.out)
+    if s.strategy != "top_k":
+        raise ValueError(f"selection.strategy {s.strategy!r} is not supported here; use top_k")
+    with stage_log(config.out, "select"):
+        record_config(config)
+        init_ray(config)
+        dirs = stats_dirs(config)
+        specs = [alpha_spec(d, float(s.alpha)) for d in dirs]
+        _check_compatible(dirs, specs)
+        direction = resolve_direction(str(s.direction), out["out"])
+        stats = global_stats(dirs, specs)
+        n, n_report = stats.n, int(s.report_samples)
+        k = selection_count(n, float(s.percentage))
+        higher = direction[0] == "higher"
+        kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
+        out["selection"].mkdir(parents=True, exist_ok=True)
+        scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
+        scores = write_scores(sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION),
+                              out["selection"] / "scores.parquet", k, max(1, min(n_report, n)), n)
+        cuts = {**scores["cuts"], "higher": higher}
+        kept = _datasets(dirs, specs, ["id", "dataset", "record", "messages"], output_rows, {**kwargs, "cuts": cuts})
+        n_selected, best, worst = write_selected(sorted_by_q(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
+                                                 out["selection"] / "selected_data.jsonl", n_report)
+        summary = _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selected)
+        (out["selection"] / "selection_stats.json").write_text(json.dumps(summary, indent=2))
+        _report(out["selection"] / "report.html", config, summary, scores, stats, best, worst)
+        log.info("selected %d of %d rows (%.1f%%, direction %s, threshold q=%.6g) into %s", k, n,
+                 100 * k / n, direction[0], summary["threshold"], out["selection"])
+    return out["selection"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    run(config_from_argv(argv))
+
+
+if __name__ == "__main__":
+    # Through the module's import name, so Ray workers unpickle its functions by reference.
+    from ray_jobs.select import main as select_main
+
+    select_main()

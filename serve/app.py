@@ -1,0 +1,262 @@
+"""Ray Serve app: score new samples over HTTP against a finished run's corpus (a/b/μ, threshold, direction).
+
+    python -m serve.app out=runs/demo                      # after `python -m ray_jobs.demo out=runs/demo`
+    python -m ray_jobs.demo out=/tmp/demo model=tiny-qwen3 demo.rows=120 steps=3 && \
+        python -m serve.app out=/tmp/demo serve.port=8001 serve.max_batch_size=8     # tiny CPU version
+    serve deploy serve/serve_config.yaml                   # on a running Ray cluster
+    curl -s localhost:8000/v1/score -H 'content-type: application/json' \
+        -d '{"samples": [{"prompt": "Say hello.", "completion": "Hello!"}]}'
+
+Routes: `POST /v1/score` {"samples": [...]} (1..serve.max_samples rows in any loader form), `GET /v1/info`,
+`GET /healthz`, OpenAPI at `/docs`. Concurrent requests are batched into one forward pass (`@serve.batch`);
+each response says in `batch_size` how many requests shared its batch.
+
+Errors: a malformed body is 422; too many samples or characters is 413; with `QGATE_API_TOKEN` set, a missing
+or wrong `Authorization: Bearer <token>` is 401; a full queue (`serve.max_queued_requests`) is 503. A sample
+the loader or encoder rejects is not an HTTP error: its result carries `error: {reason, detail}`.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based view rebuilds the route signatures, and
+# FastAPI then sees the body model as a string annotation and asks for a query parameter named `body`.
+import asyncio
+import hmac
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import ray
+from fastapi import Depends, FastAPI, Header, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.metrics import Counter
+
+from ray_jobs.common import gpus_available, init_ray, setup_logging
+from serve.scoring import CorpusScorer, run_config, scorer_settings
+
+TOKEN_ENV = "QGATE_API_TOKEN"
+BODY_BYTES_PER_CHAR = 8  # generous bound on JSON bytes per text character (escapes, UTF-8), for the early 413
+EXAMPLES = [
+    {"id": "ex-1", "messages": [{"role": "user", "content": "What is 2 + 2?"},
+                                {"role": "assistant", "content": "2 + 2 = 4."}]},
+    {"instruction": "Name a prime number.", "input": "", "output": "7 is prime."},
+    {"prompt": "Say hello.", "completion": "Hello!"},
+]
+
+api = FastAPI(title="qgate scoring", version="1", description=__doc__.split("\n\n")[0])
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"samples": EXAMPLES}]})
+    samples: list[dict[str, Any]] = Field(
+        min_length=1, description="rows in any loader form: LESS `messages`, Alpaca `instruction/input/output`, "
+                                  "or `prompt/completion`; optional `id` and `dataset`")
+
+
+class SampleError(BaseModel):
+    reason: str = Field(description="the short code the batch path writes to the rejects file")
+    detail: str
+
+
+class SampleScore(BaseModel):
+    id: str
+    dataset: str
+    q: float | None = Field(description="quality score, mapped with the corpus's a/b/μ")
+    S: list[float] | None = Field(description="per-layer score S_l for the run's α")
+    ppl: float | None = Field(description="perplexity over the scored tokens")
+    percentile: float | None = Field(
+        description="percent of the corpus this sample outranks in the selection direction (0–100): share of "
+                    "corpus q below it when higher q is selected, above it when lower q is; null without "
+                    "the corpus's scores.parquet")
+    selected: bool | None = Field(description="whether q passes the corpus's selection threshold")
+    n_tokens: int
+    truncated: bool
+    error: SampleError | None = None
+
+
+class ScoreResponse(BaseModel):
+    results: list[SampleScore]
+    batch_size: int = Field(description="how many requests shared this request's model batch")
+    direction: str
+    threshold: float
+
+
+# ---- request guards ------------------------------------------------------------------------------
+
+
+def _service() -> "ScoringService":
+    return serve.get_replica_context().servable_object
+
+
+def check_token(expected: str | None, authorization: str | None) -> None:
+    """401 unless `authorization` is `Bearer <expected>`; no token configured means an open endpoint."""
+    if not expected:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_token(authorization: str | None = Header(default=None)) -> None:
+    check_token(_service().api_token, authorization)
+
+
+def limit_body(content_length: int | None = Header(default=None)) -> None:
+    """413 before parsing a body far larger than any request within the limits could be."""
+    max_bytes = BODY_BYTES_PER_CHAR * _service().limits["max_chars"] + 65536
+    if content_length is not None and content_length > max_bytes:
+        raise HTTPException(413, f"request body of {content_length} bytes is over the limit of {max_bytes}")
+
+
+def text_chars(value) -> int:
+    """Characters of all strings inside a JSON value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(text_chars(v) for v in value)
+    return 0
+
+
+def check_limits(samples: list[dict], max_samples: int, max_chars: int) -> None:
+    if len(samples) > max_samples:
+        raise HTTPException(413, f"{len(samples)} samples in one request; the limit is {max_samples}")
+    chars = text_chars(samples)
+    if chars > max_chars:
+        raise HTTPException(413, f"{chars} characters of text in one request; the limit is {max_chars}")
+
+
+def split(items: list, sizes: list[int]) -> list[list]:
+    """`items` cut into consecutive pieces of the given sizes."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[start:start + size] for start, size in zip(starts, sizes)]
+
+
+# ---- the deployment ------------------------------------------------------------------------------
+
+
+@serve.deployment(name="qgate")
+@serve.ingress(api)
+class ScoringService:
+    """One replica: the run's model and gates loaded once; routes are thin adapters over `CorpusScorer`."""
+
+    def __init__(self, scorer: dict, limits: dict, batching: dict, api_token: str | None = None):
+        self.scorer = CorpusScorer(**scorer)
+        self.limits, self.batching, self.api_token = limits, batching, api_token
+        self.score_batch.set_max_batch_size(batching["max_batch_size"])
+        self.score_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
+        self.served = {"batches": 0, "requests": 0, "samples": 0}
+        self.metrics = {key: Counter(f"qgate_{key}_served", description=f"{key} scored by this replica")
+                        for key in self.served}
+        self.started = time.time()
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/info", dependencies=[Depends(require_token)])
+    def info(self) -> dict:
+        return {**self.scorer.info(), "limits": self.limits, "batching": self.batching,
+                "replica": serve.get_replica_context().replica_tag, "served": dict(self.served),
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(require_token), Depends(limit_body)])
+    async def score(self, body: ScoreRequest) -> dict:
+        check_limits(body.samples, **self.limits)
+        results, batch_size = await self.score_batch(body.samples)
+        return {"results": results, "batch_size": batch_size, "direction": self.scorer.direction,
+                "threshold": self.scorer.threshold}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score_batch(self, requests: list[list[dict]]) -> list[tuple[list[dict], int]]:
+        """Requests waiting together share one `CorpusScorer.score` call (the forward runs off the event loop)."""
+        flat = [sample for samples in requests for sample in samples]
+        results = await asyncio.to_thread(self.scorer.score, flat)
+        self._count(len(requests), len(flat))
+        return [(part, len(requests)) for part in split(results, [len(r) for r in requests])]
+
+    def _count(self, requests: int, samples: int) -> None:
+        for key, n in (("batches", 1), ("requests", requests), ("samples", samples)):
+            self.served[key] += n
+            self.metrics[key].inc(n)
+
+
+# ---- building and running ------------------------------------------------------------------------
+
+
+def wants_gpu(config) -> bool:
+    """`use_gpu: auto` means: when the connected Ray cluster has GPUs now (set true where GPU nodes start at 0)."""
+    if str(config.use_gpu).lower() != "auto":
+        return bool(config.use_gpu)
+    return ray.is_initialized() and gpus_available() > 0
+
+
+def deployment_options(cfg, gpu: bool) -> dict:
+    """Serve options from the `serve:` config section."""
+    max_ongoing = cfg.max_ongoing_requests or 2 * cfg.max_batch_size
+    if max_ongoing < cfg.max_batch_size:
+        raise ValueError(f"serve.max_ongoing_requests ({max_ongoing}) < serve.max_batch_size "
+                         f"({cfg.max_batch_size}): a replica would never see a full batch")
+    autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+                   "target_ongoing_requests": cfg.target_ongoing_requests or cfg.max_batch_size}
+    actor = {"num_cpus": cfg.num_cpus, **({"num_gpus": 1} if gpu else {})}
+    return {"max_ongoing_requests": max_ongoing, "max_queued_requests": cfg.max_queued_requests,
+            "autoscaling_config": autoscaling, "ray_actor_options": actor}
+
+
+def app_from_config(config, api_token: str | None = None):
+    """The bound Serve application of a run config (see `serve.scoring.run_config`)."""
+    gpu, cfg = wants_gpu(config), config.serve
+    return ScoringService.options(**deployment_options(cfg, gpu)).bind(
+        scorer={**scorer_settings(config), "device": "cuda" if gpu else "cpu"},
+        limits={"max_samples": cfg.max_samples, "max_chars": cfg.max_chars},
+        batching={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        api_token=api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None,
+    )
+
+
+def build_app(args: dict):
+    """Application builder for `serve deploy` / `serve run serve.app:build_app run_dir=DIR [key=value ...]`.
+
+    `args["run_dir"]` is the run directory; any other key is a config override, e.g. `serve.max_batch_size: 32`.
+    """
+    args = dict(args)
+    run_dir = args.pop("run_dir")
+    return app_from_config(run_config(run_dir, [f"{key}={value}" for key, value in args.items()]))
+
+
+def start(config, name: str = "qgate", api_token: str | None = None) -> str:
+    """Start Serve on `serve.host:serve.port` with the app of `config`; returns its URL."""
+    init_ray(config)
+    cfg = config.serve
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app_from_config(config, api_token), name=name, route_prefix=cfg.route_prefix)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m serve.app out=RUN_DIR [serve.port=8000 serve.host=127.0.0.1 serve.max_batch_size=16 ...]`"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return
+    out = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("out=")), None)
+    if not out:
+        raise SystemExit("set the run directory: out=DIR")
+    setup_logging()
+    url = start(run_config(out, [arg for arg in argv if not arg.startswith("out=")]))
+    print(f"qgate scoring at {url}/v1/score  (docs: {url}/docs)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop`, `kill`: shut down like Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

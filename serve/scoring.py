@@ -1,0 +1,170 @@
+"""Scoring new samples relative to a finished run's corpus, by the same code path as collect + select.
+
+`CorpusScorer` loads the run's base model and gates once, the corpus's a/b/μ, α, eps, tau, threshold and
+direction from `selection/selection_stats.json`, and the corpus's sorted q from `selection/scores.parquet`.
+`score(samples)` then does for a handful of samples what collect + select do for the corpus:
+`qgate.data.normalize` -> `qgate.encoding.encode_row` -> `Scorer.score` (the run's α) -> `quality_scores`
+with the corpus's a/b/μ. Plain class, no Ray: the Ray Serve app (`serve/app.py`) wraps it.
+
+A sample that the loader or the encoder would reject does not fail the others: its result carries
+`error: {reason, detail}` (the reason codes of the rejects file) and null scores.
+
+    python -c "from serve.scoring import CorpusScorer; print(CorpusScorer.from_run_dir('runs/demo').info())"
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from qgate.config import load_config
+from qgate.data import normalize
+from qgate.encoding import encode_row
+from qgate.gate import build_gated_model, read_gate_metadata
+from qgate.scoring import LayerStats, percentile_of, quality_scores
+from qgate.stats import Scorer
+from ray_jobs.common import run_paths
+
+SOURCE = "request"  # the `source` of request samples: generated ids and the default dataset derive from it
+DIRECTIONS = ("higher", "lower")
+
+
+def corpus_files(run_dir: str | Path) -> dict[str, Path]:
+    """The files of a run that the server reads beside config.yaml and gates/ (see `ray_jobs.common.run_paths`)."""
+    paths = run_paths(run_dir)
+    return {"stats": paths["selection"] / "selection_stats.json", "scores": paths["selection"] / "scores.parquet",
+            "selfcheck": paths["out"] / "selfcheck" / "selfcheck.json"}
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """The run's resolved config, defaults filling sections it lacks, `overrides` (key=value) on top."""
+    path = run_paths(run_dir)["config"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a qgate run directory?")
+    return load_config([*(overrides or []), f"out={Path(run_dir).resolve()}"], path)
+
+
+def scorer_settings(config) -> dict:
+    """The flat `CorpusScorer` arguments of a run config."""
+    gates_dir = config.gates or run_paths(config.out)["gates"]
+    return {"model": config.model, "gates_dir": str(gates_dir), "run_dir": str(config.out),
+            "dtype": config.dtype, "max_length": config.encoding.max_length, "score_on": config.encoding.score_on,
+            "scorer_eps": config.collect.eps, "max_batch_tokens": config.collect.max_batch_tokens,
+            "trust_remote_code": config.trust_remote_code}
+
+
+def load_corpus(run_dir: str | Path) -> tuple[dict, np.ndarray | None]:
+    """(selection stats, the corpus's q ascending or None when scores.parquet is absent)."""
+    paths = corpus_files(run_dir)
+    if not paths["stats"].exists():
+        raise FileNotFoundError(f"{paths['stats']} not found: run `select` on {run_dir} before serving it")
+    stats = json.loads(paths["stats"].read_text())
+    if stats.get("direction") not in DIRECTIONS:
+        raise ValueError(f"{paths['stats']}: direction must be one of {DIRECTIONS}, got {stats.get('direction')!r}")
+    if not paths["scores"].exists():
+        return stats, None
+    q = pq.read_table(paths["scores"], columns=["q"]).column("q").to_numpy(zero_copy_only=False)
+    return stats, np.sort(q.astype(np.float64))  # [N]
+
+
+def layer_stats(stats: dict) -> LayerStats:
+    """The corpus's a, b, μ (under `layers`) and N as the `LayerStats` that `quality_scores` maps with."""
+    layers, n = stats["layers"], int(stats["N"])
+    mu = np.asarray(layers["mu"], dtype=np.float64)  # [L]
+    return LayerStats(min=np.asarray(layers["a"], dtype=np.float64), max=np.asarray(layers["b"], dtype=np.float64),
+                      sum=mu * n, count=n)
+
+
+def rank_in_corpus(corpus_q: np.ndarray | None, q: np.ndarray, direction: str) -> np.ndarray | None:
+    """Percent of the corpus this q outranks in the selection direction: with "higher", the share of corpus
+    q strictly below it; with "lower" (small q selected), the share strictly above it (the percentile of −q).
+    """
+    if corpus_q is None:
+        return None
+    if direction == "lower":
+        return 100.0 * np.asarray(percentile_of(-corpus_q[::-1], -q))
+    return 100.0 * np.asarray(percentile_of(corpus_q, q))
+
+
+def is_selected(q: np.ndarray, threshold: float, direction: str) -> np.ndarray:
+    """Whether each q would have made the corpus's top k: q ≥ threshold ("higher") or q ≤ threshold ("lower")."""
+    return q <= threshold if direction == "lower" else q >= threshold
+
+
+class CorpusScorer:
+    """Scores samples in any loader form against one run's corpus statistics."""
+
+    def __init__(self, model: str, gates_dir: str, run_dir: str, dtype: str = "float32", device: str = "cpu",
+                 max_length: int = 512, score_on: str = "all", scorer_eps: float = 1e-8,
+                 max_batch_tokens: int = 8192, trust_remote_code: bool = False):
+        self.model_name, self.gates_dir, self.run_dir = model, gates_dir, run_dir
+        self.max_length, self.score_on = max_length, score_on
+        self.stats, self.corpus_q = load_corpus(run_dir)
+        self.layer_stats = layer_stats(self.stats)
+        net, self.tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
+                                                       trust_remote_code=trust_remote_code)
+        autocast = torch.bfloat16 if device.startswith("cuda") else None  # as collect runs on GPUs
+        self.scorer = Scorer(net, self.tokenizer, gates, alphas=[float(self.stats["alpha"])], eps=scorer_eps,
+                             max_batch_tokens=max_batch_tokens, autocast_dtype=autocast)
+        self._lock = threading.Lock()  # the gates keep the logits of the last forward: one pass at a time
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] | None = None, device: str = "cpu"):
+        return cls(device=device, **scorer_settings(run_config(run_dir, overrides)))
+
+    @property
+    def direction(self) -> str:
+        return self.stats["direction"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.stats["threshold"])
+
+    def encode(self, samples: list[dict]) -> list[dict]:
+        """Loader rows with the encoding fields; `reason != ""` marks a sample that cannot be scored."""
+        rows = [normalize(sample, SOURCE, i) for i, sample in enumerate(samples)]
+        return [encode_row(self.tokenizer, row, self.max_length, self.score_on) for row in rows]
+
+    def score(self, samples: list[dict]) -> list[dict]:
+        """One result per sample, in order: q, S, ppl, percentile, selected… or an error."""
+        rows = self.encode(samples)
+        good = [row for row in rows if not row["reason"]]
+        with self._lock:
+            per_row = self.scorer.score(good) if good else []
+        scored = iter(self._results(good, per_row))
+        return [next(scored) if not row["reason"] else _error_result(row) for row in rows]
+
+    def _results(self, rows: list[dict], per_row: list[dict]) -> list[dict]:
+        if not rows:
+            return []
+        S = np.array([s["S"][0] for s in per_row], dtype=np.float64)  # [N, L], the run's α only
+        q = quality_scores(S, float(self.stats["eps"]), float(self.stats["tau"]), self.layer_stats)  # [N]
+        rank = rank_in_corpus(self.corpus_q, q, self.direction)
+        selected = is_selected(q, self.threshold, self.direction)
+        return [{"id": row["id"], "dataset": row["dataset"], "q": float(q[i]), "S": S[i].tolist(),
+                 "ppl": s["ppl"], "percentile": None if rank is None else float(rank[i]),
+                 "selected": bool(selected[i]), "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
+                 "error": None}
+                for i, (row, s) in enumerate(zip(rows, per_row))]
+
+    def info(self) -> dict:
+        """What a client needs to read the scores: model, gates, corpus stats, threshold, self-check."""
+        keys = ("N", "k", "percentage", "alpha", "eps", "tau", "direction", "direction_source", "threshold",
+                "quantiles")
+        selfcheck = corpus_files(self.run_dir)["selfcheck"]
+        return {"model": self.model_name, "gates": read_gate_metadata(self.gates_dir),
+                "corpus": {key: self.stats.get(key) for key in keys} | {"n_layers": self.layer_stats.n_layers},
+                "encoding": {"max_length": self.max_length, "score_on": self.score_on},
+                "selfcheck": json.loads(selfcheck.read_text()) if selfcheck.exists() else self.stats.get("selfcheck")}
+
+
+def _error_result(row: dict) -> dict:
+    return {"id": row["id"], "dataset": row["dataset"], "q": None, "S": None, "ppl": None, "percentile": None,
+            "selected": None, "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
+            "error": {"reason": row["reason"], "detail": row["detail"]}}
+

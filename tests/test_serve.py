@@ -1,0 +1,257 @@
+"""The HTTP scoring app over real HTTP on loopback: the batch path's q, every error status, dynamic batching.
+
+One module-scoped local Ray and Serve on a free port hold two apps on a tiny model: `/` (open) and `/guarded`
+(bearer token from the environment, one request at a time, a queue of one: back-pressure is easy to reach).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ray import serve
+
+from qgate.config import load_config, save_config
+from qgate.data import write_jsonl
+from qgate.gate import attach_gates, save_gates
+from qgate.models import model_identity
+from qgate.tiny import tiny_model
+from ray_jobs import collect, select
+from ray_jobs.common import run_paths
+from serve.app import app_from_config, build_app
+from serve.scoring import is_selected, rank_in_corpus, run_config
+
+pytestmark = pytest.mark.timeout(300)  # the first test also pays for collect, select and Serve
+
+TOKEN = "test-token-1234"
+TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "python", "list", "string", "function",
+         "returns", "value", "example"]
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def corpus_rows(n: int = 24) -> list[dict]:
+    """All three loader forms, varied lengths; a few rows longer than `encoding.max_length` (truncated)."""
+    rows = []
+    for i in range(n):
+        question, answer = _text(i, 3 + i % 5), _text(i + 1, 4 + (i * 5) % 40)
+        if i % 3 == 0:
+            rows.append({"id": f"r{i:02d}", "messages": [{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": answer}]})
+        elif i % 3 == 1:
+            rows.append({"id": f"r{i:02d}", "instruction": question, "input": "", "output": answer})
+        else:
+            rows.append({"id": f"r{i:02d}", "prompt": question, "completion": answer})
+    return rows
+
+
+# ---- the batch path ------------------------------------------------------------------------------
+
+
+def batch_q(config) -> dict[str, float]:
+    """q per id from collect + select on the run's corpus."""
+    collect.run(config)
+    select.run(config)
+    table = pq.read_table(run_paths(config.out)["selection"] / "scores.parquet", columns=["id", "q"])
+    return dict(zip(table.column("id").to_pylist(), table.column("q").to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_local):
+    """A run directory with tiny gates, its corpus stats and batch q: (config, {id: q})."""
+    root = tmp_path_factory.mktemp("serve")
+    write_jsonl(str(root / "data.jsonl"), corpus_rows())
+    config = load_config(["model=tiny-qwen3", f"out={root / 'run'}", f"data={root / 'data.jsonl'}",
+                          "encoding.max_length=48", "collect.actors=1", "collect.ifd=false",
+                          "selection.direction=higher", "selfcheck.enabled=false", "serve.num_cpus=0.5"])
+    paths = run_paths(config.out)
+    save_config(config, paths["config"])
+    gates = attach_gates(tiny_model("tiny-qwen3"), init_std=0.5, bias=True, init_bias=0.0, seed=1)
+    save_gates(gates, paths["gates"], metadata=model_identity("tiny-qwen3"))
+    return config, batch_q(config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(run):
+    """Serve on a free loopback port with the open app at `/` and the guarded one at `/guarded`."""
+    config, _ = run
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = run_config(config.out, ["serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2"])
+    tight = run_config(config.out, ["serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+                                    "serve.max_queued_requests=1"])
+    os.environ["QGATE_API_TOKEN"] = TOKEN
+    try:
+        guarded = app_from_config(tight)  # the token is read from the environment here
+    finally:
+        del os.environ["QGATE_API_TOKEN"]
+    serve.run_many([serve.RunTarget(app_from_config(main, api_token=""), name="open", route_prefix="/"),
+                    serve.RunTarget(guarded, name="guarded", route_prefix="/guarded")])
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(url):
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        yield c
+
+
+async def _post_all(url: str, bodies: list, headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=headers) as c:
+        return await asyncio.gather(*(c.post("/v1/score", json=body) for body in bodies))
+
+
+def post_concurrently(url: str, bodies: list, headers: dict | None = None) -> list[httpx.Response]:
+    return asyncio.run(_post_all(url, bodies, headers))
+
+
+# ---- scores --------------------------------------------------------------------------------------
+
+
+def test_endpoint_q_equals_batch_q(run, url):
+    _, expected = run
+    rows = corpus_rows()
+    responses = post_concurrently(url, [{"samples": rows[i:i + 6]} for i in range(0, len(rows), 6)])
+    results = [r for resp in responses for r in resp.raise_for_status().json()["results"]]
+    assert [r["id"] for r in results] == [row["id"] for row in rows]  # split back in order
+    got = np.array([r["q"] for r in results])
+    want = np.array([expected[row["id"]] for row in rows])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert got.std() > 1e-3  # the corpus spreads: the comparison means something
+
+
+def test_percentile_selected_and_fields(run, client):
+    _, expected = run
+    corpus = np.sort(np.array(list(expected.values())))
+    stats = json.loads((run_paths(run[0].out)["selection"] / "selection_stats.json").read_text())
+    body = client.post("/v1/score", json={"samples": corpus_rows()[:8]}).raise_for_status().json()
+    assert body["direction"] == stats["direction"] == "higher"
+    assert body["threshold"] == pytest.approx(stats["threshold"])
+    for r in body["results"]:
+        q = expected[r["id"]]
+        assert r["percentile"] == pytest.approx(100.0 * np.searchsorted(corpus, r["q"]) / len(corpus))
+        assert 0.0 <= r["percentile"] < 100.0
+        if abs(q - stats["threshold"]) > 1e-4:
+            assert r["selected"] == (q >= stats["threshold"])
+        assert len(r["S"]) == 2 and r["ppl"] > 1 and r["n_tokens"] <= 48 and r["error"] is None
+    assert any(r["truncated"] for r in body["results"])
+
+
+def test_lower_direction_ranks_small_q_first():
+    corpus = np.array([0.1, 0.2, 0.3, 0.4])  # ascending
+    q = np.array([0.05, 0.25, 0.4, 0.5])
+    np.testing.assert_allclose(rank_in_corpus(corpus, q, "higher"), [0, 50, 75, 100])
+    np.testing.assert_allclose(rank_in_corpus(corpus, q, "lower"), [100, 50, 0, 0])
+    assert is_selected(q, 0.3, "lower").tolist() == [True, True, False, False]
+    assert is_selected(q, 0.3, "higher").tolist() == [False, False, True, True]
+    assert rank_in_corpus(None, q, "higher") is None
+
+
+def test_bad_sample_gets_its_own_error(client):
+    good = corpus_rows()[0]
+    samples = [good, {"id": "bad", "messages": []}, {"id": "odd", "text": "no known form"}]
+    results = client.post("/v1/score", json={"samples": samples}).raise_for_status().json()["results"]
+    assert results[0]["q"] is not None and results[0]["error"] is None
+    assert results[1]["error"]["reason"] == "empty_messages" and results[1]["q"] is None
+    assert results[2]["error"]["reason"] == "unknown_format"
+
+
+def test_info_health_and_docs(run, client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/v1/info").raise_for_status().json()
+    assert info["model"] == "tiny-qwen3" and info["gates"]["mode"] == "modulate"
+    assert info["corpus"]["N"] == 24 and info["corpus"]["direction"] == "higher"
+    assert info["batching"]["max_batch_size"] == 8 and info["served"]["batches"] >= 0
+    assert info["selfcheck"] is None
+    assert client.get("/docs").status_code == 200
+    assert "/v1/score" in client.get("/openapi.json").json()["paths"]
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b'{"samples": []}', b'{"samples": "text"}', b'{"samples": [1, 2]}', b'{"rows": [{}]}', b"[]",
+])
+def test_malformed_body_is_422(client, body):
+    resp = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    assert resp.json()["detail"]
+
+
+def test_too_many_samples_is_413(client):
+    resp = client.post("/v1/score", json={"samples": [{"prompt": "a", "completion": "b"}] * 65})
+    assert resp.status_code == 413 and "65 samples" in resp.json()["detail"]
+
+
+def test_too_many_characters_is_413(client):
+    resp = client.post("/v1/score", json={"samples": [{"prompt": "a", "completion": "b" * 100_000}]})
+    assert resp.status_code == 413 and "characters" in resp.json()["detail"]
+    huge = client.post("/v1/score", json={"samples": [{"prompt": "a", "completion": "b" * 1_000_000}]})
+    assert huge.status_code == 413 and "bytes" in huge.json()["detail"]
+
+
+def test_token_is_required_when_set(client):
+    sample = {"samples": [corpus_rows()[0]]}
+    assert client.post("/guarded/v1/score", json=sample).status_code == 401
+    wrong = client.post("/guarded/v1/score", json=sample, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert client.get("/guarded/v1/info").status_code == 401
+    assert client.get("/guarded/healthz").status_code == 200
+    right = client.post("/guarded/v1/score", json=sample, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 200 and right.json()["batch_size"] == 1
+
+
+def test_full_queue_answers_503(url):
+    heavy = {"samples": [{"prompt": _text(i, 20), "completion": _text(i + 1, 200)} for i in range(32)]}
+    statuses: list[int] = []
+    for _ in range(5):  # bursts until the queue overflows; a handful is plenty
+        responses = post_concurrently(f"{url}/guarded", [heavy] * 12, {"Authorization": f"Bearer {TOKEN}"})
+        statuses += [r.status_code for r in responses]
+        if 503 in statuses:
+            break
+    assert set(statuses) <= {200, 503}
+    assert 503 in statuses and 200 in statuses
+    with httpx.Client(timeout=TIMEOUT) as c:
+        assert c.get(f"{url}/guarded/healthz").status_code == 200  # the replica lives on
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_a_batch(client, url):
+    before = client.get("/v1/info").json()["served"]
+    rows = corpus_rows()
+    responses = post_concurrently(url, [{"samples": [rows[i]]} for i in range(8)])
+    sizes = [r.raise_for_status().json()["batch_size"] for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 8
+    after = client.get("/v1/info").json()["served"]
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8
+
+
+def test_serve_config_file_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "serve" / "serve_config.yaml").read_text())
+    app = ServeDeploySchema.model_validate(spec).applications[0]
+    assert app.import_path == "serve.app:build_app" and "run_dir" in app.args
+    assert callable(build_app)
