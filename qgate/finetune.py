@@ -1,0 +1,170 @@
+"""Stage 4, finetune: LoRA (peft) on a causal LM with the loss on assistant tokens only. No Ray here.
+
+Rows are chat conversations (`messages`); `encode_row(score_on="response")` renders them with the
+tokenizer's chat template and marks the assistant-content tokens, which are the only ones the loss sees.
+Ray Train's worker loop (`ray_jobs/finetune.py`) passes `rank`, `world_size` and `prepare` (its
+`prepare_model`); called without them, `train_lora` trains in this process.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qgate.encoding import encode_row
+from qgate.stats import pad, token_nll
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """What a LoRA finetune needs beyond the model and the rows."""
+
+    rank: int = 16  # LoRA rank r (the seeds use 128 on 7B models)
+    alpha: float = 32.0  # lora_alpha; the update is scaled by alpha / rank (the seeds: alpha = 2 · rank)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # Linear names adapted
+    lr: float = 2e-4  # AdamW learning rate, constant
+    epochs: int = 1  # passes over the rows
+    batch_size: int = 8  # rows per worker per step (global batch = batch_size × workers)
+    max_length: int = 512  # tokens per row; longer rows are truncated
+    seed: int = 0  # LoRA init and row order
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+
+
+# ---- rows to tensors -----------------------------------------------------------------------------
+
+
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict], Counter]:
+    """`{input_ids, loss_mask}` for each row that has an assistant token to learn from; drops by reason."""
+    encoded, dropped = [], Counter()
+    for row in rows:
+        out = encode_row(tokenizer, {"reason": "", **row}, max_length, score_on="response")
+        if out["reason"]:
+            dropped[out["reason"]] += 1
+            continue
+        encoded.append({"input_ids": out["input_ids"], "loss_mask": out["score_mask"]})
+    return encoded, dropped
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, loss_mask: [B, T]."""
+    return {"input_ids": pad([i["input_ids"] for i in items], pad_id),
+            "attention_mask": pad([[1] * len(i["input_ids"]) for i in items], 0),
+            "loss_mask": pad([i["loss_mask"] for i in items], 0)}
+
+
+class ResponseLoss(nn.Module):
+    """Summed NLL of the masked tokens and their count, as one module so DDP can wrap it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = token_nll(self.model, input_ids, attention_mask)  # [B, T]
+        mask = loss_mask.to(nll.dtype)  # [B, T]
+        return (nll * mask).sum(), mask.sum()
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+
+
+def add_lora(model: nn.Module, settings: LoraSettings):
+    """`model` as a PeftModel with fresh LoRA weights (seeded); only the LoRA weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = present_targets(model, settings.target_modules)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        return get_peft_model(model, config)
+
+
+def present_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The target names that some Linear of `model` has; raises when none does."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = [t for t in targets if t in names]
+    if not found:
+        raise ValueError(f"none of the LoRA target modules {targets} is a Linear of this model; "
+                         f"its Linear names: {sorted(names)}")
+    return found
+
+
+def epoch_batches(n_items: int, settings: LoraSettings, epoch: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's item indices per step: a seeded order per epoch, cycled to whole global batches."""
+    order = list(range(n_items))
+    random.Random(f"{settings.seed}:{epoch}").shuffle(order)
+    global_batch = settings.batch_size * world_size
+    n = -(-n_items // global_batch) * global_batch
+    order = [order[i % n_items] for i in range(n)]
+    steps = [order[s:s + global_batch] for s in range(0, n, global_batch)]
+    return [step[rank * settings.batch_size:(rank + 1) * settings.batch_size] for step in steps]
+
+
+def train_lora(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSettings, rank: int = 0,
+               world_size: int = 1, prepare: Callable[[nn.Module], nn.Module] | None = None,
+               on_epoch: Callable[[dict], None] | None = None):
+    """LoRA-finetune `model` on `rows`; returns the PeftModel (save it with `save_pretrained`).
+
+    Every rank must get the same rows: each takes its slice of every global batch. `prepare` wraps the
+    loss module for distributed training (Ray Train's `prepare_model`: device placement and DDP).
+    """
+    items, dropped = encode_rows(tokenizer, rows, settings.max_length)
+    if not items:
+        raise ValueError(f"no row to finetune on: {len(rows)} rows, dropped {dict(dropped)}")
+    peft_model = add_lora(model, settings)
+    objective = prepare(ResponseLoss(peft_model)) if prepare else ResponseLoss(peft_model)
+    device = next(peft_model.parameters()).device
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    objective.train()
+    for epoch in range(settings.epochs):
+        losses = [_step(objective, optimizer, params, collate([items[i] for i in batch], tokenizer.pad_token_id),
+                        device, autocast, settings.max_grad_norm)
+                  for batch in epoch_batches(len(items), settings, epoch, rank, world_size)]
+        if on_epoch:
+            on_epoch({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "steps": len(losses),
+                      "rows": len(items), "dropped": dict(dropped)})
+    return peft_model.eval()
+
+
+def _step(objective, optimizer, params, batch, device, autocast, max_grad_norm: float) -> float:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        total, count = objective(**batch)
+    loss = total / count.clamp_min(1.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return loss.item()
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def heldout_loss(model: nn.Module, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> float:
+    """Mean NLL per assistant token over all `rows` (the held-out response loss; lower is better)."""
+    items, _ = encode_rows(tokenizer, rows, max_length)
+    if not items:
+        raise ValueError(f"no held-out row has an assistant token within {max_length} tokens")
+    items.sort(key=lambda i: len(i["input_ids"]))
+    loss = ResponseLoss(model).eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for start in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], tokenizer.pad_token_id).items()}
+        s, n = loss(**batch)
+        total, count = total + float(s), count + float(n)
+    return total / count

@@ -1,0 +1,181 @@
+"""Stage 4, finetune: LoRA on the selected rows with Ray Train (DDP), saved as a standard peft adapter.
+
+    python -m ray_jobs.finetune out=runs/demo                              # out/selection/selected_data.jsonl
+    python -m ray_jobs.finetune out=runs/ft finetune.data=my_rows.jsonl finetune.workers=4 use_gpu=true
+    python -m qgate.demo_corpus /tmp/demo --rows 60 --heldout 0.2       # tiny CPU version: data, then LoRA
+    python -m ray_jobs.finetune out=/tmp/ft finetune.data=/tmp/demo/data model=tiny-qwen3 \
+        finetune.heldout=/tmp/demo/heldout/heldout.jsonl finetune.max_length=128 finetune.batch_size=4 use_gpu=false
+
+Rows come from `finetune.data` (any input the loader reads: LESS, Alpaca, prompt/completion; JSONL or Parquet)
+or, by default, the run's `out/selection/selected_data.jsonl`. The loss is on assistant tokens only
+(`qgate.finetune`). Every worker gets all rows and takes its slice of each global batch. Rank 0 saves the adapter
+as a Ray Train checkpoint, copied to `out/finetune/adapter`, which `PeftModel.from_pretrained(base, path)` and
+lm-eval's `peft=` load. With `finetune.heldout`, the held-out response loss before and after training goes to
+`out/finetune/metrics.json` beside the per-epoch losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import ray
+from omegaconf import DictConfig
+
+from qgate.config import save_config
+from qgate.data import iter_file_rows, list_input_files
+from qgate.finetune import LoraSettings
+from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log, use_gpu
+
+log = logging.getLogger("qgate.finetune")
+
+SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "max_length",
+                "max_grad_norm")
+
+
+def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
+    section = config.finetune
+    values = {key: section[key] for key in SETTING_KEYS}
+    values["target_modules"] = list(values["target_modules"])
+    return LoraSettings(**values, seed=config.seed if seed is None else seed)
+
+
+def load_rows(spec) -> tuple[list[dict], Counter]:
+    """The good rows (`dataset`, `id`, `messages`) of an input spec, and counts of read and rejected rows."""
+    rows, counts = [], Counter()
+    for path in list_input_files(spec):
+        for row in iter_file_rows(path):
+            counts["read"] += 1
+            if row["reason"]:
+                counts[f"reject:{row['reason']}"] += 1
+            else:
+                rows.append({"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]})
+    return rows, counts
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+
+def train_loop(cfg: dict) -> dict | None:
+    """One Ray Train worker: the model, LoRA under DDP, a report per epoch, rank 0's adapter as checkpoint."""
+    from qgate.finetune import heldout_loss, train_lora
+    from qgate.models import load_model, load_tokenizer
+
+    setup_logging()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    rows, heldout = ray.get(cfg["rows"]), ray.get(cfg["heldout"]) if cfg["heldout"] else None
+    settings = LoraSettings(**cfg["settings"])
+    model = load_model(cfg["model"], dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
+    model.to(ray.train.torch.get_device())
+    state = {"history": []}
+    if heldout and rank == 0:
+        state["heldout_before"] = heldout_loss(model, tokenizer, heldout, settings.max_length)
+
+    def on_epoch(metrics: dict) -> None:
+        metrics["loss"] = _mean_over_workers(metrics["loss"])
+        state["history"].append(metrics)
+        if rank == 0:
+            log.info("epoch %d/%d loss %.4f (%d steps)", metrics["epoch"], settings.epochs, metrics["loss"],
+                     metrics["steps"])
+        ray.train.report({k: v for k, v in metrics.items() if k != "dropped"})
+
+    peft_model = train_lora(model, tokenizer, rows, settings, rank=rank, world_size=world,
+                            prepare=ray.train.torch.prepare_model, on_epoch=on_epoch)
+    if heldout and rank == 0:
+        state["heldout_after"] = heldout_loss(peft_model, tokenizer, heldout, settings.max_length)
+    _report_adapter(peft_model, state, rank)
+    return state if rank == 0 else None
+
+
+def _mean_over_workers(value: float) -> float:
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=ray.train.torch.get_device())
+    torch.distributed.all_reduce(tensor)
+    return float(tensor) / torch.distributed.get_world_size()
+
+
+def _report_adapter(peft_model, state: dict, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            peft_model.save_pretrained(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"done": 1, **{k: v for k, v in state.items() if k.startswith("heldout")}},
+                         checkpoint=checkpoint, checkpoint_dir_name="adapter")
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+
+def fit(config: DictConfig, rows: list[dict], adapter_dir: str | Path, storage: str | Path, name: str = "finetune",
+        model: str | None = None, seed: int | None = None, heldout: list[dict] | None = None) -> dict:
+    """Train one adapter on `rows` with Ray Train and copy it to `adapter_dir`; returns the rank-0 metrics."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(storage).resolve()
+    shutil.rmtree(storage / name, ignore_errors=True)  # a stale run there would be resumed
+    loop_cfg = {"rows": ray.put(rows), "heldout": ray.put(heldout) if heldout else None,
+                "model": model or config.finetune.model or config.model, "dtype": config.dtype,
+                "trust_remote_code": config.trust_remote_code, "settings": vars(settings_of(config, seed))}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=config.finetune.workers, use_gpu=use_gpu(config)),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=config.finetune.max_failures)),
+    )
+    result = trainer.fit()
+    _copy_adapter(result.checkpoint, Path(adapter_dir))
+    shutil.rmtree(storage / name, ignore_errors=True)
+    return result.return_value
+
+
+def _copy_adapter(checkpoint, adapter_dir: Path) -> None:
+    partial = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with checkpoint.as_directory() as path:
+        shutil.copytree(path, partial)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    partial.rename(adapter_dir)
+
+
+def run(config: DictConfig) -> Path:
+    """Finetune on `finetune.data` (default: the run's selection); returns `out/finetune/adapter`."""
+    init_ray(config)
+    out = run_paths(config.out)["out"] / "finetune"
+    with stage_log(config.out, "finetune"):
+        save_config(config, out / "config.yaml")
+        data = config.finetune.data or str(run_paths(config.out)["selection"] / "selected_data.jsonl")
+        rows, counts = load_rows(data)
+        log.info("finetune rows from %s: %s", data, dict(counts))
+        if not rows:
+            raise ValueError(f"no rows to finetune on in {data}: {dict(counts)}")
+        heldout = load_rows(config.finetune.heldout)[0] if config.finetune.heldout else None
+        metrics = fit(config, rows, out / "adapter", out / "ray", heldout=heldout)
+        (out / "metrics.json").write_text(json.dumps({"data": data, "rows": dict(counts), **metrics}, indent=2))
+        log.info("adapter -> %s%s", out / "adapter", _heldout_line(metrics))
+        return out / "adapter"
+
+
+def _heldout_line(metrics: dict) -> str:
+    if "heldout_after" not in metrics:
+        return ""
+    return f"; held-out response loss {metrics['heldout_before']:.4f} -> {metrics['heldout_after']:.4f}"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    setup_logging()
+    return run(config_from_argv(argv))
+
+
+if __name__ == "__main__":
+    main()
