@@ -103,7 +103,7 @@ def test_real_smollm2_end_to_end(ray_local, corpus, tmp_path):
     stats = assert_complete_run(out, corpus["n_rows"], 0.3)
     gates_meta = json.loads((out / "gates" / "gates.json").read_text())
     assert gates_meta["n_model_layers"] == 30 and gates_meta["hidden_size"] == 576  # the real SmolLM2-135M
-    assert len(stats["a"]) == 30
+    assert len(stats["layers"]["a"]) == 30
     grade = planted_noise_grade(str(out), corpus["labels"])
     assert 0.0 <= grade["auroc_q"] <= 1.0 and grade["n"] > 0
     print(f"SmolLM2 pipeline on {corpus['n_rows']} rows: {time.time() - start:.0f} s; {grade}")
