@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QGATE_CACHE", Path.home() / ".cache" / "qgate"))
+    return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate")
 
 
 def resolve_model_path(name: str) -> str:

@@ -31,11 +31,14 @@ def init_ray(config: DictConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "QGATE_CACHE": os.environ.get("QGATE_CACHE", "")}}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("QGATE_CACHE"):
+        env_vars["QGATE_CACHE"] = os.environ["QGATE_CACHE"]
+    env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+        ray.init(runtime_env=env, log_to_driver=True)  # the dashboard serves the state API Ray Train polls
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

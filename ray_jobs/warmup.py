@@ -299,7 +299,9 @@ def trainer(config: DictConfig, loop_cfg: dict):
         failure_config=FailureConfig(max_failures=config.warmup.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.warmup.keep_checkpoints),
     )
-    scaling = ScalingConfig(num_workers=config.warmup.workers, use_gpu=use_gpu(config))
+    gpu = use_gpu(config)
+    per_worker = None if gpu else {"CPU": config.warmup.cpus_per_worker}  # Ray sizes torch's threads to it
+    scaling = ScalingConfig(num_workers=config.warmup.workers, use_gpu=gpu, resources_per_worker=per_worker)
     return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
 
 
