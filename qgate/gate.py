@@ -132,12 +132,22 @@ class GateSet:
 
 def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
-                 seed: int = 0) -> GateSet:
-    """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet."""
+                 seed: int = 0, kind: str | None = None, **trash_can) -> GateSet:
+    """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
+
+    An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
+    arguments plus `trash_can` (`qgate.moe.TrashCanSettings`, unused on dense models); `kind` ("dense" or
+    "trash_can") overrides the choice by model.
+    """
+    from qgate import moe
+
     if mode not in MODES:
         raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
     if getattr(model, "qgate_gates", None) is not None:
         raise ValueError("this model already has quality gates; call .remove() on them first")
+    moe.settings_of(trash_can)
+    if (kind or ("trash_can" if moe.is_moe(model) else "dense")) == moe.KIND:
+        return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
     if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
@@ -168,7 +178,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "n_model_layers": len(find_decoder_layers(gates.model)),
-            **(metadata or {})}
+            "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
 
@@ -186,7 +196,14 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
             f"gates in {gates_dir} were trained for hidden size {meta['hidden_size']} and {meta['n_model_layers']} "
             f"layers; this model has {model.config.hidden_size} and {n_layers} (base model: {meta.get('base_model')})"
         )
-    gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"])
+    extra = {}
+    if meta.get("kind") == "trash_can":
+        from qgate import moe
+
+        moe.check_loadable(model, meta)
+        extra = moe.saved_settings(meta)
+    gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
+                         kind=meta.get("kind", "dense"), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

@@ -63,11 +63,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(name: str = "tiny-qwen3"):
-    common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, eos_token_id=2, bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    common = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+              "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": None, "tie_word_embeddings": True}
     if name == "tiny-qwen3":
         return Qwen3Config(head_dim=16, **common)
     if name == "tiny-llama":

@@ -38,6 +38,8 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     gates = model.qgate_gates
     nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
     logits = gates.logits()  # [B, L, T]
+    # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
+    aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None
     gates.clear()
     mask, clean = batch["score_mask"], batch["is_clean"]
     ce = masked_mean(nll, mask * clean.unsqueeze(1)).sum() / clean.sum().clamp_min(1.0)
@@ -46,6 +48,9 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     quality = quality_loss(torch.sigmoid(logits), mask * clean.unsqueeze(1), **loss_params)
     total = ce + weight * quality
     parts = {"ce": ce.item(), "quality": quality.item()}
+    if aux is not None:
+        total = total + aux[0]
+        parts.update(aux[1])
     if cfg.negatives_weight > 0 and (clean < 1).any():
         negatives = negatives_loss(logits, nll, mask, clean, cfg.negatives_alpha)
         total = total + cfg.negatives_weight * negatives

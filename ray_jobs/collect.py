@@ -298,6 +298,9 @@ def _gates_dir(config, paths) -> Path:
     return gates.resolve()
 
 
+READ_CPUS = 0.25  # per file-reading task: JSON parsing, no model
+
+
 def _file_items(files: list[str], done: dict[str, list[np.ndarray]]) -> list[dict]:
     empty = np.zeros(0, dtype=np.int64)
     return [{"path": path, "file_index": i, "done": np.concatenate(done.get(path, [empty])).tobytes()}
@@ -319,7 +322,7 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
     c = config.collect
     # One file per read task: files are the unit of parallelism and of resume bookkeeping.
     items = ray.data.from_items(_file_items(files, done), override_num_blocks=max(len(files), 1))
-    rows = items.flat_map(_file_rows, fn_kwargs={"winners": duplicate_winners(items, files)})
+    rows = items.flat_map(_file_rows, fn_kwargs={"winners": duplicate_winners(items, files)}, num_cpus=READ_CPUS)
     if c.max_rows:
         rows = rows.limit(int(c.max_rows))
     encoded = rows.map_batches(
@@ -328,10 +331,24 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
                    "score_on": config.encoding.score_on, "ifd": bool(c.ifd),
                    "trust_remote_code": bool(config.trust_remote_code)})
     # On CPU, Ray fuses the tokenizing step into the actors (same resources); with GPUs it stays in CPU tasks.
-    resources = {"num_gpus": 1} if gpu else {"num_cpus": float(c.cpus_per_actor)}
     return encoded.map_batches(
         ScoreBatch, fn_constructor_kwargs=_scorer_args(config, gates_dir, gpu), batch_format="pyarrow",
-        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=int(c.actors)), **resources)
+        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=int(c.actors)),
+        **actor_resources(c, gpu, ray.cluster_resources().get("CPU", 0.0)))
+
+
+def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
+    """One GPU per actor; on CPU, `cpus_per_actor` each unless the pool would leave the file readers no CPU
+    (a fixed pool holding every CPU starves the read tasks that feed it, and the dataset never moves)."""
+    if gpu:
+        return {"num_gpus": 1}
+    per_actor, actors = float(c.cpus_per_actor), int(c.actors)
+    room = (cluster_cpus - READ_CPUS) / actors
+    if cluster_cpus and per_actor > room:
+        log.warning("collect: %d actors x %g CPUs leave no CPU for reading on a %g-CPU cluster; %.2f CPUs each",
+                    actors, per_actor, cluster_cpus, room)
+        per_actor = max(room, 0.05)
+    return {"num_cpus": per_actor}
 
 
 def _summaries(paths, attempt: int, writer: ShardWriter, seconds: float, before: tuple[int, Counter]) -> dict:

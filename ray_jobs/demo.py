@@ -36,7 +36,7 @@ def planted_noise_grade(out: str, labels_path: str) -> dict:
     labels = {r["id"]: r["label"] == "clean" for r in read_jsonl(labels_path)}
     scores = scores[scores["id"].isin(labels)]
     clean = scores["id"].map(labels).to_numpy().astype(int)
-    grade = {"n": int(len(clean)), "planted_share_corpus": float(1 - clean.mean()),
+    grade = {"n": len(clean), "planted_share_corpus": float(1 - clean.mean()),
              "planted_share_selected": float(1 - clean[scores["selected"].to_numpy()].mean()),
              "auroc_q": float(auroc(scores["q"].to_numpy(), clean)),
              "auroc_response_ppl": float(auroc(-scores["response_nll"].to_numpy(), clean))}

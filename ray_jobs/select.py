@@ -15,6 +15,17 @@ Three passes over the stats, vectorized per batch on CPU workers:
    `selected_data.jsonl`, best first.
 So the driver holds about 12 bytes per row (120 MB at 10^7 rows), and 9 more while it renders the report.
 α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
+
+`selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
+k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised S for the α, fitted on a hash-seeded
+sample of at most 200k rows and assigned to every row in pass 2:
+- `cluster_round_robin`: one row per cluster per round, in q order;
+- `similarity_filter`: in q order, skip a row whose cosine similarity to a kept row of its cluster exceeds
+  `selection.similarity_threshold` (skipped rows fill up to k if too few pass).
+The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
+the sorted pass-2 rows stay materialized in the object store for a second walk, and pass 3 finds the chosen rows
+by their ids. Both strategies write the selected share per cluster into selection_stats.json and the report.
+    python -m ray_jobs.select out=runs/tiny use_gpu=false selection.strategy=cluster_round_robin selection.n_clusters=4
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from collections import Counter, deque
 from pathlib import Path
 
@@ -30,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
+from qgate.diversity import similarity_filter as filter_similar
 from qgate.report import render_report
 from qgate.scoring import LayerStats, layer_scores, quality_scores, quantiles, selection_count
 from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log
@@ -101,7 +115,10 @@ def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float
     """Pass 3: rows selected (at or before the k-th) or among the worst, with their output line."""
     q = _q(table, spec, stats, eps, tau)
     ids = table.column("id")
-    selected = _before(q, ids, cuts["k"], cuts["higher"], inclusive=True)
+    if cuts.get("ids") is None:
+        selected = _before(q, ids, cuts["k"], cuts["higher"], inclusive=True)
+    else:  # a diversity strategy's pick
+        selected = pc.is_in(ids, value_set=cuts["ids"].cast(ids.type)).to_numpy(zero_copy_only=False)
     worst = ~_before(q, ids, cuts["worst"], cuts["higher"], inclusive=False)
     keep = np.flatnonzero(selected | worst)
     rows = table.select(["id", "dataset", "record", "messages"]).take(keep).to_pylist()
@@ -180,16 +197,22 @@ def sorted_by_q(ds, higher: bool, n_rows: int, rows_per_partition: int):
 # ---- the driver's streams ------------------------------------------------------------------------------
 
 
-def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int) -> dict:
-    """Stream rows sorted by (q, id) into `scores.parquet` with rank and selected; keep q and datasets."""
+def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected: np.ndarray | None = None) -> dict:
+    """Stream rows sorted by (q, id) into `scores.parquet` with rank and selected; keep q and datasets.
+
+    `selected` [N] (in sorted order) replaces `rank < k`; the ids it marks are then kept as well.
+    """
     schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("rank", pa.int64()),
                         ("selected", pa.bool_()), ("ppl", pa.float64()), ("response_nll", pa.float64()),
                         ("ifd", pa.float64()), ("n_tokens", pa.int32())])
-    q_parts, code_parts, names, cuts, offset = [], [], {}, {}, 0
+    q_parts, code_parts, id_parts, names, cuts, offset = [], [], [], {}, {}, 0
     with pq.ParquetWriter(path, schema) as writer:
         for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
             rank = np.arange(offset, offset + batch.num_rows)
-            table = batch.append_column("rank", pa.array(rank)).append_column("selected", pa.array(rank < k))
+            flags = rank < k if selected is None else selected[offset:offset + batch.num_rows]
+            table = batch.append_column("rank", pa.array(rank)).append_column("selected", pa.array(flags))
+            if selected is not None:
+                id_parts.append(batch.column("id").filter(pa.array(flags)).cast(pa.string()))
             writer.write_table(table.select(schema.names).cast(schema))
             q = batch.column("q").to_numpy()
             q_parts.append(q)
@@ -198,7 +221,10 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int) -> dict:
                 if offset <= at < offset + batch.num_rows:
                     cuts[name] = (float(q[at - offset]), batch.column("id")[at - offset].as_py())
             offset += batch.num_rows
-    return {"q": np.concatenate(q_parts), "codes": np.concatenate(code_parts), "names": list(names), "cuts": cuts}
+    out = {"q": np.concatenate(q_parts), "codes": np.concatenate(code_parts), "names": list(names), "cuts": cuts}
+    if selected is not None:
+        out.update(selected=selected, selected_ids=pa.chunked_array(id_parts, pa.string()).combine_chunks())
+    return out
 
 
 def _dataset_codes(column, names: dict[str, int]) -> np.ndarray:
@@ -229,6 +255,79 @@ def _sample(line: str) -> dict:
     return {"id": row["id"], "dataset": row["dataset"], "q": row["scores"], "text": text}
 
 
+# ---- diversity strategies ------------------------------------------------------------------------------
+
+
+def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int) -> pa.Table:
+    """The k-means fit sample: id and S of the rows whose hash of (seed, id) falls below `fraction`."""
+    S = batch_layer_scores(table, spec)  # [B, L]
+    ids = table.column("id").to_pylist()
+    keep = np.array([zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2**32 for i in ids], dtype=bool)
+    return pa.table({"id": pa.array(ids, pa.string()).filter(pa.array(keep)), "S": _fixed_lists(S[keep])})
+
+
+def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, clustering: dict,
+                   features: bool) -> pa.Table:
+    """Pass 2 of the diversity strategies: `score_rows`' columns, each row's cluster and (features) its
+    standardised S as float32."""
+    S = batch_layer_scores(table, spec)  # [B, L]
+    fitted = Clustering.from_dict(clustering)
+    columns = {"q": quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats)),
+               **{name: table.column(name) for name in SCORE_COLUMNS}, "cluster": fitted.assign(S)}
+    if features:
+        columns["z"] = _fixed_lists(fitted.transform(S).astype(np.float32))
+    return pa.table(columns)
+
+
+def _fixed_lists(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])  # [B, L] -> B lists
+
+
+def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int) -> Clustering:
+    """k-means on the S of a hash-seeded sample of about MAX_FIT_ROWS rows, sorted by id: the same fit whatever
+    the block layout."""
+    fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
+    sample = _datasets(dirs, specs, ["id"], sampled_rows, {"fraction": fraction, "seed": seed})
+    tables = list(sample.iter_batches(batch_format="pyarrow", batch_size=None))
+    table = pa.concat_tables(tables).sort_by("id")
+    S = table.column("S").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)  # [M, L]
+    return fit_clusters(S, n_clusters, seed, MAX_FIT_ROWS)
+
+
+def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: int, path: Path,
+                   n_worst: int) -> dict:
+    """`write_scores` for a diversity strategy: cluster every row, walk them in q order, pick, then write."""
+    s = config.selection
+    clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed))
+    features = s.strategy == "similarity_filter"
+    scored = _datasets(dirs, specs, SCORE_COLUMNS, clustered_rows,
+                       {**kwargs, "clustering": clustering.to_dict(), "features": features})
+    rows = sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
+    labels, z = [], []
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+        labels.append(batch.column("cluster").to_numpy())
+        if features:
+            z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
+    labels = np.concatenate(labels)  # [N] in q order
+    if features:
+        picked = filter_similar(np.concatenate(z), k, float(s.similarity_threshold), labels)
+    else:
+        picked = round_robin(labels, k)
+    selected = np.zeros(len(labels), dtype=bool)
+    selected[picked] = True
+    scores = write_scores(rows, path, k, n_worst, len(labels), selected=selected)
+    scores["clusters"] = cluster_shares(labels, selected, clustering.n_clusters)
+    return scores
+
+
+def _cluster_table(clusters: list[dict]) -> str:
+    head = "".join(f"<th>{name}</th>" for name in ("cluster", "rows", "selected", "share of cluster",
+                                                    "share of selection"))
+    body = "".join(f"<tr><td>{c['cluster']}</td><td>{c['total']}</td><td>{c['selected']}</td>"
+                   f"<td>{100 * c['share']:.1f}%</td><td>{100 * c['of_selection']:.1f}%</td></tr>" for c in clusters)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 # ---- the job -------------------------------------------------------------------------------------------
 
 
@@ -249,14 +348,21 @@ def resolve_direction(setting: str, out: Path) -> tuple[str, str, dict | None]:
     return "higher", "default", check
 
 
+def _selected_mask(scores: dict, k: int) -> np.ndarray:
+    """Selected rows in q order: the first k, or a diversity strategy's pick."""
+    return scores["selected"] if "selected" in scores else np.arange(len(scores["q"])) < k
+
+
 def _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selected) -> dict:
     s, totals = config.selection, Counter(scores["codes"].tolist())
-    chosen = Counter(scores["codes"][:k].tolist())
+    selected = _selected_mask(scores, k)
+    chosen = Counter(scores["codes"][selected].tolist())
     schema = specs[0]["schema"]
     return {
         "strategy": s.strategy, "alpha": float(s.alpha), "eps": float(s.eps), "tau": float(s.tau),
         "direction": direction[0], "direction_source": direction[1], "percentage": float(s.percentage),
-        "N": int(stats.n), "k": k, "n_selected": n_selected, "threshold": float(scores["q"][k - 1]),
+        "N": int(stats.n), "k": k, "n_selected": n_selected,
+        "threshold": float(scores["q"][np.flatnonzero(selected)[-1]]),
         "quantiles": {str(p): v for p, v in quantiles(scores["q"]).items()},
         "layers": {"a": stats.a.tolist(), "b": stats.b.tolist(), "mu": stats.mu.tolist()},
         "datasets": {name: {"total": totals[i], "selected": chosen[i]} for i, name in enumerate(scores["names"])},
@@ -264,6 +370,8 @@ def _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selecte
                                                               for sp in specs],
         "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
         "selfcheck": direction[2],
+        **({"n_clusters": len(scores["clusters"]), "similarity_threshold": float(s.similarity_threshold),
+            "clusters": scores["clusters"]} if "clusters" in scores else {}),
     }
 
 
@@ -280,16 +388,17 @@ def _report(path: Path, config, summary: dict, scores: dict, stats: LayerStats, 
             "direction": f"{summary['direction']} ({summary['direction_source']})", "strategy": summary["strategy"],
             "stats": ", ".join(summary["stats_dirs"])}
     names = np.array(scores["names"], dtype=object)
-    render_report(path, q=scores["q"], datasets=names[scores["codes"]], selected_mask=np.arange(len(scores["q"])) < k,
+    extra = {"Selection per cluster": _cluster_table(summary["clusters"])} if "clusters" in summary else None
+    render_report(path, q=scores["q"], datasets=names[scores["codes"]], selected_mask=_selected_mask(scores, k),
                   threshold=summary["threshold"], layer_a=stats.a, layer_b=stats.b, layer_mu=stats.mu, best=best,
-                  worst=worst, meta=meta, direction_check=summary["selfcheck"])
+                  worst=worst, meta=meta, direction_check=summary["selfcheck"], extra_sections=extra)
 
 
 def run(config) -> Path:
-    """Select the top k% of every stats row of the run (and of `selection.runs`); returns `out/selection`."""
+    """Select k% of every stats row of the run (and of `selection.runs`) by the strategy; returns `out/selection`."""
     s, out = config.selection, run_paths(config.out)
-    if s.strategy != "top_k":
-        raise ValueError(f"selection.strategy {s.strategy!r} is not supported here; use top_k")
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"selection.strategy must be one of {STRATEGIES}, got {s.strategy!r}")
     with stage_log(config.out, "select"):
         record_config(config)
         init_ray(config)
@@ -303,10 +412,13 @@ def run(config) -> Path:
         higher = direction[0] == "higher"
         kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
         out["selection"].mkdir(parents=True, exist_ok=True)
-        scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
-        scores = write_scores(sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION),
-                              out["selection"] / "scores.parquet", k, max(1, min(n_report, n)), n)
-        cuts = {**scores["cuts"], "higher": higher}
+        scores_path, n_worst = out["selection"] / "scores.parquet", max(1, min(n_report, n))
+        if s.strategy == "top_k":
+            scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
+            scores = write_scores(sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION), scores_path, k, n_worst, n)
+        else:
+            scores = diverse_scores(config, dirs, specs, kwargs, higher, n, k, scores_path, n_worst)
+        cuts = {**scores["cuts"], "higher": higher, "ids": scores.get("selected_ids")}
         kept = _datasets(dirs, specs, ["id", "dataset", "record", "messages"], output_rows, {**kwargs, "cuts": cuts})
         n_selected, best, worst = write_selected(sorted_by_q(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
                                                  out["selection"] / "selected_data.jsonl", n_report)

@@ -21,7 +21,15 @@ from qgate import selfcheck
 from qgate.encoding import encode_row
 from qgate.models import load_tokenizer
 from qgate.scoring import LayerStats
-from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log, use_gpu
+from ray_jobs.common import (
+    config_from_argv,
+    init_ray,
+    record_config,
+    run_paths,
+    setup_logging,
+    stage_log,
+    use_gpu,
+)
 
 log = logging.getLogger("qgate.selfcheck")
 

@@ -94,7 +94,9 @@ def local_ray():
 def run_a(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("collect")
     data, gates = write_inputs(root), make_gates(root)
-    config = collect_config(data, gates, root / "out", "collect.alphas=[0.0,1.0]", "collect.raw=true")
+    # 2 actors of 1 CPU on a 2-CPU Ray: the pool must still leave the file readers room to run.
+    config = collect_config(data, gates, root / "out", "collect.alphas=[0.0,1.0]", "collect.raw=true",
+                            "collect.actors=2")
     collect.run(config)
     return {"root": root, "data": data, "gates": gates, "out": root / "out", "config": config}
 
@@ -114,6 +116,14 @@ def test_every_row_is_scored_or_rejected_exactly_once(run_a):
     summary = json.loads((out / "stats" / "_collect_summary.json").read_text())
     assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (43, 38, 5)
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_cpu_actors_leave_room_for_readers():
+    c = load_config(["collect.actors=2", "collect.cpus_per_actor=1"]).collect
+    assert collect.actor_resources(c, gpu=False, cluster_cpus=8.0) == {"num_cpus": 1.0}
+    squeezed = collect.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
+    assert 2 * squeezed + collect.READ_CPUS <= 2.0
+    assert collect.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
 
 
 def test_stats_rows_have_S_of_shape_alphas_by_layers(run_a):

@@ -1,8 +1,15 @@
 import pytest
 import torch
-
 from conftest import TINY_ARCHS, toy_rows
-from qgate.gate import attach_gates, freeze_backbone, load_gated_model, load_gates, save_gated_model, save_gates
+
+from qgate.gate import (
+    attach_gates,
+    freeze_backbone,
+    load_gated_model,
+    load_gates,
+    save_gated_model,
+    save_gates,
+)
 from qgate.stats import Scorer
 from qgate.tiny import tiny_model, tiny_tokenizer
 from qgate.training import WarmupLossConfig, collate, train_step
@@ -90,6 +97,7 @@ def test_saved_gates_reload_to_identical_scores(tmp_path):
 def test_gates_refuse_a_different_model(tmp_path):
     save_gates(attach_gates(tiny_model()), tmp_path, {"base_model": "tiny-qwen3"})
     from transformers import AutoModelForCausalLM
+
     from qgate.tiny import tiny_config
 
     wider = AutoModelForCausalLM.from_config(tiny_config().__class__(**{**tiny_config().to_dict(), "hidden_size": 32}))

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import toy_rows
+
 from qgate.gate import attach_gates, freeze_backbone
 from qgate.losses import LOSS_TYPES, negatives_loss, quality_loss, sample_gate_scores
 from qgate.scoring import layer_scores

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qgate.corruption import corrupt_samples
-from qgate.demo_corpus import build_demo_corpus
 from qgate.data import iter_file_rows, list_input_files
+from qgate.demo_corpus import build_demo_corpus
 from qgate.encoding import encode_row
 from qgate.gate import attach_gates, freeze_backbone
 from qgate.scoring import LayerStats

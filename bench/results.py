@@ -1,0 +1,51 @@
+"""Markdown tables for benchmark results, printed and optionally appended to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+DATE = "2026-11-22"
+MACHINE = "2-core CPU, no GPU"
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help shows the script's docstring as written, with `--out`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="append the table(s) to this markdown file")
+    return parser
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; floats are written with 3 significant decimals unless already strings."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def section(title: str, body: str, notes: str = "") -> str:
+    """One BENCHMARKS.md section: title, provenance, the table(s), then any notes."""
+    header = f"## {title}\n\n{DATE} · {MACHINE} · `{command_line()}`\n\n"
+    return header + body.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else "")
+
+
+def emit(title: str, body: str, out: str | None, notes: str = "") -> None:
+    """Print the section; with `out`, append it to that file too."""
+    text = section(title, body, notes)
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
