@@ -21,6 +21,17 @@ ALIASES = {
     "raw": "collect.raw",
 }
 
+# Settings with a fixed set of values, checked when the config loads rather than deep inside a Ray worker.
+CHOICES = {
+    "dtype": ("float32", "bfloat16", "float16"),
+    "autocast": ("auto", "bf16", "fp16", "none"),
+    "gate.mode": ("modulate", "probe"),
+    "encoding.score_on": ("all", "response"),
+    "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
+    "selection.strategy": ("top_k", "cluster_round_robin", "similarity_filter"),
+    "selection.direction": ("auto", "higher", "lower"),
+}
+
 
 def parse_overrides(args: list[str]) -> DictConfig:
     """`["a.b=1", "workers=2"]` -> a config; unknown keys are errors, aliases expand."""
@@ -44,6 +55,10 @@ def load_config(args: list[str] | None = None, path: str | Path | None = None) -
             config = OmegaConf.merge(config, layer)
         except Exception as err:  # omegaconf raises its own ConfigKeyError subclasses
             raise ValueError(f"bad configuration: {err}".splitlines()[0]) from err
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(config, key)
+        if value not in allowed:
+            raise ValueError(f"bad configuration: {key} must be one of {allowed}, got {value!r}")
     return config
 
 

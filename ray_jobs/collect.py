@@ -138,19 +138,18 @@ def encode_batch(batch: pa.Table, model_name: str, max_length: int, score_on: st
 class ScoreBatch:
     """A scoring actor: loads the gated model once; `__call__` scores the good rows and passes rejects on."""
 
-    def __init__(self, model_name: str, gates_dir: str, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model_name: str, gates_dir: str, dtype: str = "float32", autocast: str = "auto",
+                 device: str = "cpu",
                  alphas=(1.0,), eps: float = 1e-8, max_batch_tokens: int = 8192, ifd: bool = False,
                  raw: bool = False, trust_remote_code: bool = False):
-        import torch
-
         from qgate.gate import build_gated_model
+        from qgate.models import autocast_dtype
         from qgate.stats import Scorer
 
         model, tokenizer, gates = build_gated_model(model_name, gates_dir=gates_dir, dtype=dtype, device=device,
                                                     trust_remote_code=trust_remote_code)
-        autocast = torch.bfloat16 if device.startswith("cuda") else None
         self.scorer = Scorer(model, tokenizer, gates, alphas=alphas, eps=eps, max_batch_tokens=max_batch_tokens,
-                             ifd=ifd, raw=raw, autocast_dtype=autocast)
+                             ifd=ifd, raw=raw, autocast_dtype=autocast_dtype(autocast, device))
         self.schema = _with_reason(stats_schema(raw))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -310,7 +309,7 @@ def _file_items(files: list[str], done: dict[str, list[np.ndarray]]) -> list[dic
 def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
     c = config.collect
     return {"model_name": config.model, "gates_dir": str(gates_dir), "dtype": config.dtype,
-            "device": "cuda" if gpu else "cpu", "alphas": [float(a) for a in c.alphas], "eps": float(c.eps),
+            "autocast": config.autocast, "device": "cuda" if gpu else "cpu", "alphas": [float(a) for a in c.alphas], "eps": float(c.eps),
             "max_batch_tokens": int(c.max_batch_tokens), "ifd": bool(c.ifd), "raw": bool(c.raw),
             "trust_remote_code": bool(config.trust_remote_code)}
 

@@ -38,7 +38,9 @@ def init_ray(config: DictConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(runtime_env=env, log_to_driver=True)  # the dashboard serves the state API Ray Train polls
+        # A new local Ray even when another runs on this machine (`ray_address=auto` joins that one); its
+        # dashboard serves the state API that Ray Train polls.
+        ray.init(address="local", runtime_env=env, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -53,16 +53,15 @@ def sample_rows(config: DictConfig) -> list[dict]:
 @ray.remote
 def score_chunk(config: dict, gates_dir: str, rows: list[dict], gpu: bool) -> list[dict]:
     """Loads the gated model once per chunk and scores encoded rows."""
-    import torch
-
     from qgate.gate import build_gated_model
+    from qgate.models import autocast_dtype
     from qgate.stats import Scorer
 
     device = "cuda" if gpu else "cpu"
     model, tokenizer, gates = build_gated_model(config["model"], gates_dir, dtype=config["dtype"], device=device)
     scorer = Scorer(model, tokenizer, gates, alphas=[config["selection"]["alpha"]], eps=config["collect"]["eps"],
                     max_batch_tokens=config["collect"]["max_batch_tokens"], ifd=config["collect"]["ifd"],
-                    autocast_dtype=torch.bfloat16 if gpu else None)
+                    autocast_dtype=autocast_dtype(config["autocast"], device))
     return scorer.score(rows)
 
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from qgate.config import as_dict
 from qgate.data import iter_file_rows, list_input_files, write_jsonl
 from qgate.encoding import encode_row
+from qgate.models import autocast_dtype
 from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
 from ray_jobs.common import (
     config_from_argv,
@@ -136,7 +137,7 @@ def train_loop(cfg: dict) -> dict | None:
     state = _restore(ray.train.get_checkpoint(), gates, optimizer, device)
     if rank == 0 and state["start_step"]:
         log.info("resuming from step %d", state["start_step"])
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(cfg["autocast"], device.type)
     window, clock = [], time.perf_counter()
     for step in range(state["step"] + 1, cfg["steps"] + 1):
         _maybe_fail(cfg, rank, step)
@@ -276,7 +277,7 @@ def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
     """What every worker needs: flat settings and the object refs of the shards."""
     warmup = config.warmup
     return {
-        "shards": shards, "pad_id": pad_id, "model": config.model, "dtype": config.dtype,
+        "shards": shards, "pad_id": pad_id, "model": config.model, "dtype": config.dtype, "autocast": config.autocast,
         "trust_remote_code": config.trust_remote_code, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
         "seed": config.seed, "steps": warmup.steps, "batch_size": warmup.batch_size, "lr": warmup.lr,
         "weight_decay": warmup.weight_decay, "report_every": warmup.report_every,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from qgate.config import load_config
 from qgate.data import normalize
 from qgate.encoding import encode_row
 from qgate.gate import build_gated_model, read_gate_metadata
+from qgate.models import autocast_dtype
 from qgate.scoring import LayerStats, percentile_of, quality_scores
 from qgate.stats import Scorer
 from ray_jobs.common import run_paths
@@ -53,7 +53,7 @@ def scorer_settings(config) -> dict:
     """The flat `CorpusScorer` arguments of a run config."""
     gates_dir = config.gates or run_paths(config.out)["gates"]
     return {"model": config.model, "gates_dir": str(gates_dir), "run_dir": str(config.out),
-            "dtype": config.dtype, "max_length": config.encoding.max_length, "score_on": config.encoding.score_on,
+            "dtype": config.dtype, "autocast": config.autocast, "max_length": config.encoding.max_length, "score_on": config.encoding.score_on,
             "scorer_eps": config.collect.eps, "max_batch_tokens": config.collect.max_batch_tokens,
             "trust_remote_code": config.trust_remote_code}
 
@@ -99,7 +99,8 @@ def is_selected(q: np.ndarray, threshold: float, direction: str) -> np.ndarray:
 class CorpusScorer:
     """Scores samples in any loader form against one run's corpus statistics."""
 
-    def __init__(self, model: str, gates_dir: str, run_dir: str, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str, gates_dir: str, run_dir: str, dtype: str = "float32", autocast: str = "auto",
+                 device: str = "cpu",
                  max_length: int = 512, score_on: str = "all", scorer_eps: float = 1e-8,
                  max_batch_tokens: int = 8192, trust_remote_code: bool = False):
         self.model_name, self.gates_dir, self.run_dir = model, gates_dir, run_dir
@@ -108,9 +109,8 @@ class CorpusScorer:
         self.layer_stats = layer_stats(self.stats)
         net, self.tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
                                                        trust_remote_code=trust_remote_code)
-        autocast = torch.bfloat16 if device.startswith("cuda") else None  # as collect runs on GPUs
         self.scorer = Scorer(net, self.tokenizer, gates, alphas=[float(self.stats["alpha"])], eps=scorer_eps,
-                             max_batch_tokens=max_batch_tokens, autocast_dtype=autocast)
+                             max_batch_tokens=max_batch_tokens, autocast_dtype=autocast_dtype(autocast, device))
         self._lock = threading.Lock()  # the gates keep the logits of the last forward: one pass at a time
 
     @classmethod

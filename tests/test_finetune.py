@@ -50,7 +50,7 @@ def logits(model, tokenizer, text: str = "Tell me one fact about owls.") -> torc
 def ray_local():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         yield
         ray.shutdown()
 

@@ -34,7 +34,7 @@ def less_rows() -> list[dict]:
 def ray_local():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # the controller notices finished workers sooner
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         yield
         ray.shutdown()
 
