@@ -324,16 +324,18 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
     rows = items.flat_map(_file_rows, fn_kwargs={"winners": duplicate_winners(items, files)}, num_cpus=READ_CPUS)
     if c.max_rows:
         rows = rows.limit(int(c.max_rows))
+    # On CPU the tokenizing step asks for what an actor holds, so Ray fuses it into the actors; with GPUs it
+    # stays in CPU tasks that feed them.
+    resources = actor_resources(c, gpu, ray.cluster_resources().get("CPU", 0.0))
     encoded = rows.map_batches(
         encode_batch, batch_format="pyarrow", batch_size=int(c.batch_rows),
         fn_kwargs={"model_name": config.model, "max_length": int(config.encoding.max_length),
                    "score_on": config.encoding.score_on, "ifd": bool(c.ifd),
-                   "trust_remote_code": bool(config.trust_remote_code)})
-    # On CPU, Ray fuses the tokenizing step into the actors (same resources); with GPUs it stays in CPU tasks.
+                   "trust_remote_code": bool(config.trust_remote_code)},
+        **({} if gpu else resources))
     return encoded.map_batches(
         ScoreBatch, fn_constructor_kwargs=_scorer_args(config, gates_dir, gpu), batch_format="pyarrow",
-        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=int(c.actors)),
-        **actor_resources(c, gpu, ray.cluster_resources().get("CPU", 0.0)))
+        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=int(c.actors)), **resources)
 
 
 def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
