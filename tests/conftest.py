@@ -5,6 +5,17 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One auth mode for every Ray this session starts or joins (local ones, `ray start` heads, multi-node clusters):
+# a driver keeps the mode it first saw, and a cluster started later under another one refuses it.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+FIRST_MODULES = ("test_scale_out.py",)
+
+
+def pytest_collection_modifyitems(items):
+    """The multi-node tests first: Ray Train cancels its controller on a multi-node cluster joined by a process
+    that already ran Train on another cluster."""
+    items.sort(key=lambda item: item.path.name not in FIRST_MODULES)
 
 TINY_ARCHS = ["tiny-qwen3", "tiny-llama"]
 
