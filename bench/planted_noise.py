@@ -96,17 +96,30 @@ def copies_of(originals: list[dict], kinds, seed: int) -> list[dict]:
     return [{**base[c["source_id"]], **c} for c in corrupt_samples(originals, kinds, seed=seed)]
 
 
-def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
+def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
+    """Raw (warmup, evaluation) rows: a seeded shuffle cut in two disjoint parts."""
     shuffled = random.Random(args.seed).sample(rows, len(rows))
     n_warm = args.warmup_rows
-    warm_raw, eval_raw = shuffled[:n_warm], shuffled[n_warm:n_warm + args.eval_rows]
-    warm_copies = copies_of(warm_raw, DEFAULT_WARMUP_KINDS, args.seed)
+    return shuffled[:n_warm], shuffled[n_warm:n_warm + args.eval_rows]
+
+
+def warmup_copies(enc, warm_raw: list[dict], seed: int) -> dict[str, dict]:
+    """Source id -> encoded corrupted copy of a raw warmup row (warmup kinds), is_clean 0."""
+    copies = copies_of(warm_raw, DEFAULT_WARMUP_KINDS, seed)
+    return {c["source_id"]: c for c in with_labels(enc(copies), clean=False)}
+
+
+def encoder(tokenizer, args, score_on: str):
+    return functools.partial(encoded, tokenizer, max_length=args.max_length, score_on=score_on)
+
+
+def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
+    warm_raw, eval_raw = split_rows(rows, args)
     eval_copies = copies_of(eval_raw, DEFAULT_WARMUP_KINDS + DEFAULT_HELDOUT_KINDS, args.seed + 1)
-    enc = functools.partial(encoded, tokenizer, max_length=args.max_length, score_on=score_on)
-    copies = {c["source_id"]: c for c in with_labels(enc(warm_copies), clean=False)}
+    enc = encoder(tokenizer, args, score_on)
     evaluation = (with_labels(enc(eval_raw, ifd=True), clean=True)
                   + with_labels(enc(eval_copies, ifd=True), clean=False))
-    return Splits(with_labels(enc(warm_raw), clean=True), copies, evaluation)
+    return Splits(with_labels(enc(warm_raw), clean=True), warmup_copies(enc, warm_raw, args.seed), evaluation)
 
 
 # ---- warmup and scoring --------------------------------------------------------------------------
@@ -137,18 +150,25 @@ def score(model, tokenizer, gates, rows: list[dict], ifd: bool, args) -> list[di
     return scorer.score(rows)
 
 
-def run_variant(model, tokenizer, splits: Splits, variant: Variant, args) -> dict:
-    """Warm up fresh gates, score the evaluation rows; q per α (lists, for the cache)."""
+def warm_and_score(model, tokenizer, splits: Splits, variant: Variant, args,
+                   seed: int) -> tuple[np.ndarray, list[dict], float]:
+    """Warm up fresh gates (init seeded by `seed`), score the evaluation rows: S, the warmup log, warmup s."""
     steps = args.steps if variant.steps is None else variant.steps
     start = time.perf_counter()
-    gates = attach(model, variant, args.seed)
+    gates = attach(model, variant, seed)
     try:
         log = warm_up(model, tokenizer.pad_token_id, splits, variant, steps, args)
         warm_s = time.perf_counter() - start
         stats = score(model, tokenizer, gates, splits.evaluation, False, args)
     finally:
         gates.remove()
-    S = np.asarray([s["S"] for s in stats], dtype=np.float64)  # [N, A, L]
+    return np.asarray([s["S"] for s in stats], dtype=np.float64), log, warm_s  # S [N, A, L]
+
+
+def run_variant(model, tokenizer, splits: Splits, variant: Variant, args) -> dict:
+    """Warm up fresh gates, score the evaluation rows; q per α (lists, for the cache)."""
+    start = time.perf_counter()
+    S, log, warm_s = warm_and_score(model, tokenizer, splits, variant, args, args.seed)  # [N, A, L]
     ratios = [float(np.mean(p["good_ratio"])) for p in (log[:1] + log[-1:])]
     return {"q": {str(alpha): quality_scores(S[:, a]).tolist() for a, alpha in enumerate(ALPHAS)},
             "score_on": variant.score_on, "good_ratio": ratios, "warmup_s": warm_s,
@@ -201,8 +221,8 @@ def kind_table(name: str, best: dict, baselines: dict[str, list], rows: list[dic
 # ---- driver --------------------------------------------------------------------------------------
 
 
-def parse(argv):
-    parser = arg_parser(__doc__)
+def add_settings(parser, budget_min: float) -> None:
+    """The model, data and warmup options, shared with bench/robustness.py."""
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--warmup-rows", type=int, default=200)
@@ -210,20 +230,30 @@ def parse(argv):
     parser.add_argument("--batch-size", type=int, default=4, help="originals per warmup batch")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--step-options", type=int, nargs="*", default=[0, 60], help="warmup lengths to add")
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16", help="dtype of the matmuls")
-    parser.add_argument("--threads", type=int, default=1, 
+    parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 wins on a shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-follow-ups", action="store_true", help="only the mode × loss × init grid")
-    parser.add_argument("--budget-min", type=float, default=22.0,
+    parser.add_argument("--budget-min", type=float, default=budget_min,
                         help="start no new scorer after this many minutes; rerun with the same --cache")
     parser.add_argument("--cache", help="JSON of finished scorers; a rerun with the same settings skips them")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+
+
+def quick_settings(args) -> None:
+    args.warmup_rows, args.eval_rows, args.steps, args.max_length = 24, 24, 3, 64
+
+
+def parse(argv):
+    parser = arg_parser(__doc__)
+    add_settings(parser, budget_min=22.0)
+    parser.add_argument("--step-options", type=int, nargs="*", default=[0, 60], help="warmup lengths to add")
+    parser.add_argument("--no-follow-ups", action="store_true", help="only the mode × loss × init grid")
     args = parser.parse_args(argv)
     if args.quick:
-        args.warmup_rows, args.eval_rows, args.steps, args.step_options, args.max_length = 24, 24, 3, [0], 64
+        quick_settings(args)
+        args.step_options = [0]
     return args
 
 

@@ -42,10 +42,29 @@ def section(title: str, body: str, notes: str = "") -> str:
     return header + body.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else "")
 
 
-def emit(title: str, body: str, out: str | None, notes: str = "") -> None:
-    """Print the section; with `out`, append it to that file too."""
+def emit(title: str, body: str, out: str | None, notes: str = "", replace: bool = False) -> None:
+    """Print the section; with `out`, append it to that file too (`replace`: in place of an older one)."""
     text = section(title, body, notes)
     print(text)
-    if out:
+    if out and replace:
+        replace_section(out, title, text)
+    elif out:
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n" + text)
+
+
+def replace_section(path: str, title: str, text: str) -> None:
+    """Put `text` where the section `## {title}` is (up to the next `## ` heading), or append it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    start = old.find(f"## {title}\n")
+    if start < 0:
+        new = old + "\n" + text
+    else:
+        end = old.find("\n## ", start)
+        new = old[:start] + text + ("" if end < 0 else old[end:])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)

@@ -121,12 +121,24 @@ def direction_banner(check: dict) -> str:
     """Verdict of the direction self-check: does a high q pick the clean rows of the user's own data?"""
     passed = bool(check.get("passed"))
     verdict = "passed" if passed else "FAILED"
-    line = (f"Direction self-check {verdict}: AUROC {_fmt(check.get('auroc'))} "
-            f"(threshold {_fmt(check.get('threshold'))}, direction: {check.get('direction')} q = clean)")
+    blend = check.get("blend")
+    blend_text = f", q+IFD blend AUROC {_fmt(blend.get('auroc'))}, verdict on {check.get('score')}" if blend else ""
+    line = (f"Direction self-check {verdict}: AUROC {_fmt(check.get('auroc'))}{blend_text} "
+            f"(threshold {_fmt(check.get('min_auroc', check.get('threshold')))}, "
+            f"direction: {check.get('direction')} q = clean)")
     banner = f'<div class="banner {"pass" if passed else "fail"}">{_esc(line)}</div>'
     per_kind = check.get("per_kind") or {}
-    kinds = _table(["corruption kind", "AUROC"], [[k, v] for k, v in per_kind.items()]) if per_kind else ""
-    return _section("Direction self-check", banner + kinds)
+    return _section("Direction self-check", banner + _kind_table(per_kind, (blend or {}).get("per_kind")))
+
+
+def _kind_table(per_kind: dict, blend_per_kind: dict | None) -> str:
+    """AUROC per corruption kind, of q and (when measured) of the q + IFD blend."""
+    if not per_kind:
+        return ""
+    if blend_per_kind is None:
+        return _table(["corruption kind", "AUROC"], [[k, v] for k, v in per_kind.items()])
+    return _table(["corruption kind", "AUROC q", "AUROC q+IFD blend"],
+                  [[k, v, blend_per_kind.get(k)] for k, v in per_kind.items()])
 
 
 def dataset_table(datasets, selected_mask: np.ndarray) -> str:
@@ -146,17 +158,18 @@ def layer_table(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> str:
                   [[i, float(a[i]), float(b[i]), float(mu[i])] for i in range(len(a))])
 
 
-def samples_table(samples: list[dict]) -> str:
+def samples_table(samples: list[dict], score_name: str = "q") -> str:
     rows = [[s["id"], s["dataset"], float(s["q"]), str(s["text"])[:TEXT_PREVIEW_CHARS]] for s in samples]
-    return _table(["id", "dataset", "q", "text"], rows, text_cols=(3,))
+    return _table(["id", "dataset", score_name, "text"], rows, text_cols=(3,))
 
 
 def render_report(path, *, q, datasets, selected_mask, threshold, layer_a, layer_b, layer_mu, best, worst,
-                  meta, direction_check=None, extra_sections=None) -> None:
+                  meta, direction_check=None, extra_sections=None, score_name: str = "q") -> None:
     """Write the run's report to `path` (a file, or a directory that receives `report.html`).
 
-    `meta` is shown as a key/value table in its own order; `extra_sections` is a dict or an iterable of
-    `(title, html_body)` whose bodies are trusted markup inserted as given.
+    `q`, `threshold` and the samples' `q` are values of the score the selection sorted on, named `score_name`
+    (q, or the q_ifd blend). `meta` is shown as a key/value table in its own order; `extra_sections` is a dict or
+    an iterable of `(title, html_body)` whose bodies are trusted markup inserted as given.
     """
     q = np.asarray(q, dtype=np.float64)  # [N]
     selected_mask = np.asarray(selected_mask, dtype=bool)  # [N]
@@ -167,11 +180,11 @@ def render_report(path, *, q, datasets, selected_mask, threshold, layer_a, layer
         body.append(direction_banner(direction_check))
     n_selected = int(selected_mask.sum())
     body += [
-        _section(f"q distribution ({n_selected} of {len(q)} selected)", histogram_svg(q, threshold)),
+        _section(f"{score_name} distribution ({n_selected} of {len(q)} selected)", histogram_svg(q, threshold)),
         _section("Layer statistics", layer_chart_svg(a, b, mu) + layer_table(a, b, mu)),
         _section("Selection per dataset", dataset_table(list(datasets), selected_mask)),
-        _section("Best samples", samples_table(best)),
-        _section("Worst samples", samples_table(worst)),
+        _section("Best samples", samples_table(best, score_name)),
+        _section("Worst samples", samples_table(worst, score_name)),
     ]
     extra = extra_sections.items() if isinstance(extra_sections, dict) else (extra_sections or ())
     body += [_section(t, section_html) for t, section_html in extra]

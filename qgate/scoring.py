@@ -9,6 +9,8 @@ For sample i, layer l, valid token t (g = gate logit, nll = token negative log-l
    `D_l = μ_l + tau` if tau > 0 else `max(μ_l, eps)`                         -> `one_step_mapping`
 4. `q_i = mean_l R_il`                                                       -> `quality_scores`
 5. the `ceil(p · N)` samples with the largest q                              -> `top_k`
+6. `selection.score=q_ifd`: the mean of the percentile ranks of q (oriented: higher = clean) and of −IFD
+   against a reference sample, `rank(x) = #{ref ≤ x} / |ref|`                 -> `blend_q_ifd`
 
 No torch and no Ray here: the select job, the server and the tests all run this module anywhere.
 """
@@ -231,6 +233,49 @@ def top_k(q, fraction: float) -> np.ndarray:
     neg_q = -np.where(is_nan, 0.0, q)
     order = np.lexsort((np.arange(len(q)), neg_q, is_nan))  # last key is the primary one
     return order[:k]
+
+
+# --- 6. the q + IFD blend -------------------------------------------------------------------------------
+
+
+def sorted_reference(values) -> np.ndarray:
+    """A reference sample for `percentile_ranks`: the non-NaN values, float32, ascending. [N] -> [M]"""
+    values = _as_float_array(values, 1, "values")  # [N]
+    return np.sort(values[~np.isnan(values)].astype(np.float32))  # [M]
+
+
+def percentile_ranks(values, reference) -> np.ndarray:
+    """Share of `reference` at or below each value, `searchsorted(reference, x, "right") / len(reference)`.
+
+    `reference` [M] is sorted ascending and NaN-free (`sorted_reference`). Both sides compare as float32, the
+    precision a stored reference keeps, so a reference read back from disk ranks exactly as it did in memory.
+    values [N] -> ranks [N] in [0, 1]; NaN for a NaN value.
+    """
+    ref = np.asarray(reference, dtype=np.float32)  # [M]
+    if ref.ndim != 1 or ref.size == 0:
+        raise ValueError(f"reference must be a non-empty 1-D array, got shape {ref.shape}")
+    x = np.asarray(values, dtype=np.float64)  # [N]
+    ranks = np.searchsorted(ref, x.astype(np.float32), side="right") / ref.size
+    return np.where(np.isnan(x), np.nan, ranks)
+
+
+def _negated(reference) -> np.ndarray:
+    """The reference of −x, still ascending."""
+    return -np.asarray(reference, dtype=np.float32)[::-1]
+
+
+def blend_q_ifd(q, ifd, q_reference, ifd_reference, higher: bool = True) -> np.ndarray:
+    """Mean of the percentile ranks of q, oriented so that higher = clean, and of −IFD (lower IFD = clean).
+
+    `q_reference` and `ifd_reference` are raw q and IFD of a reference sample, ascending (`sorted_reference`);
+    `higher` is the q direction. A row without IFD (NaN) gets the neutral IFD rank 0.5.
+    q [N], ifd [N] -> score [N] in [0, 1], higher = clean.
+    """
+    q = _as_float_array(q, 1, "q")  # [N]
+    ifd = _as_float_array(ifd, 1, "ifd")  # [N]
+    q_rank = percentile_ranks(q, q_reference) if higher else percentile_ranks(-q, _negated(q_reference))
+    ifd_rank = percentile_ranks(-ifd, _negated(ifd_reference))  # [N]
+    return (q_rank + np.where(np.isnan(ifd_rank), 0.5, ifd_rank)) / 2.0
 
 
 # --- evaluation helpers -----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Take a sample of the corpus, make corrupted copies of several kinds, score originals and copies with the same
 warmed model, and measure AUROC of q for "original vs copy", overall and per kind, beside the free baselines
-(response PPL and IFD, lower = cleaner). The direction is the one the measurement supports; a run whose
-AUROC in the chosen direction stays under `min_auroc` is flagged (and fails in strict mode).
+(response PPL and IFD, lower = cleaner). The direction is the one the measurement supports. With IFD, the
+q + IFD rank blend (`qgate.scoring.blend_q_ifd`, ranks within the sample) is measured too, and
+`selection.score=auto` selects by whichever of q and the blend scores higher. A run whose AUROC, for the score
+the selection uses, stays under `min_auroc` is flagged (and fails in strict mode).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import random
 import numpy as np
 
 from qgate.corruption import corrupt_samples
-from qgate.scoring import LayerStats, auroc, quality_scores
+from qgate.scoring import LayerStats, auroc, blend_q_ifd, quality_scores, sorted_reference
 
 DIRECTIONS = ("auto", "higher", "lower")
+SCORES = ("auto", "q", "q_ifd")
 
 
 def sample_originals(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -40,26 +43,54 @@ def _auroc_or_none(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(auroc(scores[finite], labels[finite]))
 
 
+def _per_kind(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> dict[str, float | None]:
+    """AUROC of originals vs the copies of each kind."""
+    kind_of, per_kind = np.asarray(kinds), {}
+    for kind in sorted({k for k in kinds if k}):
+        keep = (labels == 1) | (kind_of == kind)
+        per_kind[kind] = _auroc_or_none(scores[keep], labels[keep])
+    return per_kind
+
+
+def blend_in_sample(q: np.ndarray, ifd: np.ndarray, higher: bool) -> np.ndarray | None:
+    """The q + IFD blend [N] with percentile ranks within the sample itself; None when no row has IFD."""
+    ifd_reference = sorted_reference(ifd)
+    if ifd_reference.size == 0:
+        return None
+    return blend_q_ifd(q, ifd, sorted_reference(q), ifd_reference, higher)
+
+
+def better_score(check: dict) -> str:
+    """What `selection.score=auto` sorts on: "q_ifd" when the check measured the blend above q, else "q"."""
+    q, blend = check.get("auroc"), (check.get("blend") or {}).get("auroc")
+    return "q_ifd" if q is not None and blend is not None and blend > q else "q"
+
+
 def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: dict[str, np.ndarray],
-            direction: str = "auto", min_auroc: float = 0.7) -> dict:
-    """AUROC of q (higher = clean) overall and per kind, the chosen direction, baselines, and the verdict."""
+            direction: str = "auto", min_auroc: float = 0.7, score: str = "auto") -> dict:
+    """AUROC of q (higher = clean) overall and per kind, the chosen direction, baselines, the q + IFD blend
+    (with an `ifd` baseline), and the verdict on the score the selection uses (`score`; auto: the better one)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"selection.direction must be one of {DIRECTIONS}, got {direction!r}")
+    if score not in SCORES:
+        raise ValueError(f"selection.score must be one of {SCORES}, got {score!r}")
     labels = is_clean.astype(int)
     raw = _auroc_or_none(q, labels)
     chosen = ("higher" if (raw is None or raw >= 0.5) else "lower") if direction == "auto" else direction
     sign = 1.0 if chosen == "higher" else -1.0
-    overall = _auroc_or_none(sign * q, labels)
-    per_kind = {}
-    for kind in sorted({k for k in kinds if k}):
-        keep = (labels == 1) | (np.asarray(kinds) == kind)
-        per_kind[kind] = _auroc_or_none(sign * q[keep], labels[keep])
-    return {
-        "auroc": overall, "auroc_higher_q_clean": raw, "direction": chosen, "direction_setting": direction,
-        "per_kind": per_kind, "min_auroc": min_auroc, "passed": overall is not None and overall >= min_auroc,
+    check = {
+        "auroc": _auroc_or_none(sign * q, labels), "auroc_higher_q_clean": raw, "direction": chosen,
+        "direction_setting": direction, "per_kind": _per_kind(sign * q, labels, kinds), "min_auroc": min_auroc,
         "n_originals": int(labels.sum()), "n_copies": int((labels == 0).sum()),
         "baselines": {name: _auroc_or_none(-values, labels) for name, values in baselines.items()},
     }
+    blend = None if "ifd" not in baselines else blend_in_sample(q, baselines["ifd"], chosen == "higher")
+    if blend is not None:
+        check["blend"] = {"auroc": _auroc_or_none(blend, labels), "per_kind": _per_kind(blend, labels, kinds)}
+    check["score"] = better_score(check) if score == "auto" else score
+    verdict_auroc = (check.get("blend") or {}).get("auroc") if check["score"] == "q_ifd" else check["auroc"]
+    check["passed"] = verdict_auroc is not None and verdict_auroc >= min_auroc
+    return check
 
 
 def q_of(stats: list[dict], alpha: float, eps: float = 1e-8, tau: float = 0.0,
@@ -72,6 +103,11 @@ def q_of(stats: list[dict], alpha: float, eps: float = 1e-8, tau: float = 0.0,
 
 def summary_line(check: dict) -> str:
     verdict = "PASSED" if check["passed"] else "FAILED"
-    auroc_text = "n/a" if check["auroc"] is None else f"{check['auroc']:.3f}"
-    return (f"self-check {verdict}: AUROC {auroc_text} (direction: {check['direction']}, "
-            f"threshold {check['min_auroc']}) on {check['n_originals']} rows and {check['n_copies']} corrupted copies")
+    blend_text = f", q+IFD blend {_auroc_text(check['blend']['auroc'])}" if "blend" in check else ""
+    return (f"self-check {verdict}: AUROC {_auroc_text(check['auroc'])}{blend_text} (direction: {check['direction']}, "
+            f"score: {check.get('score', 'q')}, threshold {check['min_auroc']}) on {check['n_originals']} rows and "
+            f"{check['n_copies']} corrupted copies")
+
+
+def _auroc_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

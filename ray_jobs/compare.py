@@ -11,8 +11,8 @@
         compare.seeds=1 evaluate.limit=20 finetune.max_length=128 use_gpu=false
 
 `out` is a finished run (its `selection/scores.parquet` and the rows of its `data`, or `data=` given here).
-For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (largest q, or smallest when the
-run's q points the other way: `compare.direction`), `random`, `response_ppl` (lowest response perplexity),
+For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (largest score the run sorted on,
+q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `random`, `response_ppl` (lowest response perplexity),
 `ifd` (lowest IFD) and, when listed, `all`. Each subset finetunes the same model with the same LoRA settings
 (`finetune:`) once per seed; the random subset is redrawn per seed. Every adapter is scored on the held-out
 rows' response loss and on the lm-eval tasks of `evaluate:`. Outputs: `out/compare/compare.md` (the table,
@@ -45,14 +45,19 @@ STRATEGIES = ("qgate", "random", "response_ppl", "ifd", "all")
 # ---- subsets -------------------------------------------------------------------------------------
 
 
+def sorted_on(scores: pd.DataFrame) -> str:
+    """The column the run selected by: `score` (q or the q + IFD blend), or `q` in older runs."""
+    return "score" if "score" in scores.columns else "q"
+
+
 def q_direction(scores: pd.DataFrame, direction: str = "auto") -> str:
-    """`higher` or `lower`: which end of q the run selected (`auto` reads it off the `selected` column)."""
+    """`higher` or `lower`: which end of its score the run selected (`auto` reads it off the `selected` column)."""
     if direction in ("higher", "lower"):
         return direction
     selected = scores["selected"].to_numpy(bool)
     if selected.all() or not selected.any():
         return "higher"
-    q = scores["q"].to_numpy(np.float64)
+    q = scores[sorted_on(scores)].to_numpy(np.float64)
     return "higher" if q[selected].mean() >= q[~selected].mean() else "lower"
 
 
@@ -64,7 +69,7 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
     if strategy == "random":
         order = np.random.default_rng(seed).permutation(len(keys))
         return [keys[i] for i in sorted(order[:k], key=lambda i: keys[i])]
-    column, sign = {"qgate": ("q", -1.0 if direction == "higher" else 1.0), "response_ppl": ("response_nll", 1.0),
+    column, sign = {"qgate": (sorted_on(scores), -1.0 if direction == "higher" else 1.0), "response_ppl": ("response_nll", 1.0),
                     "ifd": ("ifd", 1.0)}[strategy]
     values = pd.to_numeric(scores[column], errors="coerce").to_numpy(np.float64) * sign
     order = sorted(range(len(keys)), key=lambda i: (math.isnan(values[i]), values[i], keys[i]))

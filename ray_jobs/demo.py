@@ -31,13 +31,20 @@ DEMO_CONFIG = DEFAULTS.parent / "demo.yaml"
 
 
 def planted_noise_grade(out: str, labels_path: str) -> dict:
-    """AUROC of q and of the baselines for clean vs planted rows, and the planted share before/after selection."""
-    scores = pq.read_table(run_paths(out)["selection"] / "scores.parquet").to_pandas()
+    """AUROC for clean vs planted rows of the score the selection sorted on, of raw q (higher = clean) and of the
+    baselines; the planted share before and after selection."""
+    selection = run_paths(out)["selection"]
+    summary = json.loads((selection / "selection_stats.json").read_text())
+    scores = pq.read_table(selection / "scores.parquet").to_pandas()
     labels = {r["id"]: r["label"] == "clean" for r in read_jsonl(labels_path)}
     scores = scores[scores["id"].isin(labels)]
     clean = scores["id"].map(labels).to_numpy().astype(int)
+    # q_ifd's blend is oriented (higher = clean); q itself follows the run's direction.
+    sign = -1.0 if summary["score"] == "q" and summary["direction"] == "lower" else 1.0
     grade = {"n": len(clean), "planted_share_corpus": float(1 - clean.mean()),
              "planted_share_selected": float(1 - clean[scores["selected"].to_numpy()].mean()),
+             "score": summary["score"], "direction": summary["direction"],
+             "auroc_score": float(auroc(sign * scores["score"].to_numpy(np.float64), clean)),
              "auroc_q": float(auroc(scores["q"].to_numpy(), clean)),
              "auroc_response_ppl": float(auroc(-scores["response_nll"].to_numpy(), clean))}
     if scores["ifd"].notna().all():
@@ -52,8 +59,10 @@ def run(config: DictConfig) -> dict:
     timings = pipeline.run(config)
     grade = planted_noise_grade(config.out, corpus["labels"])
     (run_paths(config.out)["selection"] / "planted_noise.json").write_text(json.dumps(grade, indent=2))
-    log.info("planted rows: %.1f%% of the corpus, %.1f%% of the selection; AUROC q %.3f, response PPL %.3f%s",
-             100 * grade["planted_share_corpus"], 100 * grade["planted_share_selected"], grade["auroc_q"],
+    log.info("planted rows: %.1f%% of the corpus, %.1f%% of the selection; AUROC of the score sorted on (%s, "
+             "q %s) %.3f, q %.3f, response PPL %.3f%s", 100 * grade["planted_share_corpus"],
+             100 * grade["planted_share_selected"], grade["score"], grade["direction"], grade["auroc_score"],
+             grade["auroc_q"],
              grade["auroc_response_ppl"], f", IFD {grade['auroc_ifd']:.3f}" if "auroc_ifd" in grade else "")
     log.info("stage wall times (s): %s", timings)
     log.info("report: %s", run_paths(config.out)["selection"] / "report.html")

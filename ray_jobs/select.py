@@ -9,18 +9,26 @@ Tiny CPU run, after the tiny collect of `ray_jobs/collect.py`:
 
 Three passes over the stats, vectorized per batch on CPU workers:
 1. a partial `LayerStats` per batch, merged on the driver: the corpus-wide a, b, μ;
-2. q of every row, sorted by (q, id) across the cluster; the driver streams the sorted rows into `scores.parquet`
-   and keeps q (8 bytes per row: quantiles, histogram) and a dataset code (4 bytes per row);
-3. the rows up to the k-th (q, id) and the report's worst rows, sorted again; the driver streams them into
+2. q and the score sorted on of every row, sorted by (score, id) across the cluster; the driver streams the sorted
+   rows into `scores.parquet` and keeps q (8 bytes per row: quantiles, histogram) and a dataset code (4 bytes per row);
+3. the rows up to the k-th (score, id) and the report's worst rows, sorted again; the driver streams them into
    `selected_data.jsonl`, best first.
 So the driver holds about 12 bytes per row (120 MB at 10^7 rows), and 9 more while it renders the report.
 α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
 
+`selection.score`: the score is q itself (`q`, in its direction), or (`q_ifd`) the mean of the percentile ranks of
+q (oriented: higher = clean) and of −IFD, descending (qgate.scoring.blend_q_ifd); a row without IFD gets IFD rank
+0.5. The ranks are taken against a reference sample, gathered in one more pass before pass 2: q and IFD of a
+hash-seeded sample of at most 200k rows (every row up to that: the ranks are then exact), kept sorted as float32
+in `selection/score_reference.npz` (the server ranks new samples against it). The driver then also keeps the
+score (8 more bytes per row). `auto`: `q_ifd` when the run's self-check measured the blend above q, else `q`.
+    python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher selection.score=q_ifd
+
 `selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
 k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised S for the α, fitted on a hash-seeded
 sample of at most 200k rows and assigned to every row in pass 2:
-- `cluster_round_robin`: one row per cluster per round, in q order;
-- `similarity_filter`: in q order, skip a row whose cosine similarity to a kept row of its cluster exceeds
+- `cluster_round_robin`: one row per cluster per round, in score order;
+- `similarity_filter`: in score order, skip a row whose cosine similarity to a kept row of its cluster exceeds
   `selection.similarity_threshold` (skipped rows fill up to k if too few pass).
 The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
 the sorted pass-2 rows stay materialized in the object store for a second walk, and pass 3 finds the chosen rows
@@ -45,15 +53,27 @@ import pyarrow.parquet as pq
 from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
 from qgate.diversity import similarity_filter as filter_similar
 from qgate.report import render_report
-from qgate.scoring import LayerStats, layer_scores, quality_scores, quantiles, selection_count
+from qgate.scoring import (
+    LayerStats,
+    blend_q_ifd,
+    layer_scores,
+    quality_scores,
+    quantiles,
+    selection_count,
+    sorted_reference,
+)
+from qgate.selfcheck import better_score
 from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log
 
 log = logging.getLogger("qgate.select")
 
 DIRECTIONS = ("higher", "lower")
+SCORES = ("q", "q_ifd")
 # Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
 SCORE_ROWS_PER_PARTITION, LINE_ROWS_PER_PARTITION = 2_000_000, 50_000
 SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "n_tokens"]
+LINE_COLUMNS = ["id", "dataset", "ifd", "record", "messages"]
+REFERENCE_FILE = "score_reference.npz"
 
 
 # ---- S of a batch --------------------------------------------------------------------------------------
@@ -97,6 +117,17 @@ def _q(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float) -> np.n
     return quality_scores(batch_layer_scores(table, spec), eps, tau, stats=LayerStats.from_dict(stats))  # [B]
 
 
+def _ifd(table: pa.Table) -> np.ndarray:
+    return table.column("ifd").cast(pa.float64()).to_numpy()  # [B], NaN where null
+
+
+def sort_score(q: np.ndarray, table: pa.Table, ranking: dict | None) -> np.ndarray:
+    """The score sorted on [B]: q itself, or (with a ranking) its blend with IFD against the reference sample."""
+    if ranking is None:
+        return q
+    return blend_q_ifd(q, _ifd(table), ranking["q"], ranking["ifd"], ranking["higher"])
+
+
 # ---- the three passes (map_batches functions) ----------------------------------------------------------
 
 
@@ -105,40 +136,43 @@ def partial_stats(table: pa.Table, spec: dict) -> pa.Table:
     return pa.table({"partial": [json.dumps(LayerStats.of(batch_layer_scores(table, spec)).to_dict())]})
 
 
-def score_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float) -> pa.Table:
-    """Pass 2: q and the small per-sample columns of `scores.parquet`."""
+def score_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None) -> pa.Table:
+    """Pass 2: q, the score sorted on, and the small per-sample columns of `scores.parquet`."""
     q = _q(table, spec, stats, eps, tau)
-    return pa.table({"q": q, **{name: table.column(name) for name in SCORE_COLUMNS}})
+    return pa.table({"q": q, "score": sort_score(q, table, ranking),
+                     **{name: table.column(name) for name in SCORE_COLUMNS}})
 
 
-def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, cuts: dict) -> pa.Table:
+def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
+                cuts: dict) -> pa.Table:
     """Pass 3: rows selected (at or before the k-th) or among the worst, with their output line."""
-    q = _q(table, spec, stats, eps, tau)
+    score = sort_score(_q(table, spec, stats, eps, tau), table, ranking)  # [B]
     ids = table.column("id")
     if cuts.get("ids") is None:
-        selected = _before(q, ids, cuts["k"], cuts["higher"], inclusive=True)
+        selected = _before(score, ids, cuts["k"], cuts["higher"], inclusive=True)
     else:  # a diversity strategy's pick
         selected = pc.is_in(ids, value_set=cuts["ids"].cast(ids.type)).to_numpy(zero_copy_only=False)
-    worst = ~_before(q, ids, cuts["worst"], cuts["higher"], inclusive=False)
+    worst = ~_before(score, ids, cuts["worst"], cuts["higher"], inclusive=False)
     keep = np.flatnonzero(selected | worst)
     rows = table.select(["id", "dataset", "record", "messages"]).take(keep).to_pylist()
-    lines = [json.dumps(selected_line(row, float(q[i])), ensure_ascii=False) for row, i in zip(rows, keep)]
-    return pa.table({"q": q[keep], "id": ids.take(keep), "selected": selected[keep], "line": lines})
+    lines = [json.dumps(selected_line(row, float(score[i])), ensure_ascii=False) for row, i in zip(rows, keep)]
+    return pa.table({"score": score[keep], "id": ids.take(keep), "selected": selected[keep], "line": lines})
 
 
-def _before(q: np.ndarray, ids, cut: tuple[float, str], higher: bool, inclusive: bool) -> np.ndarray:
-    """Rows ahead of `cut` in selection order: better q, or equal q and a smaller id."""
-    cut_q, cut_id = cut
-    better = q > cut_q if higher else q < cut_q
+def _before(score: np.ndarray, ids, cut: tuple[float, str], higher: bool, inclusive: bool) -> np.ndarray:
+    """Rows ahead of `cut` in selection order: a better score, or an equal score and a smaller id."""
+    cut_score, cut_id = cut
+    better = score > cut_score if higher else score < cut_score
     compare = pc.less_equal if inclusive else pc.less
     id_ok = compare(ids, cut_id).to_numpy(zero_copy_only=False)
-    return better | ((q == cut_q) & id_ok)
+    return better | ((score == cut_score) & id_ok)
 
 
-def selected_line(row: dict, q: float) -> dict:
-    """The seeds' `selected_data.jsonl` shape: dataset, id, scores, messages, then the input record's fields."""
+def selected_line(row: dict, score: float) -> dict:
+    """The seeds' `selected_data.jsonl` shape: dataset, id, scores (the score sorted on), messages, then the input
+    record's fields."""
     record = json.loads(row["record"])
-    head = {"dataset": row["dataset"], "id": row["id"], "scores": q, "messages": json.loads(row["messages"])}
+    head = {"dataset": row["dataset"], "id": row["id"], "scores": score, "messages": json.loads(row["messages"])}
     return {**head, **{key: value for key, value in record.items() if key not in head}}
 
 
@@ -188,24 +222,26 @@ def global_stats(dirs: list[Path], specs: list[dict]) -> LayerStats:
     return merged
 
 
-def sorted_by_q(ds, higher: bool, n_rows: int, rows_per_partition: int):
-    """`ds` sorted by (q, id), q descending when `higher`; partitions sized by rows, not by blocks."""
+def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
+    """`ds` sorted by (score, id), score descending when `higher`; partitions sized by rows, not by blocks."""
     ds.context.default_hash_shuffle_parallelism = max(1, math.ceil(n_rows / rows_per_partition))
-    return ds.sort(["q", "id"], descending=[higher, False])
+    return ds.sort(["score", "id"], descending=[higher, False])
 
 
 # ---- the driver's streams ------------------------------------------------------------------------------
 
 
-def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected: np.ndarray | None = None) -> dict:
-    """Stream rows sorted by (q, id) into `scores.parquet` with rank and selected; keep q and datasets.
+def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected: np.ndarray | None = None,
+                 keep_score: bool = False) -> dict:
+    """Stream rows sorted by (score, id) into `scores.parquet` with rank and selected; keep q and datasets.
 
-    `selected` [N] (in sorted order) replaces `rank < k`; the ids it marks are then kept as well.
+    `selected` [N] (in sorted order) replaces `rank < k`; the ids it marks are then kept as well. `keep_score`:
+    keep the score too (when it is not q itself).
     """
-    schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("rank", pa.int64()),
-                        ("selected", pa.bool_()), ("ppl", pa.float64()), ("response_nll", pa.float64()),
-                        ("ifd", pa.float64()), ("n_tokens", pa.int32())])
-    q_parts, code_parts, id_parts, names, cuts, offset = [], [], [], {}, {}, 0
+    schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("score", pa.float64()),
+                        ("rank", pa.int64()), ("selected", pa.bool_()), ("ppl", pa.float64()),
+                        ("response_nll", pa.float64()), ("ifd", pa.float64()), ("n_tokens", pa.int32())])
+    q_parts, score_parts, code_parts, id_parts, names, cuts, offset = [], [], [], [], {}, {}, 0
     with pq.ParquetWriter(path, schema) as writer:
         for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
             rank = np.arange(offset, offset + batch.num_rows)
@@ -214,14 +250,17 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected
             if selected is not None:
                 id_parts.append(batch.column("id").filter(pa.array(flags)).cast(pa.string()))
             writer.write_table(table.select(schema.names).cast(schema))
-            q = batch.column("q").to_numpy()
-            q_parts.append(q)
+            score = batch.column("score").to_numpy()
+            q_parts.append(batch.column("q").to_numpy())
+            score_parts += [score] if keep_score else []
             code_parts.append(_dataset_codes(batch.column("dataset"), names))
             for name, at in (("k", k - 1), ("worst", n - n_worst)):
                 if offset <= at < offset + batch.num_rows:
-                    cuts[name] = (float(q[at - offset]), batch.column("id")[at - offset].as_py())
+                    cuts[name] = (float(score[at - offset]), batch.column("id")[at - offset].as_py())
             offset += batch.num_rows
-    out = {"q": np.concatenate(q_parts), "codes": np.concatenate(code_parts), "names": list(names), "cuts": cuts}
+    q = np.concatenate(q_parts)  # [N] in selection order
+    out = {"q": q, "score": np.concatenate(score_parts) if keep_score else q, "codes": np.concatenate(code_parts),
+           "names": list(names), "cuts": cuts}
     if selected is not None:
         out.update(selected=selected, selected_ids=pa.chunked_array(id_parts, pa.string()).combine_chunks())
     return out
@@ -258,22 +297,28 @@ def _sample(line: str) -> dict:
 # ---- diversity strategies ------------------------------------------------------------------------------
 
 
+def in_sample(ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Whether each id's hash of (seed, id) falls below `fraction`: a sample independent of the block layout. [B]"""
+    return np.array([zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2**32 for i in ids], dtype=bool)
+
+
 def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int) -> pa.Table:
     """The k-means fit sample: id and S of the rows whose hash of (seed, id) falls below `fraction`."""
     S = batch_layer_scores(table, spec)  # [B, L]
     ids = table.column("id").to_pylist()
-    keep = np.array([zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2**32 for i in ids], dtype=bool)
+    keep = in_sample(ids, fraction, seed)
     return pa.table({"id": pa.array(ids, pa.string()).filter(pa.array(keep)), "S": _fixed_lists(S[keep])})
 
 
-def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, clustering: dict,
-                   features: bool) -> pa.Table:
+def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
+                   clustering: dict, features: bool) -> pa.Table:
     """Pass 2 of the diversity strategies: `score_rows`' columns, each row's cluster and (features) its
     standardised S as float32."""
     S = batch_layer_scores(table, spec)  # [B, L]
     fitted = Clustering.from_dict(clustering)
-    columns = {"q": quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats)),
-               **{name: table.column(name) for name in SCORE_COLUMNS}, "cluster": fitted.assign(S)}
+    q = quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats))  # [B]
+    columns = {"q": q, "score": sort_score(q, table, ranking), **{name: table.column(name) for name in SCORE_COLUMNS},
+               "cluster": fitted.assign(S)}
     if features:
         columns["z"] = _fixed_lists(fitted.transform(S).astype(np.float32))
     return pa.table(columns)
@@ -296,26 +341,27 @@ def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int,
 
 def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: int, path: Path,
                    n_worst: int) -> dict:
-    """`write_scores` for a diversity strategy: cluster every row, walk them in q order, pick, then write."""
+    """`write_scores` for a diversity strategy: cluster every row, walk them in score order, pick, then write."""
     s = config.selection
     clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed))
     features = s.strategy == "similarity_filter"
     scored = _datasets(dirs, specs, SCORE_COLUMNS, clustered_rows,
                        {**kwargs, "clustering": clustering.to_dict(), "features": features})
-    rows = sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
+    rows = sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
     labels, z = [], []
     for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
         labels.append(batch.column("cluster").to_numpy())
         if features:
             z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
-    labels = np.concatenate(labels)  # [N] in q order
+    labels = np.concatenate(labels)  # [N] in score order
     if features:
         picked = filter_similar(np.concatenate(z), k, float(s.similarity_threshold), labels)
     else:
         picked = round_robin(labels, k)
     selected = np.zeros(len(labels), dtype=bool)
     selected[picked] = True
-    scores = write_scores(rows, path, k, n_worst, len(labels), selected=selected)
+    scores = write_scores(rows, path, k, n_worst, len(labels), selected=selected,
+                          keep_score=kwargs["ranking"] is not None)
     scores["clusters"] = cluster_shares(labels, selected, clustering.n_clusters)
     return scores
 
@@ -326,6 +372,50 @@ def _cluster_table(clusters: list[dict]) -> str:
     body = "".join(f"<tr><td>{c['cluster']}</td><td>{c['total']}</td><td>{c['selected']}</td>"
                    f"<td>{100 * c['share']:.1f}%</td><td>{100 * c['of_selection']:.1f}%</td></tr>" for c in clusters)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# ---- the q + IFD reference sample (selection.score=q_ifd) -----------------------------------------------
+
+
+def reference_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, fraction: float,
+                   seed: int) -> pa.Table:
+    """q and IFD of the rows whose hash of (seed, id) falls below `fraction`."""
+    sample = table.filter(pa.array(in_sample(table.column("id").to_pylist(), fraction, seed)))
+    return pa.table({"q": _q(sample, spec, stats, eps, tau), "ifd": _ifd(sample)})
+
+
+def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Raw q and IFD, each sorted float32, of a hash-seeded sample of about MAX_FIT_ROWS rows (every row when
+    N ≤ MAX_FIT_ROWS); IFD without its nulls."""
+    fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
+    sample = _datasets(dirs, specs, ["id", "ifd"], reference_rows, {**kwargs, "fraction": fraction, "seed": seed})
+    table = pa.concat_tables(list(sample.iter_batches(batch_format="pyarrow", batch_size=None)))
+    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", "ifd")}  # [M], [M']
+    if reference["ifd"].size == 0:
+        raise ValueError(f"selection.score=q_ifd: no row of {', '.join(map(str, dirs))} has an IFD")
+    return reference
+
+
+def has_ifd(specs: list[dict]) -> bool:
+    """Whether every stats directory was collected with IFD (collect.ifd=true)."""
+    return all(spec["schema"].get("ifd") for spec in specs)
+
+
+def resolve_score(setting: str, check: dict | None, direction: str, ifd: bool) -> tuple[str, str]:
+    """(score, where it came from): the setting, or for `auto` the better one by the self-check, else q."""
+    if setting not in (*SCORES, "auto"):
+        raise ValueError(f"selection.score must be auto, q or q_ifd, got {setting!r}")
+    if setting == "q_ifd" and not ifd:
+        raise ValueError("selection.score=q_ifd needs IFD, and the stats have none: collect with collect.ifd=true")
+    if setting in SCORES:
+        return setting, "config"
+    if check is None or "blend" not in check or not ifd:
+        return "q", "default"
+    if check.get("direction") != direction:
+        log.warning("selection.score=auto: the self-check measured the q + IFD blend with q %s, the selection "
+                    "runs with q %s; selecting by q", check.get("direction"), direction)
+        return "q", "default"
+    return better_score(check), "selfcheck"
 
 
 # ---- the job -------------------------------------------------------------------------------------------
@@ -349,20 +439,20 @@ def resolve_direction(setting: str, out: Path) -> tuple[str, str, dict | None]:
 
 
 def _selected_mask(scores: dict, k: int) -> np.ndarray:
-    """Selected rows in q order: the first k, or a diversity strategy's pick."""
+    """Selected rows in selection order: the first k, or a diversity strategy's pick."""
     return scores["selected"] if "selected" in scores else np.arange(len(scores["q"])) < k
 
 
-def _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selected) -> dict:
+def _selection_stats(config, dirs, specs, stats, direction, score, scores, k, n_selected) -> dict:
     s, totals = config.selection, Counter(scores["codes"].tolist())
     selected = _selected_mask(scores, k)
     chosen = Counter(scores["codes"][selected].tolist())
     schema = specs[0]["schema"]
     return {
         "strategy": s.strategy, "alpha": float(s.alpha), "eps": float(s.eps), "tau": float(s.tau),
-        "direction": direction[0], "direction_source": direction[1], "percentage": float(s.percentage),
-        "N": int(stats.n), "k": k, "n_selected": n_selected,
-        "threshold": float(scores["q"][np.flatnonzero(selected)[-1]]),
+        "direction": direction[0], "direction_source": direction[1], "score": score[0], "score_source": score[1],
+        "percentage": float(s.percentage), "N": int(stats.n), "k": k, "n_selected": n_selected,
+        "threshold": float(scores["score"][np.flatnonzero(selected)[-1]]),
         "quantiles": {str(p): v for p, v in quantiles(scores["q"]).items()},
         "layers": {"a": stats.a.tolist(), "b": stats.b.tolist(), "mu": stats.mu.tolist()},
         "datasets": {name: {"total": totals[i], "selected": chosen[i]} for i, name in enumerate(scores["names"])},
@@ -385,13 +475,22 @@ def _report(path: Path, config, summary: dict, scores: dict, stats: LayerStats, 
     k = summary["k"]
     meta = {"run_id": Path(config.out).name, "model": summary["model"], "N": summary["N"], "k": k,
             "alpha": summary["alpha"], "eps": summary["eps"], "tau": summary["tau"],
-            "direction": f"{summary['direction']} ({summary['direction_source']})", "strategy": summary["strategy"],
+            "direction": f"{summary['direction']} ({summary['direction_source']})",
+            "score": f"{summary['score']} ({summary['score_source']})", "strategy": summary["strategy"],
             "stats": ", ".join(summary["stats_dirs"])}
     names = np.array(scores["names"], dtype=object)
     extra = {"Selection per cluster": _cluster_table(summary["clusters"])} if "clusters" in summary else None
-    render_report(path, q=scores["q"], datasets=names[scores["codes"]], selected_mask=_selected_mask(scores, k),
+    render_report(path, q=scores["score"], datasets=names[scores["codes"]], selected_mask=_selected_mask(scores, k),
                   threshold=summary["threshold"], layer_a=stats.a, layer_b=stats.b, layer_mu=stats.mu, best=best,
-                  worst=worst, meta=meta, direction_check=summary["selfcheck"], extra_sections=extra)
+                  worst=worst, meta=meta, direction_check=summary["selfcheck"], extra_sections=extra,
+                  score_name=summary["score"])
+
+
+def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, selection: Path) -> dict:
+    """The reference sample of `q_ifd`, written to `score_reference.npz` for the server, with the q direction."""
+    reference = score_reference(dirs, specs, kwargs, n, seed)
+    np.savez(selection / REFERENCE_FILE, **reference)
+    return {**reference, "higher": direction == "higher"}
 
 
 def run(config) -> Path:
@@ -406,27 +505,33 @@ def run(config) -> Path:
         specs = [alpha_spec(d, float(s.alpha)) for d in dirs]
         _check_compatible(dirs, specs)
         direction = resolve_direction(str(s.direction), out["out"])
+        score = resolve_score(str(s.score), direction[2], direction[0], has_ifd(specs))
         stats = global_stats(dirs, specs)
         n, n_report = stats.n, int(s.report_samples)
         k = selection_count(n, float(s.percentage))
-        higher = direction[0] == "higher"
         kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
         out["selection"].mkdir(parents=True, exist_ok=True)
+        (out["selection"] / REFERENCE_FILE).unlink(missing_ok=True)
+        ranking = (score_ranking(dirs, specs, kwargs, n, int(config.seed), direction[0], out["selection"])
+                   if score[0] == "q_ifd" else None)
+        kwargs["ranking"] = ranking
+        higher = ranking is not None or direction[0] == "higher"  # the blend is oriented: higher = clean
         scores_path, n_worst = out["selection"] / "scores.parquet", max(1, min(n_report, n))
         if s.strategy == "top_k":
             scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
-            scores = write_scores(sorted_by_q(scored, higher, n, SCORE_ROWS_PER_PARTITION), scores_path, k, n_worst, n)
+            scores = write_scores(sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION), scores_path, k,
+                                  n_worst, n, keep_score=ranking is not None)
         else:
             scores = diverse_scores(config, dirs, specs, kwargs, higher, n, k, scores_path, n_worst)
         cuts = {**scores["cuts"], "higher": higher, "ids": scores.get("selected_ids")}
-        kept = _datasets(dirs, specs, ["id", "dataset", "record", "messages"], output_rows, {**kwargs, "cuts": cuts})
-        n_selected, best, worst = write_selected(sorted_by_q(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
+        kept = _datasets(dirs, specs, LINE_COLUMNS, output_rows, {**kwargs, "cuts": cuts})
+        n_selected, best, worst = write_selected(sorted_by_score(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
                                                  out["selection"] / "selected_data.jsonl", n_report)
-        summary = _selection_stats(config, dirs, specs, stats, direction, scores, k, n_selected)
+        summary = _selection_stats(config, dirs, specs, stats, direction, score, scores, k, n_selected)
         (out["selection"] / "selection_stats.json").write_text(json.dumps(summary, indent=2))
         _report(out["selection"] / "report.html", config, summary, scores, stats, best, worst)
-        log.info("selected %d of %d rows (%.1f%%, direction %s, threshold q=%.6g) into %s", k, n,
-                 100 * k / n, direction[0], summary["threshold"], out["selection"])
+        log.info("selected %d of %d rows (%.1f%%, direction %s, score %s, threshold %s=%.6g) into %s", k, n,
+                 100 * k / n, direction[0], score[0], score[0], summary["threshold"], out["selection"])
     return out["selection"]
 
 

@@ -2,7 +2,9 @@
 
 A seeded sample of the collected rows gets corrupted copies of several kinds (`selfcheck.kinds`); originals
 and copies are scored with the run's warmed gates on Ray, and AUROC of q (original vs copy) is measured overall
-and per kind, beside response PPL and IFD. `selection.direction=auto` then selects in the supported direction.
+and per kind, beside response PPL and IFD; with IFD (`collect.ifd=true`) also the AUROC of the q + IFD rank blend.
+`selection.direction=auto` then selects in the supported direction, and `selection.score=auto` by the better of
+q and the blend; the verdict (`passed`) is on the score the selection uses.
 
     python -m ray_jobs.selfcheck out=runs/demo                       # after warmup and collect
     python -m ray_jobs.selfcheck out=/tmp/q model=tiny-qwen3 selfcheck.rows=20 strict=true
@@ -91,7 +93,7 @@ def measure(config: DictConfig, scored: list[dict]) -> dict:
     if config.collect.ifd:
         baselines["ifd"] = np.array([np.nan if r["ifd"] is None else r["ifd"] for r in valid], dtype=np.float64)
     return selfcheck.measure(q, clean, [r["corruption"] for r in valid], baselines,
-                             config.selection.direction, config.selfcheck.min_auroc)
+                             config.selection.direction, config.selfcheck.min_auroc, config.selection.score)
 
 
 def run(config: DictConfig) -> dict:

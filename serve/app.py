@@ -63,13 +63,16 @@ class SampleScore(BaseModel):
     id: str
     dataset: str
     q: float | None = Field(description="quality score, mapped with the corpus's a/b/μ")
+    score: float | None = Field(
+        description="the score the run sorted on (the response's `score`): q itself, or the q + IFD rank blend")
     S: list[float] | None = Field(description="per-layer score S_l for the run's α")
     ppl: float | None = Field(description="perplexity over the scored tokens")
+    ifd: float | None = Field(default=None, description="IFD, computed when the run selected by q_ifd")
     percentile: float | None = Field(
-        description="percent of the corpus this sample outranks in the selection direction (0–100): share of "
-                    "corpus q below it when higher q is selected, above it when lower q is; null without "
-                    "the corpus's scores.parquet")
-    selected: bool | None = Field(description="whether q passes the corpus's selection threshold")
+        description="percent of the corpus this sample outranks by `score` in the selection direction (0–100): "
+                    "share of corpus scores below it when higher is selected, above it when lower q is; null "
+                    "without the corpus's scores.parquet")
+    selected: bool | None = Field(description="whether `score` passes the corpus's selection threshold")
     n_tokens: int
     truncated: bool
     error: SampleError | None = None
@@ -78,8 +81,10 @@ class SampleScore(BaseModel):
 class ScoreResponse(BaseModel):
     results: list[SampleScore]
     batch_size: int = Field(description="how many requests shared this request's model batch")
-    direction: str
-    threshold: float
+    direction: str = Field(description="the q direction of the run: higher or lower q selected")
+    score: str = Field(description="what percentile and selected rank by: q, or q_ifd (mean percentile rank of q "
+                                   "and of −IFD, higher = clean)")
+    threshold: float = Field(description="the selection threshold, in units of `score`")
 
 
 # ---- request guards ------------------------------------------------------------------------------
@@ -167,7 +172,7 @@ class ScoringService:
         check_limits(body.samples, **self.limits)
         results, batch_size = await self.score_batch(body.samples)
         return {"results": results, "batch_size": batch_size, "direction": self.scorer.direction,
-                "threshold": self.scorer.threshold}
+                "score": self.scorer.score_name, "threshold": self.scorer.threshold}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score_batch(self, requests: list[list[dict]]) -> list[tuple[list[dict], int]]:

@@ -1,10 +1,12 @@
 """Scoring new samples relative to a finished run's corpus, by the same code path as collect + select.
 
-`CorpusScorer` loads the run's base model and gates once, the corpus's a/b/μ, α, eps, tau, threshold and
-direction from `selection/selection_stats.json`, and the corpus's sorted q from `selection/scores.parquet`.
+`CorpusScorer` loads the run's base model and gates once, the corpus's a/b/μ, α, eps, tau, threshold, direction
+and score from `selection/selection_stats.json`, and the corpus's sorted scores from `selection/scores.parquet`.
 `score(samples)` then does for a handful of samples what collect + select do for the corpus:
 `qgate.data.normalize` -> `qgate.encoding.encode_row` -> `Scorer.score` (the run's α) -> `quality_scores`
-with the corpus's a/b/μ. Plain class, no Ray: the Ray Serve app (`serve/app.py`) wraps it.
+with the corpus's a/b/μ. A run that selected by `q_ifd` also gets each sample's IFD and its blend with q against
+the run's reference sample (`selection/score_reference.npz`, `qgate.scoring.blend_q_ifd`): percentile and selected
+then rank by that blend, as the selection did. Plain class, no Ray: the Ray Serve app (`serve/app.py`) wraps it.
 
 A sample that the loader or the encoder would reject does not fail the others: its result carries
 `error: {reason, detail}` (the reason codes of the rejects file) and null scores.
@@ -26,7 +28,7 @@ from qgate.data import normalize
 from qgate.encoding import encode_row
 from qgate.gate import build_gated_model, read_gate_metadata
 from qgate.models import autocast_dtype
-from qgate.scoring import LayerStats, percentile_of, quality_scores
+from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
 from qgate.stats import Scorer
 from ray_jobs.common import run_paths
 
@@ -38,6 +40,7 @@ def corpus_files(run_dir: str | Path) -> dict[str, Path]:
     """The files of a run that the server reads beside config.yaml and gates/ (see `ray_jobs.common.run_paths`)."""
     paths = run_paths(run_dir)
     return {"stats": paths["selection"] / "selection_stats.json", "scores": paths["selection"] / "scores.parquet",
+            "reference": paths["selection"] / "score_reference.npz",
             "selfcheck": paths["out"] / "selfcheck" / "selfcheck.json"}
 
 
@@ -58,8 +61,13 @@ def scorer_settings(config) -> dict:
             "trust_remote_code": config.trust_remote_code}
 
 
+def score_name(stats: dict) -> str:
+    """What the run sorted on: "q" or "q_ifd" (runs from before the choice existed: q)."""
+    return stats.get("score", "q")
+
+
 def load_corpus(run_dir: str | Path) -> tuple[dict, np.ndarray | None]:
-    """(selection stats, the corpus's q ascending or None when scores.parquet is absent)."""
+    """(selection stats, the corpus's scores ascending or None when scores.parquet is absent)."""
     paths = corpus_files(run_dir)
     if not paths["stats"].exists():
         raise FileNotFoundError(f"{paths['stats']} not found: run `select` on {run_dir} before serving it")
@@ -68,8 +76,20 @@ def load_corpus(run_dir: str | Path) -> tuple[dict, np.ndarray | None]:
         raise ValueError(f"{paths['stats']}: direction must be one of {DIRECTIONS}, got {stats.get('direction')!r}")
     if not paths["scores"].exists():
         return stats, None
-    q = pq.read_table(paths["scores"], columns=["q"]).column("q").to_numpy(zero_copy_only=False)
-    return stats, np.sort(q.astype(np.float64))  # [N]
+    column = "score" if score_name(stats) == "q_ifd" else "q"
+    values = pq.read_table(paths["scores"], columns=[column]).column(column).to_numpy(zero_copy_only=False)
+    return stats, np.sort(values.astype(np.float64))  # [N]
+
+
+def load_reference(run_dir: str | Path, stats: dict) -> dict[str, np.ndarray] | None:
+    """The sorted q and IFD reference sample of a `q_ifd` run (float32), None for a run that selected by q."""
+    if score_name(stats) != "q_ifd":
+        return None
+    path = corpus_files(run_dir)["reference"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the run selected by q_ifd; run `select` on {run_dir} again")
+    with np.load(path) as npz:
+        return {"q": npz["q"], "ifd": npz["ifd"]}  # [M], [M']
 
 
 def layer_stats(stats: dict) -> LayerStats:
@@ -81,8 +101,9 @@ def layer_stats(stats: dict) -> LayerStats:
 
 
 def rank_in_corpus(corpus_q: np.ndarray | None, q: np.ndarray, direction: str) -> np.ndarray | None:
-    """Percent of the corpus this q outranks in the selection direction: with "higher", the share of corpus
-    q strictly below it; with "lower" (small q selected), the share strictly above it (the percentile of −q).
+    """Percent of the corpus this score (q, or the q_ifd blend) outranks in the selection direction: with
+    "higher", the share of corpus scores strictly below it; with "lower" (small q selected), the share strictly
+    above it (the percentile of −q).
     """
     if corpus_q is None:
         return None
@@ -92,7 +113,7 @@ def rank_in_corpus(corpus_q: np.ndarray | None, q: np.ndarray, direction: str) -
 
 
 def is_selected(q: np.ndarray, threshold: float, direction: str) -> np.ndarray:
-    """Whether each q would have made the corpus's top k: q ≥ threshold ("higher") or q ≤ threshold ("lower")."""
+    """Whether each score would have made the corpus's top k: ≥ threshold ("higher") or ≤ threshold ("lower")."""
     return q <= threshold if direction == "lower" else q >= threshold
 
 
@@ -105,12 +126,14 @@ class CorpusScorer:
                  max_batch_tokens: int = 8192, trust_remote_code: bool = False):
         self.model_name, self.gates_dir, self.run_dir = model, gates_dir, run_dir
         self.max_length, self.score_on = max_length, score_on
-        self.stats, self.corpus_q = load_corpus(run_dir)
+        self.stats, self.corpus_scores = load_corpus(run_dir)
         self.layer_stats = layer_stats(self.stats)
+        self.reference = load_reference(run_dir, self.stats)
         net, self.tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
                                                        trust_remote_code=trust_remote_code)
         self.scorer = Scorer(net, self.tokenizer, gates, alphas=[float(self.stats["alpha"])], eps=scorer_eps,
-                             max_batch_tokens=max_batch_tokens, autocast_dtype=autocast_dtype(autocast, device))
+                             max_batch_tokens=max_batch_tokens, ifd=self.reference is not None,
+                             autocast_dtype=autocast_dtype(autocast, device))
         self._lock = threading.Lock()  # the gates keep the logits of the last forward: one pass at a time
 
     @classmethod
@@ -119,7 +142,17 @@ class CorpusScorer:
 
     @property
     def direction(self) -> str:
+        """The q direction of the run."""
         return self.stats["direction"]
+
+    @property
+    def score_name(self) -> str:
+        return score_name(self.stats)
+
+    @property
+    def score_direction(self) -> str:
+        """The direction of the score ranked by: q's, or "higher" for the blend (oriented, higher = clean)."""
+        return "higher" if self.reference is not None else self.direction
 
     @property
     def threshold(self) -> float:
@@ -128,10 +161,11 @@ class CorpusScorer:
     def encode(self, samples: list[dict]) -> list[dict]:
         """Loader rows with the encoding fields; `reason != ""` marks a sample that cannot be scored."""
         rows = [normalize(sample, SOURCE, i) for i, sample in enumerate(samples)]
-        return [encode_row(self.tokenizer, row, self.max_length, self.score_on) for row in rows]
+        return [encode_row(self.tokenizer, row, self.max_length, self.score_on, ifd=self.reference is not None)
+                for row in rows]
 
     def score(self, samples: list[dict]) -> list[dict]:
-        """One result per sample, in order: q, S, ppl, percentile, selected… or an error."""
+        """One result per sample, in order: q, score, S, ppl, IFD, percentile, selected… or an error."""
         rows = self.encode(samples)
         good = [row for row in rows if not row["reason"]]
         with self._lock:
@@ -144,18 +178,27 @@ class CorpusScorer:
             return []
         S = np.array([s["S"][0] for s in per_row], dtype=np.float64)  # [N, L], the run's α only
         q = quality_scores(S, float(self.stats["eps"]), float(self.stats["tau"]), self.layer_stats)  # [N]
-        rank = rank_in_corpus(self.corpus_q, q, self.direction)
-        selected = is_selected(q, self.threshold, self.direction)
-        return [{"id": row["id"], "dataset": row["dataset"], "q": float(q[i]), "S": S[i].tolist(),
-                 "ppl": s["ppl"], "percentile": None if rank is None else float(rank[i]),
+        score = self._sort_score(q, per_row)  # [N]
+        rank = rank_in_corpus(self.corpus_scores, score, self.score_direction)
+        selected = is_selected(score, self.threshold, self.score_direction)
+        return [{"id": row["id"], "dataset": row["dataset"], "q": float(q[i]), "score": float(score[i]),
+                 "S": S[i].tolist(), "ppl": s["ppl"], "ifd": s["ifd"],
+                 "percentile": None if rank is None else float(rank[i]),
                  "selected": bool(selected[i]), "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
                  "error": None}
                 for i, (row, s) in enumerate(zip(rows, per_row))]
 
+    def _sort_score(self, q: np.ndarray, per_row: list[dict]) -> np.ndarray:
+        """What the run sorted on [N]: q, or its blend with IFD against the run's reference sample."""
+        if self.reference is None:
+            return q
+        ifd = np.array([np.nan if s["ifd"] is None else s["ifd"] for s in per_row], dtype=np.float64)  # [N]
+        return blend_q_ifd(q, ifd, self.reference["q"], self.reference["ifd"], self.direction == "higher")
+
     def info(self) -> dict:
         """What a client needs to read the scores: model, gates, corpus stats, threshold, self-check."""
-        keys = ("N", "k", "percentage", "alpha", "eps", "tau", "direction", "direction_source", "threshold",
-                "quantiles")
+        keys = ("N", "k", "percentage", "alpha", "eps", "tau", "direction", "direction_source", "score",
+                "score_source", "threshold", "quantiles")
         selfcheck = corpus_files(self.run_dir)["selfcheck"]
         return {"model": self.model_name, "gates": read_gate_metadata(self.gates_dir),
                 "corpus": {key: self.stats.get(key) for key in keys} | {"n_layers": self.layer_stats.n_layers},
@@ -164,7 +207,7 @@ class CorpusScorer:
 
 
 def _error_result(row: dict) -> dict:
-    return {"id": row["id"], "dataset": row["dataset"], "q": None, "S": None, "ppl": None, "percentile": None,
-            "selected": None, "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
+    return {"id": row["id"], "dataset": row["dataset"], "q": None, "score": None, "S": None, "ppl": None, "ifd": None,
+            "percentile": None, "selected": None, "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
             "error": {"reason": row["reason"], "detail": row["detail"]}}
 

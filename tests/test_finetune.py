@@ -209,6 +209,18 @@ def test_subsets_follow_each_strategy(tmp_path, corpus):
     assert ids["random", 0] != ids["random", 1] and ids["qgate", 0] == ids["qgate", 1]
 
 
+def test_the_qgate_subset_follows_the_score_the_run_sorted_on(tmp_path, corpus):
+    fake_run(tmp_path, corpus)
+    scores = pq.read_table(tmp_path / "selection" / "scores.parquet").to_pandas()
+    n = len(scores)
+    scores["score"] = [float(i) for i in range(n)]  # a q + IFD blend, higher = clean, unlike q here
+    scores["selected"] = scores["score"] >= n - 4
+    direction = compare.q_direction(scores)
+    assert direction == "higher"
+    picked = compare.subsets(scores, ["qgate"], 0.25, [0], direction)
+    assert [i for _, i in picked["qgate", 0]] == [f"toy-{i}" for i in range(n - 1, n - 5, -1)]
+
+
 def test_the_table_shows_mean_and_spread_over_seeds():
     base = {"strategy": "base (no finetune)", "heldout_loss": 3.0, "scores": {"t": {"acc_norm": 0.25}}}
     runs = [{"strategy": "qgate", "seed": s, "rows": 8, "planted_share": 0.0, "heldout_loss": loss,

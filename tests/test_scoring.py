@@ -10,13 +10,16 @@ import pytest
 from qgate.scoring import (
     LayerStats,
     auroc,
+    blend_q_ifd,
     layer_scores,
     layer_scores_multi,
     one_step_mapping,
     percentile_of,
+    percentile_ranks,
     quality_scores,
     quantiles,
     selection_count,
+    sorted_reference,
     token_weights,
     top_k,
 )
@@ -294,6 +297,31 @@ def test_percentile_of_counts_strictly_below():
     np.testing.assert_array_equal(percentile_of(corpus, [0.15, 0.3, np.nan]), [0.25, 0.75, np.nan])
     with pytest.raises(ValueError):
         percentile_of([], 0.5)
+
+
+def test_percentile_ranks_count_the_reference_at_or_below():
+    reference = sorted_reference([3.0, 1.0, np.nan, 2.0, 2.0])
+    assert reference.dtype == np.float32 and reference.tolist() == [1.0, 2.0, 2.0, 3.0]
+    ranks = percentile_ranks([0.0, 1.0, 2.0, 2.5, 3.0, 4.0, np.nan], reference)
+    np.testing.assert_array_equal(ranks, [0.0, 0.25, 0.75, 0.75, 1.0, 1.0, np.nan])
+    with pytest.raises(ValueError, match="non-empty"):
+        percentile_ranks([1.0], [])
+
+
+def test_blend_puts_best_in_both_above_best_in_one():
+    q, ifd = np.array([0.9, 0.9, 0.1, 0.1]), np.array([0.5, 2.0, 0.5, 2.0])  # low IFD = clean
+    refs = sorted_reference(q), sorted_reference(ifd)
+    blend = blend_q_ifd(q, ifd, *refs)
+    np.testing.assert_allclose(blend, [1.0, 0.75, 0.75, 0.5])  # (rank of q + rank of −IFD) / 2
+    assert blend[0] > max(blend[1], blend[2])
+    lower = blend_q_ifd(-q, ifd, sorted_reference(-q), refs[1], higher=False)  # q selected from the bottom
+    np.testing.assert_array_equal(lower, blend)
+
+
+def test_blend_gives_rows_without_ifd_the_neutral_rank():
+    q, ifd = np.array([0.1, 0.5, 0.9]), np.array([1.0, np.nan, 2.0])
+    blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd))
+    np.testing.assert_allclose(blend, [(1 / 3 + 1.0) / 2, (2 / 3 + 0.5) / 2, (1.0 + 0.5) / 2])
 
 
 def test_quantiles():

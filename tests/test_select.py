@@ -1,4 +1,5 @@
-"""Select through a real local Ray: q as qgate.scoring computes it, global top-k, batch runs, α from raw stats."""
+"""Select through a real local Ray: q as qgate.scoring computes it, global top-k, batch runs, α from raw stats,
+the q + IFD blend as the sorted-on score."""
 
 import json
 import math
@@ -6,12 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_collect import collect_config, make_gates, read_stats, write_inputs
 
 from qgate.config import load_config
-from qgate.scoring import LayerStats, quality_scores
+from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, sorted_reference
 
 ray = pytest.importorskip("ray")
 from ray_jobs import collect, select
@@ -67,7 +69,7 @@ def test_q_equals_quality_scores_and_k_is_ceil(runs, selected_a):
     scores = scores_by_id(selected_a)
     assert set(scores) == set(ids)
     for row_id, q in expected.items():
-        assert scores[row_id]["q"] == pytest.approx(q, abs=1e-6)
+        assert scores[row_id]["q"] == pytest.approx(q, abs=1e-6) and scores[row_id]["score"] == scores[row_id]["q"]
     k = math.ceil(PERCENTAGE * len(ids))
     top = sorted(ids, key=lambda i: (-expected[i], i))[:k]
     assert {i for i, row in scores.items() if row["selected"]} == set(top)
@@ -102,6 +104,8 @@ def test_selection_stats_and_report(runs, selected_a):
     assert sum(d["total"] for d in stats["datasets"].values()) == 38
     assert sum(d["selected"] for d in stats["datasets"].values()) == 12
     assert stats["strategy"] == "top_k" and stats["stats_version"] >= 1 and stats["alpha_from"] == ["stored"]
+    assert (stats["score"], stats["score_source"]) == ("q", "default")  # auto, and no self-check
+    assert not (selected_a / select.REFERENCE_FILE).exists()
     page = (selected_a / "report.html").read_text()
     best = read_lines(selected_a / "selected_data.jsonl")[0]["id"]
     assert best in page and "Worst samples" in page
@@ -156,3 +160,99 @@ def test_direction_lower_from_the_selfcheck_selects_the_smallest_q(lower_from_ra
     assert (stats["direction"], stats["direction_source"]) == ("lower", "selfcheck")
     assert stats["selfcheck"]["auroc"] == 0.8
     assert "Direction self-check passed" in (lower_from_raw / "report.html").read_text()
+
+
+# ---- the q + IFD blend ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ifd_stats(runs):
+    """Run A's stats as if collected with collect.ifd=true: seeded IFD values, every 7th row without one."""
+    target = runs / "ifd" / "stats"
+    shutil.copytree(runs / "a" / "stats", target)
+    schema = json.loads((target / "_schema.json").read_text())
+    (target / "_schema.json").write_text(json.dumps({**schema, "ifd": True}))
+    rng = np.random.default_rng(0)
+    for shard in sorted(target.glob("attempt-*/*.parquet")):
+        table = pq.read_table(shard)
+        ifd = [None if i % 7 == 3 else float(v) for i, v in enumerate(rng.uniform(0.5, 1.5, table.num_rows))]
+        pq.write_table(table.set_column(table.schema.get_field_index("ifd"), "ifd", pa.array(ifd, pa.float64())),
+                       shard)
+    return target
+
+
+def expected_blend(stats_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """ids, q [N] and the blend [N] with every row as the reference (N ≤ 200k: what select computes)."""
+    table = read_stats(stats_dir)
+    q = quality_scores(np.array([s[1] for s in table.column("S").to_pylist()]))  # [N]
+    ifd = table.column("ifd").to_numpy()  # [N], NaN where null
+    return table.column("id").to_pylist(), q, blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd))
+
+
+def with_selfcheck(out: Path, q_auroc: float, blend_auroc: float) -> Path:
+    check = {"direction": "higher", "auroc": q_auroc, "blend": {"auroc": blend_auroc, "per_kind": {}},
+             "min_auroc": 0.7, "passed": True}
+    (out / "selfcheck").mkdir(parents=True)
+    (out / "selfcheck" / "selfcheck.json").write_text(json.dumps(check))
+    return out
+
+
+@pytest.fixture(scope="module")
+def blend_selected(ifd_stats, tmp_path_factory):
+    """selection.score=auto with a self-check that found the blend better than q."""
+    out = with_selfcheck(tmp_path_factory.mktemp("blend"), q_auroc=0.7, blend_auroc=0.8)
+    return run_select(out, f"selection.runs=[{ifd_stats}]", "selection.alpha=1.0", "selection.direction=higher")
+
+
+def test_auto_selects_the_top_k_of_the_blend_when_the_selfcheck_finds_it_better(ifd_stats, blend_selected):
+    ids, q, blend = expected_blend(ifd_stats)
+    top = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-blend[i], ids[i]))[:12]]
+    scores = scores_by_id(blend_selected)
+    assert {i for i, row in scores.items() if row["selected"]} == set(top)
+    np.testing.assert_allclose([scores[i]["q"] for i in ids], q, atol=1e-6)
+    np.testing.assert_array_equal([scores[i]["score"] for i in ids], blend)
+    lines = read_lines(blend_selected / "selected_data.jsonl")
+    assert [line["id"] for line in lines] == top and [line["scores"] for line in lines] == sorted(blend)[::-1][:12]
+    stats = json.loads((blend_selected / "selection_stats.json").read_text())
+    assert (stats["score"], stats["score_source"], stats["direction"]) == ("q_ifd", "selfcheck", "higher")
+    assert stats["threshold"] == scores[top[-1]]["score"]
+    reference = np.load(blend_selected / select.REFERENCE_FILE)
+    np.testing.assert_allclose(reference["q"], sorted_reference(q), rtol=1e-6)
+    assert len(reference["ifd"]) == sum(1 for row in scores.values() if row["ifd"] is not None) < len(ids)
+    assert "q_ifd distribution" in (blend_selected / "report.html").read_text()
+
+
+def test_auto_keeps_q_when_the_selfcheck_finds_the_blend_worse(tmp_path):
+    direction = select.resolve_direction("auto", with_selfcheck(tmp_path, q_auroc=0.8, blend_auroc=0.75))
+    assert select.resolve_score("auto", direction[2], direction[0], True) == ("q", "selfcheck")
+
+
+def test_score_resolution():
+    check = {"direction": "higher", "auroc": 0.7, "blend": {"auroc": 0.8}}
+    assert select.resolve_score("q", check, "higher", True) == ("q", "config")
+    assert select.resolve_score("q_ifd", None, "lower", True) == ("q_ifd", "config")
+    assert select.resolve_score("auto", check, "higher", True) == ("q_ifd", "selfcheck")
+    assert select.resolve_score("auto", check, "higher", False) == ("q", "default")  # no IFD collected
+    assert select.resolve_score("auto", check, "lower", True) == ("q", "default")  # measured the other way
+    assert select.resolve_score("auto", {"direction": "higher", "auroc": 0.7}, "higher", True) == ("q", "default")
+    assert select.resolve_score("auto", None, "higher", True) == ("q", "default")
+    with pytest.raises(ValueError, match="collect.ifd=true"):
+        select.resolve_score("q_ifd", check, "higher", False)
+
+
+def test_q_ifd_without_ifd_is_an_error(runs, tmp_path):
+    with pytest.raises(ValueError, match="needs IFD"):
+        run_select(tmp_path, f"selection.runs=[{runs / 'a'}]", "selection.score=q_ifd")
+
+
+def test_diversity_strategy_picks_in_blend_order(ifd_stats, blend_selected, tmp_path):
+    out = run_select(tmp_path, f"selection.runs=[{ifd_stats}]", "selection.alpha=1.0", "selection.direction=lower",
+                     "selection.score=q_ifd", "selection.strategy=cluster_round_robin", "selection.n_clusters=3")
+    rows = sorted(pq.read_table(out / "scores.parquet").to_pylist(), key=lambda row: row["rank"])
+    assert [row["score"] for row in rows] == sorted((row["score"] for row in rows), reverse=True)
+    lines = read_lines(out / "selected_data.jsonl")
+    assert len(lines) == 12 == sum(row["selected"] for row in rows)
+    assert [line["id"] for line in lines] == [row["id"] for row in rows if row["selected"]]
+    stats = json.loads((out / "selection_stats.json").read_text())
+    assert (stats["score"], stats["score_source"], stats["direction"]) == ("q_ifd", "config", "lower")
+    assert sum(c["selected"] for c in stats["clusters"]) == 12

@@ -10,7 +10,7 @@ from qgate.demo_corpus import build_demo_corpus
 from qgate.encoding import encode_row
 from qgate.gate import attach_gates, freeze_backbone
 from qgate.scoring import LayerStats
-from qgate.selfcheck import measure, q_of, with_copies
+from qgate.selfcheck import better_score, measure, q_of, summary_line, with_copies
 from qgate.stats import Scorer
 from qgate.tiny import tiny_model, tiny_tokenizer
 from qgate.training import WarmupLossConfig, collate, train_step
@@ -43,6 +43,33 @@ def test_a_reversed_scorer_is_flagged_when_the_direction_is_forced():
     assert check["baselines"]["response_ppl"] > 0.9  # lower PPL = clean, and -(-q) tracks clean
     with pytest.raises(ValueError, match="direction"):
         measure(q, clean, kinds, {}, "sideways")
+
+
+def test_blend_is_measured_and_a_separating_q_stays_the_score():
+    q, clean, kinds = planted()
+    q = clean + np.random.default_rng(1).uniform(0, 0.5, len(clean))  # originals in [1, 1.5), copies in [0, 0.5)
+    ifd = np.random.default_rng(2).normal(size=len(clean))  # noise
+    ifd[::10] = np.nan  # rows without IFD
+    check = measure(q, clean, kinds, {"ifd": ifd}, "auto", min_auroc=0.9)
+    assert check["auroc"] == 1.0 and 0.6 < check["blend"]["auroc"] < 1.0
+    assert set(check["blend"]["per_kind"]) == set(KINDS)
+    assert check["score"] == better_score(check) == "q" and check["passed"]
+    assert "q+IFD blend" in summary_line(check) and "score: q" in summary_line(check)
+    assert "blend" not in measure(q, clean, kinds, {}, "auto") and measure(q, clean, kinds, {})["score"] == "q"
+
+
+def test_a_blend_that_beats_q_is_the_score_and_the_verdict():
+    q, clean, kinds = planted(seed=0)
+    ifd, _, _ = planted(seed=1)  # a second noisy signal of cleanliness; IFD: lower = clean
+    check = measure(q, clean, kinds, {"ifd": -ifd}, "auto", min_auroc=0.98)
+    assert check["auroc"] < 0.98 < check["blend"]["auroc"]  # measured: 0.964 < 0.98 < 0.997
+    assert check["score"] == "q_ifd" and check["passed"]
+    assert not measure(q, clean, kinds, {"ifd": -ifd}, "auto", 0.98, score="q")["passed"]
+    reversed_scorer = measure(-q, clean, kinds, {"ifd": -ifd}, "auto", min_auroc=0.98)
+    assert reversed_scorer["direction"] == "lower"
+    assert reversed_scorer["blend"]["auroc"] == pytest.approx(check["blend"]["auroc"])
+    with pytest.raises(ValueError, match="score"):
+        measure(q, clean, kinds, {}, "auto", score="best")
 
 
 def pair_wins(scorer, rows, alpha=1.0) -> float:

@@ -1,4 +1,5 @@
-"""The HTTP scoring app over real HTTP on loopback: the batch path's q, every error status, dynamic batching.
+"""The HTTP scoring app over real HTTP on loopback: the batch path's q, every error status, dynamic batching;
+a run that selected by the q + IFD blend ranks new samples by the blend.
 
 One module-scoped local Ray and Serve on a free port hold two apps on a tiny model: `/` (open) and `/guarded`
 (bearer token from the environment, one request at a time, a queue of one: back-pressure is easy to reach).
@@ -27,7 +28,7 @@ from qgate.tiny import tiny_model
 from ray_jobs import collect, select
 from ray_jobs.common import run_paths
 from serve.app import app_from_config, build_app
-from serve.scoring import is_selected, rank_in_corpus, run_config
+from serve.scoring import CorpusScorer, is_selected, rank_in_corpus, run_config, scorer_settings
 
 pytestmark = pytest.mark.timeout(300)  # the first test also pays for collect, select and Serve
 
@@ -69,17 +70,41 @@ def batch_q(config) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local):
-    """A run directory with tiny gates, its corpus stats and batch q: (config, {id: q})."""
+    """A run directory with tiny gates, its corpus stats (with IFD) and batch q: (config, {id: q})."""
     root = tmp_path_factory.mktemp("serve")
     write_jsonl(str(root / "data.jsonl"), corpus_rows())
     config = load_config(["model=tiny-qwen3", f"out={root / 'run'}", f"data={root / 'data.jsonl'}",
-                          "encoding.max_length=48", "collect.actors=1", "collect.ifd=false",
+                          "encoding.max_length=48", "collect.actors=1", "collect.ifd=true",
                           "selection.direction=higher", "selfcheck.enabled=false", "serve.num_cpus=0.5"])
     paths = run_paths(config.out)
     save_config(config, paths["config"])
     gates = attach_gates(tiny_model("tiny-qwen3"), init_std=0.5, bias=True, init_bias=0.0, seed=1)
     save_gates(gates, paths["gates"], metadata=model_identity("tiny-qwen3"))
     return config, batch_q(config)
+
+
+def test_a_blend_run_ranks_new_samples_by_the_blend(run, tmp_path):
+    """Selected by q_ifd: the scorer's IFD, blend, percentile and selected agree with the batch path. (Before
+    Serve starts: its replicas would hold the CPUs that select runs on.)"""
+    config, _ = run
+    out = select.run(load_config([f"out={tmp_path}", "use_gpu=false", f"selection.runs=[{config.out}]",
+                                  "selection.direction=higher", "selection.score=q_ifd"]))
+    batch = {row["id"]: row for row in pq.read_table(out / "scores.parquet").to_pylist()}
+    threshold = json.loads((out / "selection_stats.json").read_text())["threshold"]
+    scorer = CorpusScorer(**{**scorer_settings(config), "run_dir": str(tmp_path)})
+    assert (scorer.score_name, scorer.score_direction, scorer.scorer.ifd) == ("q_ifd", "higher", True)
+    corpus = np.sort([row["score"] for row in batch.values()])  # [N]
+    n, compared = len(corpus), 0
+    for r in scorer.score(corpus_rows()):
+        want = batch[r["id"]]
+        assert r["q"] == pytest.approx(want["q"], abs=1e-4) and r["ifd"] == pytest.approx(want["ifd"], abs=1e-4)
+        assert abs(r["score"] - want["score"]) <= 1 / n + 1e-9  # a hair below its own reference value: 1/N lower
+        assert r["percentile"] == pytest.approx(100.0 * np.searchsorted(corpus, r["score"]) / n)
+        assert r["selected"] == (r["score"] >= threshold)
+        if abs(want["score"] - threshold) > 1 / n:
+            assert r["selected"] == want["selected"]
+            compared += 1
+    assert compared >= n // 2
 
 
 def _free_port() -> int:
@@ -143,10 +168,11 @@ def test_percentile_selected_and_fields(run, client):
     corpus = np.sort(np.array(list(expected.values())))
     stats = json.loads((run_paths(run[0].out)["selection"] / "selection_stats.json").read_text())
     body = client.post("/v1/score", json={"samples": corpus_rows()[:8]}).raise_for_status().json()
-    assert body["direction"] == stats["direction"] == "higher"
+    assert body["direction"] == stats["direction"] == "higher" and body["score"] == stats["score"] == "q"
     assert body["threshold"] == pytest.approx(stats["threshold"])
     for r in body["results"]:
         q = expected[r["id"]]
+        assert r["score"] == r["q"] and r["ifd"] is None  # a run selected by q: no IFD pass
         assert r["percentile"] == pytest.approx(100.0 * np.searchsorted(corpus, r["q"]) / len(corpus))
         assert 0.0 <= r["percentile"] < 100.0
         if abs(q - stats["threshold"]) > 1e-4:
