@@ -339,16 +339,21 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
 
 
 def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
-    """One GPU per actor; on CPU, `cpus_per_actor` each unless the pool would leave the file readers no CPU
-    (a fixed pool holding every CPU starves the read tasks that feed it, and the dataset never moves)."""
+    """One GPU per actor; on CPU, `cpus_per_actor` each unless the pool fits the cluster's CPUs but would leave the
+    file readers none (a fixed pool holding every CPU starves the read tasks that feed it, and the dataset never
+    moves). A pool larger than the cluster keeps its size: an autoscaling cluster grows to place it."""
     if gpu:
         return {"num_gpus": 1}
     per_actor, actors = float(c.cpus_per_actor), int(c.actors)
-    room = (cluster_cpus - READ_CPUS) / actors
-    if cluster_cpus and per_actor > room:
+    needed = per_actor * actors
+    if needed > cluster_cpus:
+        log.warning("collect: %d actors x %g CPUs need %g CPUs, the cluster has %g now: waiting for it to grow",
+                    actors, per_actor, needed, cluster_cpus)
+    elif needed > cluster_cpus - READ_CPUS:
+        room = max((cluster_cpus - READ_CPUS) / actors, 0.05)
         log.warning("collect: %d actors x %g CPUs leave no CPU for reading on a %g-CPU cluster; %.2f CPUs each",
                     actors, per_actor, cluster_cpus, room)
-        per_actor = max(room, 0.05)
+        per_actor = room
     return {"num_cpus": per_actor}
 
 

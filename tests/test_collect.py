@@ -124,6 +124,8 @@ def test_cpu_actors_leave_room_for_readers():
     squeezed = collect.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
     assert 2 * squeezed + collect.READ_CPUS <= 2.0
     assert collect.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
+    # an autoscaling cluster that has one 1-CPU node now: the pool keeps whole CPUs, so it asks for more nodes
+    assert collect.actor_resources(c, gpu=False, cluster_cpus=1.0) == {"num_cpus": 1.0}
 
 
 def test_stats_rows_have_S_of_shape_alphas_by_layers(run_a):
