@@ -28,7 +28,7 @@ import ray
 from ray import serve
 
 from qgate.config import load_config, save_config
-from qgate.data import iter_file_rows, write_jsonl
+from qgate.data import iter_file_rows, list_input_files, write_jsonl
 from qgate.gate import attach_gates, save_gates
 from qgate.models import model_identity
 from qgate.tiny import tiny_model
@@ -67,7 +67,8 @@ def make_tiny_run(root: Path, model: str) -> Path:
 
 def request_samples(run_dir: Path, n: int = 64) -> list[dict]:
     """Up to n good rows of the run's own input, in their original form."""
-    rows = (row for row in iter_file_rows(run_config(run_dir).data) if not row["reason"])
+    files = list_input_files(run_config(run_dir).data)
+    rows = (row for path in files for row in iter_file_rows(path) if not row["reason"])
     return [json.loads(row["record"]) for row in islice(rows, n)]
 
 
