@@ -24,6 +24,7 @@ ALIASES = {
 # Settings with a fixed set of values, checked when the config loads rather than deep inside a Ray worker.
 CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
+    "evaluate.dtype": (None, "float32", "bfloat16", "float16"),
     "autocast": ("auto", "bf16", "fp16", "none"),
     "gate.mode": ("modulate", "probe"),
     "encoding.score_on": ("all", "response"),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qgate.encoding import encode_row
+from qgate.models import autocast_dtype
 from qgate.stats import pad, token_nll
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,6 +37,7 @@ class LoraSettings:
     max_length: int = 512  # tokens per row; longer rows are truncated
     seed: int = 0  # LoRA init and row order
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    autocast: str = "auto"  # matmul dtype: auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
 
 
 # ---- rows to tensors -----------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def train_lora(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSett
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(settings.autocast, device.type)
     objective.train()
     for epoch in range(settings.epochs):
         losses = [_step(objective, optimizer, params, collate([items[i] for i in batch], tokenizer.pad_token_id),
@@ -154,7 +156,8 @@ def _step(objective, optimizer, params, batch, device, autocast, max_grad_norm: 
 
 
 @torch.inference_mode()
-def heldout_loss(model: nn.Module, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> float:
+def heldout_loss(model: nn.Module, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8,
+                 autocast: str = "none") -> float:
     """Mean NLL per assistant token over all `rows` (the held-out response loss; lower is better)."""
     items, _ = encode_rows(tokenizer, rows, max_length)
     if not items:
@@ -162,9 +165,11 @@ def heldout_loss(model: nn.Module, tokenizer, rows: list[dict], max_length: int,
     items.sort(key=lambda i: len(i["input_ids"]))
     loss = ResponseLoss(model).eval()
     device = next(model.parameters()).device
+    dtype = autocast_dtype(autocast, device.type)
     total, count = 0.0, 0.0
     for start in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], tokenizer.pad_token_id).items()}
-        s, n = loss(**batch)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            s, n = loss(**batch)
         total, count = total + float(s), count + float(n)
     return total / count

@@ -175,7 +175,7 @@ def eval_kwargs(config: DictConfig) -> dict:
     section = config.evaluate
     return {"tasks": as_list(section.tasks), "include_paths": as_list(section.include_path), "limit": section.limit,
             "batch_size": section.batch_size, "num_fewshot": section.num_fewshot,
-            "apply_chat_template": section.apply_chat_template, "dtype": config.dtype}
+            "apply_chat_template": section.apply_chat_template, "dtype": section.dtype or config.dtype}
 
 
 def as_list(value) -> list[str]:

@@ -41,7 +41,7 @@ def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
     section = config.finetune
     values = {key: section[key] for key in SETTING_KEYS}
     values["target_modules"] = list(values["target_modules"])
-    return LoraSettings(**values, seed=config.seed if seed is None else seed)
+    return LoraSettings(**values, seed=config.seed if seed is None else seed, autocast=config.autocast)
 
 
 def load_rows(spec) -> tuple[list[dict], Counter]:
@@ -75,7 +75,7 @@ def train_loop(cfg: dict) -> dict | None:
     model.to(ray.train.torch.get_device())
     state = {"history": []}
     if heldout and rank == 0:
-        state["heldout_before"] = heldout_loss(model, tokenizer, heldout, settings.max_length)
+        state["heldout_before"] = heldout_loss(model, tokenizer, heldout, settings.max_length, autocast=settings.autocast)
 
     def on_epoch(metrics: dict) -> None:
         metrics["loss"] = _mean_over_workers(metrics["loss"])
@@ -88,7 +88,7 @@ def train_loop(cfg: dict) -> dict | None:
     peft_model = train_lora(model, tokenizer, rows, settings, rank=rank, world_size=world,
                             prepare=ray.train.torch.prepare_model, on_epoch=on_epoch)
     if heldout and rank == 0:
-        state["heldout_after"] = heldout_loss(peft_model, tokenizer, heldout, settings.max_length)
+        state["heldout_after"] = heldout_loss(peft_model, tokenizer, heldout, settings.max_length, autocast=settings.autocast)
     _report_adapter(peft_model, state, rank)
     return state if rank == 0 else None
 
@@ -127,9 +127,11 @@ def fit(config: DictConfig, rows: list[dict], adapter_dir: str | Path, storage: 
     loop_cfg = {"rows": ray.put(rows), "heldout": ray.put(heldout) if heldout else None,
                 "model": model or config.finetune.model or config.model, "dtype": config.dtype,
                 "trust_remote_code": config.trust_remote_code, "settings": vars(settings_of(config, seed))}
+    gpu = use_gpu(config)
+    per_worker = None if gpu else {"CPU": config.finetune.cpus_per_worker}  # Ray sizes torch's threads to it
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=config.finetune.workers, use_gpu=use_gpu(config)),
+        scaling_config=ScalingConfig(num_workers=config.finetune.workers, use_gpu=gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=config.finetune.max_failures)),
     )

@@ -116,6 +116,19 @@ def test_train_lora_saves_an_adapter_that_loads_and_changes_outputs(tmp_path):
     assert (logits(loaded, tokenizer) - logits(tiny_model("tiny-qwen3"), tokenizer)).abs().max() > 1e-2
 
 
+def test_bf16_autocast_trains_and_scores_like_float32():
+    tokenizer = tiny_tokenizer()
+    plain = heldout_loss(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), 64)
+    assert heldout_loss(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), 64, autocast="bf16") == pytest.approx(
+        plain, abs=0.05)
+    settings = finetune.settings_of(load_config(["autocast=bf16", "finetune.rank=4", "finetune.alpha=8",
+                                                 "finetune.lr=0.01", "finetune.epochs=3", "finetune.batch_size=4",
+                                                 "finetune.max_length=64"]))
+    assert settings.autocast == "bf16"
+    trained = train_lora(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings)
+    assert heldout_loss(trained, tokenizer, toy_rows(), 64, autocast="bf16") < plain - 0.5
+
+
 # ---- the local lm-eval task ----------------------------------------------------------------------
 
 
