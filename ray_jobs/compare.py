@@ -209,8 +209,8 @@ def _pm(value, scale: float, digits: int) -> str:
 
 def _write(out: Path, result: dict, command: str) -> None:
     table = format_table(result)
-    header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, q direction "
-              f"{result['q_direction']}, mean ± sd over seeds\n\n")
+    header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, qgate = the run's sorted-on "
+              f"score, {result['q_direction']} first; mean ± sd over seeds\n\n")
     (out / "compare.md").write_text((f"`{command}`\n\n" if command else "") + header + table + "\n")
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
     print(header + table)
