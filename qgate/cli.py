@@ -18,7 +18,7 @@ COMMANDS = {
     "select": ("ray_jobs.select", "global a/b/μ, q for every sample, top k%, report"),
     "finetune": ("ray_jobs.finetune", "LoRA on the selected data (Ray Train + peft), a standard peft adapter"),
     "evaluate": ("ray_jobs.evaluate", "lm-eval harness on base and base+adapter, local task files included"),
-    "compare": ("ray_jobs.compare", "select by q, random, PPL, IFD; finetune each; evaluate; one table"),
+    "compare": ("ray_jobs.compare", "select by the run's score, random, PPL, IFD; finetune each; evaluate; one table"),
     "serve": ("serve.app", "HTTP scoring of new samples relative to a run's corpus (Ray Serve)"),
     "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
 }
