@@ -103,9 +103,9 @@ def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
     return shuffled[:n_warm], shuffled[n_warm:n_warm + args.eval_rows]
 
 
-def warmup_copies(enc, warm_raw: list[dict], seed: int) -> dict[str, dict]:
-    """Source id -> encoded corrupted copy of a raw warmup row (warmup kinds), is_clean 0."""
-    copies = copies_of(warm_raw, DEFAULT_WARMUP_KINDS, seed)
+def warmup_copies(enc, warm_raw: list[dict], seed: int, kinds=DEFAULT_WARMUP_KINDS) -> dict[str, dict]:
+    """Source id -> encoded corrupted copy of a raw warmup row (of the warmup kinds), is_clean 0."""
+    copies = copies_of(warm_raw, kinds, seed)
     return {c["source_id"]: c for c in with_labels(enc(copies), clean=False)}
 
 
@@ -119,7 +119,10 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
     enc = encoder(tokenizer, args, score_on)
     evaluation = (with_labels(enc(eval_raw, ifd=True), clean=True)
                   + with_labels(enc(eval_copies, ifd=True), clean=False))
-    return Splits(with_labels(enc(warm_raw), clean=True), warmup_copies(enc, warm_raw, args.seed), evaluation)
+    for row in evaluation:  # whether warmup saw this row's kind: the metrics report those kinds apart
+        row["warmup_kind"] = row["corruption"] in args.warmup_kinds
+    copies = warmup_copies(enc, warm_raw, args.seed, args.warmup_kinds)
+    return Splits(with_labels(enc(warm_raw), clean=True), copies, evaluation)
 
 
 # ---- warmup and scoring --------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def kind_table(name: str, best: dict, baselines: dict[str, list], rows: list[dic
     columns = {f"q ({name})": best["q"]["1.0"], **{k: baselines[k] for k in list(baselines)[:3]}}
     per = {column: metrics(s, rows)["per_kind"] for column, s in columns.items()}
     kinds = list(next(iter(per.values())))
-    held = set(DEFAULT_HELDOUT_KINDS)
+    held = {r["corruption"] for r in rows if r["corruption"] and not r["warmup_kind"]}
     body = [[f"{k}{' (held out)' if k in held else ''}"] + [per[c][k] for c in columns] for k in kinds]
     return table(["kind"] + list(columns), body)
 
@@ -235,6 +238,9 @@ def add_settings(parser, budget_min: float) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 wins on a shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-kinds", nargs="+", choices=DEFAULT_WARMUP_KINDS + DEFAULT_HELDOUT_KINDS,
+                        default=list(DEFAULT_WARMUP_KINDS), help="corruption kinds of the warmup negatives; "
+                        "the evaluation holds every kind and reports the others as held out")
     parser.add_argument("--budget-min", type=float, default=budget_min,
                         help="start no new scorer after this many minutes; rerun with the same --cache")
     parser.add_argument("--cache", help="JSON of finished scorers; a rerun with the same settings skips them")
@@ -250,6 +256,7 @@ def parse(argv):
     add_settings(parser, budget_min=22.0)
     parser.add_argument("--step-options", type=int, nargs="*", default=[0, 60], help="warmup lengths to add")
     parser.add_argument("--no-follow-ups", action="store_true", help="only the mode × loss × init grid")
+    parser.add_argument("--only", help="run only the grid variants whose name contains this text")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     bench = Bench(args)
     baselines = bench.baselines()
-    grid = main_variants()
+    grid = [v for v in main_variants() if args.only is None or args.only in v.name(args.steps)]
     for variant in grid:
         bench.variant(variant)
     best = best_of(bench, grid)
@@ -350,14 +357,19 @@ def comparison_notes(best_name: str, best: dict, baselines: dict, rows: list[dic
             + kind_table(best_name, best, baselines, rows))
 
 
+def held_out(rows: list[dict]) -> list[str]:
+    """The corruption kinds of the evaluation rows that warmup never saw."""
+    return sorted({r["corruption"] for r in rows if r["corruption"] and not r["warmup_kind"]})
+
+
 def setting_notes(bench: Bench) -> str:
     args, ev = bench.args, bench.split("all").evaluation
     n_clean = sum(r["is_clean"] for r in ev)
     n_warm = len(bench.split("all").warmup)
     return (f"{args.model}; max_length {args.max_length}; warmup on {n_warm} clean rows, batch "
             f"{args.batch_size} originals (+ their copies with negatives), AdamW lr {args.lr}; evaluation "
-            f"{n_clean} clean + {len(ev) - n_clean} corrupted copies ({', '.join(DEFAULT_WARMUP_KINDS)} = "
-            f"warmup kinds; {', '.join(DEFAULT_HELDOUT_KINDS)} = held out), disjoint from the warmup rows; "
+            f"{n_clean} clean + {len(ev) - n_clean} corrupted copies ({', '.join(args.warmup_kinds)} = "
+            f"warmup kinds; {', '.join(held_out(ev))} = held out), disjoint from the warmup rows; "
             f"{args.threads} torch thread(s), autocast {args.autocast}. AUROC: clean = positive, higher "
             f"score = clean (q at α=1 unless stated); P@{TOP_FRACTION:.0%} = share of clean rows among the "
             f"top {TOP_FRACTION:.0%}. Follow-ups vary the best grid variant; choosing it on the evaluation rows "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import shlex
 import sys
 
-DATE = "2026-11-22"
+DATE = datetime.date.today().isoformat()
 MACHINE = "2-core CPU, no GPU"
 
 

@@ -76,7 +76,8 @@ class SeedBench(Bench):
                 self.seeded[seed] = base
             else:
                 warm_raw = split_rows(self.rows, self.args)[0]
-                copies = warmup_copies(encoder(self.tokenizer, self.args, "all"), warm_raw, seed)
+                copies = warmup_copies(encoder(self.tokenizer, self.args, "all"), warm_raw, seed,
+                                       self.args.warmup_kinds)
                 order = random.Random(seed).sample(base.warmup, len(base.warmup))
                 self.seeded[seed] = replace(base, warmup=order, copies=copies)
         return self.seeded[seed]
