@@ -52,12 +52,18 @@ class Variant:
     steps: int | None = None  # warmup steps; None = --steps
     score_on: str = "all"  # tokens that enter the loss and S
     lr: float | None = None  # None = --lr
+    contrast: bool = False  # the gate also reads the prompt contrast x − x̃ on response tokens
+    alpha: float = 1.0  # α of the negatives loss and of the q in the main columns
+    quality_weight: float = 1.0  # weight of the seeds' quality loss
 
     def name(self, default_steps: int) -> str:
-        loss = self.loss + ("+neg" if self.negatives else "")
+        loss = ("BCE only" if self.negatives and self.quality_weight == 0
+                else self.loss + ("+neg" if self.negatives else ""))
         steps = default_steps if self.steps is None else self.steps
         extra = "" if self.score_on == "all" else f", score_on={self.score_on}"
         extra += "" if self.lr is None else f", lr {self.lr:g}"
+        extra += "" if self.alpha == 1.0 else f", α {self.alpha:g}"
+        extra += ", contrast" if self.contrast else ""
         return f"{self.mode}, {loss}, {self.init} init, {steps} steps{extra}"
 
 
@@ -65,6 +71,14 @@ def main_variants() -> list[Variant]:
     """Mode × loss (linear vs linear+negatives) × init."""
     return [Variant(mode, "linear", negatives, init)
             for mode in ("probe", "modulate") for negatives in (False, True) for init in ("seed", "open")]
+
+
+def contrast_variants(step_options: list[int]) -> list[Variant]:
+    """Probe gates trained on the BCE alone at α = 0, without and with the prompt contrast, and modulate."""
+    probe = Variant("probe", "linear", True, "open", alpha=0.0, quality_weight=0.0)
+    contrast = replace(probe, contrast=True)
+    longer = [replace(v, steps=s) for s in step_options if s > 0 for v in (probe, contrast)]
+    return [probe, contrast, replace(contrast, mode="modulate", quality_weight=1.0)] + longer
 
 
 def follow_ups(best: Variant, step_options: list[int], lr: float) -> list[Variant]:
@@ -106,7 +120,7 @@ def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
 def warmup_copies(enc, warm_raw: list[dict], seed: int, kinds=DEFAULT_WARMUP_KINDS) -> dict[str, dict]:
     """Source id -> encoded corrupted copy of a raw warmup row (of the warmup kinds), is_clean 0."""
     copies = copies_of(warm_raw, kinds, seed)
-    return {c["source_id"]: c for c in with_labels(enc(copies), clean=False)}
+    return {c["source_id"]: c for c in with_labels(enc(copies, ifd=True), clean=False)}
 
 
 def encoder(tokenizer, args, score_on: str):
@@ -122,7 +136,7 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
     for row in evaluation:  # whether warmup saw this row's kind: the metrics report those kinds apart
         row["warmup_kind"] = row["corruption"] in args.warmup_kinds
     copies = warmup_copies(enc, warm_raw, args.seed, args.warmup_kinds)
-    return Splits(with_labels(enc(warm_raw), clean=True), copies, evaluation)
+    return Splits(with_labels(enc(warm_raw, ifd=True), clean=True), copies, evaluation)
 
 
 # ---- warmup and scoring --------------------------------------------------------------------------
@@ -130,20 +144,22 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 
 def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {}
-    return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, **bias)
+    return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args) -> list[dict]:
     """Trains the attached gates for `steps`; returns the loss parts of each step."""
     lr = args.lr if variant.lr is None else variant.lr
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=lr, weight_decay=0.0)
-    cfg = WarmupLossConfig(quality_loss_type=variant.loss, negatives_weight=1.0 if variant.negatives else 0.0)
+    cfg = WarmupLossConfig(quality_loss_type=variant.loss, negatives_weight=1.0 if variant.negatives else 0.0,
+                           quality_loss_weight=variant.quality_weight, negatives_alpha=variant.alpha)
     log, n = [], len(splits.warmup)
     for step in range(steps):
         batch = [splits.warmup[(step * args.batch_size + i) % n] for i in range(args.batch_size)]
         if variant.negatives:
             batch += [splits.copies[r["id"]] for r in batch if r["id"] in splits.copies]
-        log.append(train_step(model, optimizer, collate(batch, pad_id), cfg, AUTOCAST[args.autocast]))
+        batch = collate(batch, pad_id, contrast=variant.contrast)
+        log.append(train_step(model, optimizer, batch, cfg, AUTOCAST[args.autocast]))
     return log
 
 
@@ -174,7 +190,7 @@ def run_variant(model, tokenizer, splits: Splits, variant: Variant, args) -> dic
     S, log, warm_s = warm_and_score(model, tokenizer, splits, variant, args, args.seed)  # [N, A, L]
     ratios = [float(np.mean(p["good_ratio"])) for p in (log[:1] + log[-1:])]
     return {"q": {str(alpha): quality_scores(S[:, a]).tolist() for a, alpha in enumerate(ALPHAS)},
-            "score_on": variant.score_on, "good_ratio": ratios, "warmup_s": warm_s,
+            "alpha": str(variant.alpha), "score_on": variant.score_on, "good_ratio": ratios, "warmup_s": warm_s,
             "seconds": time.perf_counter() - start}
 
 
@@ -195,12 +211,18 @@ def baseline_scores(model, tokenizer, splits: Splits, args) -> dict[str, np.ndar
 # ---- tables ------------------------------------------------------------------------------------
 
 HEADERS = ["scorer", "AUROC all", "AUROC warmup kinds", "AUROC held-out kinds", f"P@{TOP_FRACTION:.0%}",
-           "AUROC at α = 0 / 0.5 / 2", "good ratio start → end", "warmup s / total s"]
+           "AUROC at the other α (of 0 / 0.5 / 1 / 2)", "good ratio start → end", "warmup s / total s"]
+
+
+def main_q(result: dict) -> list[float]:
+    """q at the variant's own α (1 unless the variant trains at another)."""
+    return result["q"][result.get("alpha", "1.0")]
 
 
 def variant_row(name: str, result: dict, rows: list[dict]) -> list:
-    m = metrics(result["q"]["1.0"], rows)
-    others = " / ".join(f"{metrics(result['q'][str(a)], rows)['all']:.2f}" for a in (0.0, 0.5, 2.0))
+    m = metrics(main_q(result), rows)
+    others = " / ".join(f"{metrics(result['q'][str(a)], rows)['all']:.2f}" for a in ALPHAS
+                        if str(a) != result.get("alpha", "1.0"))
     ratio = " → ".join(f"{r:.2f}" for r in result["good_ratio"]) or "–"
     seconds = f"{result['warmup_s']:.0f} / {result['seconds']:.0f}"
     return [f"q: {name}", m["all"], m["warmup_kinds"], m["heldout_kinds"], m["precision"], others, ratio,
@@ -213,7 +235,7 @@ def baseline_row(name: str, scores: list, rows: list[dict]) -> list:
 
 
 def kind_table(name: str, best: dict, baselines: dict[str, list], rows: list[dict]) -> str:
-    columns = {f"q ({name})": best["q"]["1.0"], **{k: baselines[k] for k in list(baselines)[:3]}}
+    columns = {f"q ({name})": main_q(best), **{k: baselines[k] for k in list(baselines)[:3]}}
     per = {column: metrics(s, rows)["per_kind"] for column, s in columns.items()}
     kinds = list(next(iter(per.values())))
     held = {r["corruption"] for r in rows if r["corruption"] and not r["warmup_kind"]}
@@ -257,6 +279,8 @@ def parse(argv):
     parser.add_argument("--step-options", type=int, nargs="*", default=[0, 60], help="warmup lengths to add")
     parser.add_argument("--no-follow-ups", action="store_true", help="only the mode × loss × init grid")
     parser.add_argument("--only", help="run only the grid variants whose name contains this text")
+    parser.add_argument("--contrast", action="store_true",
+                        help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast; modulate)")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)
@@ -328,7 +352,7 @@ def best_of(bench: Bench, grid: list[Variant]) -> Variant | None:
     if any(r is None for r in done.values()):
         return None
     rows = bench.split("all").evaluation
-    return max(grid, key=lambda v: metrics(done[v]["q"]["1.0"], rows)["all"])
+    return max(grid, key=lambda v: metrics(main_q(done[v]), rows)["all"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     bench = Bench(args)
     baselines = bench.baselines()
-    grid = [v for v in main_variants() if args.only is None or args.only in v.name(args.steps)]
+    variants = contrast_variants(args.step_options) if args.contrast else main_variants()
+    grid = [v for v in variants if args.only is None or args.only in v.name(args.steps)]
     for variant in grid:
         bench.variant(variant)
     best = best_of(bench, grid)
@@ -349,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def comparison_notes(best_name: str, best: dict, baselines: dict, rows: list[dict]) -> str:
-    q = best["q"]["1.0"]
+    q = main_q(best)
     parts = [f"{name.split(' (')[0]} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
              for name in list(baselines)[:3] for d, lo, hi in [bootstrap_delta(q, baselines[name], rows)]]
     return (f"AUROC of q ({best_name}) minus each baseline's, with 95% paired-bootstrap intervals: "
@@ -387,7 +412,7 @@ def report(bench: Bench, variants: list[Variant], best: Variant | None, baseline
     if best is not None:
         name = best.name(args.steps)
         result = bench.cache["variants"][name]
-        both = rank_average(result["q"]["1.0"], baselines["IFD (lower = clean)"])
+        both = rank_average(main_q(result), baselines["IFD (lower = clean)"])
         body.append(baseline_row(f"rank average of q ({name}) and IFD", both, ev))
         notes += "\n\n" + comparison_notes(name, result, baselines, ev)
     out = None if missing else args.out  # a partial table is printed, not appended

@@ -1,7 +1,9 @@
 """The quality gate: a tiny linear probe before the FFN of every decoder layer of any HF causal decoder.
 
 In each chosen layer the gate reads the FFN input x (the output of `post_attention_layernorm`):
-`score = x · w`, `good_ratio = sigmoid(score)`.
+`score = x · w`, `good_ratio = sigmoid(score)`. A contrast gate (`contrast=True`) also reads, on the tokens of
+the final response, how the prompt changed them: `score = x · w + (x − x̃) · v`, where x̃ is the same token's FFN
+input when the response runs without its prompt (`qgate.contrast` runs that pass and sets `GateSet.reference`).
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -28,18 +30,31 @@ GATES_FORMAT = 1
 
 
 class QualityGate(nn.Module):
-    """`nn.Linear(hidden, 1)`: one logit per token. Init N(init_mean, init_std); optional bias set to init_bias."""
+    """`nn.Linear(hidden, 1)`: one logit per token. Init N(init_mean, init_std); optional bias set to init_bias.
+
+    With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known.
+    """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
-                 bias: bool = False, init_bias: float = 0.0):
+                 bias: bool = False, init_bias: float = 0.0, contrast: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
         if bias:
             nn.init.constant_(self.linear.bias, init_bias)
+        self.contrast = nn.Linear(hidden_size, 1, bias=False) if contrast else None
+        if contrast:
+            nn.init.zeros_(self.contrast.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.to(self.linear.weight.dtype)).squeeze(-1)  # [B, T, H] -> [B, T]
+    def forward(self, x: torch.Tensor, alone: torch.Tensor | None = None,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H]; `alone` [B, T, H] = x̃ where `known` [B, T] is 1. -> logits [B, T]"""
+        x = x.to(self.linear.weight.dtype)
+        logits = self.linear(x).squeeze(-1)
+        if self.contrast is not None and alone is not None:
+            delta = (x - alone.to(x.dtype)) * known.unsqueeze(-1).to(x.dtype)  # [B, T, H], 0 where x̃ is unknown
+            logits = logits + self.contrast(delta).squeeze(-1)
+        return logits
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -61,6 +76,11 @@ class GateSet:
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[QualityGate]):
         self.model, self.mode, self.layers, self.gates = model, mode, layers, gates
         self.forced_ratio: float | None = None
+        self.contrast = any(gate.contrast is not None for gate in gates)
+        # contrast gates: (x̃ per gated layer [B, T, H], known [B, T]) for the next forward pass
+        self.reference: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
+        self.captured: list[torch.Tensor | None] = [None] * len(gates)
         self._logits: list[torch.Tensor | None] = [None] * len(gates)
         self._hooks = []
         blocks = find_decoder_layers(model)
@@ -71,7 +91,13 @@ class GateSet:
 
     def _read_hook(self, slot: int):
         def hook(module, args):
-            self._logits[slot] = self.gates[slot](args[0])  # [B, T]
+            if self.capture:
+                self.captured[slot] = args[0].detach()  # [B, T, H]
+            if self.reference is None:
+                self._logits[slot] = self.gates[slot](args[0])  # [B, T]
+            else:
+                alone, known = self.reference
+                self._logits[slot] = self.gates[slot](args[0], alone[slot], known)
         return hook
 
     def _scale_hook(self, slot: int):
@@ -97,6 +123,7 @@ class GateSet:
 
     def clear(self) -> None:
         self._logits = [None] * len(self.gates)
+        self.captured = [None] * len(self.gates)
 
     @contextlib.contextmanager
     def forced(self, ratio: float = 1.0):
@@ -111,14 +138,21 @@ class GateSet:
         return [p for gate in self.gates for p in gate.parameters()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"layers.{index}.{name}": tensor.detach().cpu().contiguous()
-                for index, gate in zip(self.layers, self.gates)
-                for name, tensor in gate.linear.state_dict().items()}
+        """`layers.{i}.weight` (and `.bias`) of each gate; contrast gates add `layers.{i}.contrast.weight`."""
+        state = {}
+        for index, gate in zip(self.layers, self.gates):
+            state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
+            if gate.contrast is not None:
+                state[f"layers.{index}.contrast.weight"] = gate.contrast.weight
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for index, gate in zip(self.layers, self.gates):
-            prefix = f"layers.{index}."
-            gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            prefix, contrast = f"layers.{index}.", f"layers.{index}.contrast."
+            gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                         if k.startswith(prefix) and not k.startswith(contrast)})
+            if gate.contrast is not None:
+                gate.contrast.load_state_dict({"weight": state[contrast + "weight"]})
 
     def remove(self) -> None:
         """Detach hooks and gate modules: the model is the plain backbone again."""
@@ -132,12 +166,12 @@ class GateSet:
 
 def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
-                 seed: int = 0, kind: str | None = None, **trash_can) -> GateSet:
+                 seed: int = 0, kind: str | None = None, contrast: bool = False, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
     arguments plus `trash_can` (`qgate.moe.TrashCanSettings`, unused on dense models); `kind` ("dense" or
-    "trash_can") overrides the choice by model.
+    "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input.
     """
     from qgate import moe
 
@@ -147,6 +181,8 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
         raise ValueError("this model already has quality gates; call .remove() on them first")
     moe.settings_of(trash_can)
     if (kind or ("trash_can" if moe.is_moe(model) else "dense")) == moe.KIND:
+        if contrast:
+            raise ValueError("gate.contrast is for dense gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -155,7 +191,7 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
     reference = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias) for _ in layers]
+        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast) for _ in layers]
     gates = [g.to(device=reference.device, dtype=reference.dtype) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
     model.qgate_gates = gate_set
@@ -177,7 +213,8 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     save_file(gates.state_dict(), out_dir / GATES_FILE)
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
-            "bias": gates.gates[0].linear.bias is not None, "n_model_layers": len(find_decoder_layers(gates.model)),
+            "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast,
+            "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
@@ -185,6 +222,11 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
 
 def read_gate_metadata(gates_dir: str | Path) -> dict:
     return json.loads((Path(gates_dir) / GATES_META).read_text())
+
+
+def reads_contrast(gates_dir: str | Path) -> bool:
+    """Whether the saved gates read the prompt contrast: rows must then be encoded with their response alone."""
+    return bool(read_gate_metadata(gates_dir).get("contrast", False))
 
 
 def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None) -> GateSet:
@@ -203,7 +245,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
         moe.check_loadable(model, meta)
         extra = moe.saved_settings(meta)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
-                         kind=meta.get("kind", "dense"), **extra)
+                         kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

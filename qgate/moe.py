@@ -153,6 +153,7 @@ class TrashCanGateSet(GateSet):
     """Trash-can experts behind the `GateSet` interface: `logits()` is logit(ratio) [B, L, T]."""
 
     kind = KIND
+    contrast = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

@@ -90,14 +90,25 @@ class Scorer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @torch.inference_mode()
-    def _forward(self, ids: list[list[int]], masks: list[list[int]]):
+    def _forward(self, ids: list[list[int]], masks: list[list[int]], alone: dict | None = None):
+        """(NLL [B, T], gate logits [B, L, T], score mask [B, T], NLL of the responses alone [B', T'] or None).
+
+        With `alone` (contrast gates), the responses alone run first and the gates read the prompt contrast.
+        """
+        from qgate.contrast import contrasted
+
         input_ids = pad(ids, self.pad_id).to(self.device)  # [B, T]
         attention = pad([[1] * len(s) for s in ids], 0).to(self.device)  # [B, T]
         with self._autocast():
-            nll = token_nll(self.model, input_ids, attention)  # [B, T]
+            if alone is None:
+                nll, alone_nll = token_nll(self.model, input_ids, attention), None  # [B, T]
+            else:
+                alone = {k: v.to(self.device) for k, v in alone.items()}
+                with contrasted(self.model, alone, tuple(input_ids.shape)) as alone_nll:
+                    nll = token_nll(self.model, input_ids, attention)  # [B, T]
         gate_logits = self.gates.logits().float()  # [B, L, T]
         self.gates.clear()
-        return nll, gate_logits, pad(masks, 0).to(self.device)
+        return nll, gate_logits, pad(masks, 0).to(self.device), alone_nll
 
     def score(self, rows: list[dict]) -> list[dict]:
         """Per-row stats in input order; rows must carry `input_ids`, `score_mask`, `response_mask`."""
@@ -108,13 +119,17 @@ class Scorer:
         return results
 
     def _score_batch(self, rows: list[dict]) -> list[dict]:
-        nll, gate_logits, score_mask = self._forward([r["input_ids"] for r in rows], [r["score_mask"] for r in rows])
+        from qgate.contrast import alone_batch
+
+        alone = alone_batch(rows, self.pad_id) if self.gates.contrast else None
+        nll, gate_logits, score_mask, alone_nll = self._forward(
+            [r["input_ids"] for r in rows], [r["score_mask"] for r in rows], alone)
         response_mask = pad([r["response_mask"] if sum(r.get("response_mask") or []) else r["score_mask"]
                              for r in rows], 0).to(self.device)
         S = layer_scores_batch(gate_logits, nll, score_mask, self.alphas, self.eps)  # [B, A, L]
         mean_nll = masked_mean(nll, score_mask)  # [B]
         response_nll = masked_mean(nll, response_mask)  # [B]
-        ifd = self._ifd(rows, response_nll) if self.ifd else [None] * len(rows)
+        ifd = self._ifd(rows, response_nll, alone_nll, alone) if self.ifd else [None] * len(rows)
         out = []
         for i, row in enumerate(rows):
             stats = {"n_scored": int(sum(row["score_mask"])), "alphas": self.alphas,
@@ -126,14 +141,19 @@ class Scorer:
             out.append(stats)
         return out
 
-    def _ifd(self, rows: list[dict], conditioned_nll: torch.Tensor) -> list[float | None]:
-        """IFD = response loss with the instruction / response loss alone (a second pass, same model)."""
-        alone_rows = [r for r in rows if r.get("ifd_input_ids")]
-        if not alone_rows:
+    def _ifd(self, rows: list[dict], conditioned_nll: torch.Tensor, alone_nll: torch.Tensor | None = None,
+             alone: dict | None = None) -> list[float | None]:
+        """IFD = response loss with the instruction / response loss alone (the contrast pass's, or a second pass)."""
+        if not any(r.get("ifd_input_ids") for r in rows):
             return [None] * len(rows)
-        nll, _, mask = self._forward([r["ifd_input_ids"] for r in alone_rows], [r["ifd_score_mask"] for r in alone_rows])
-        alone = iter(masked_mean(nll, mask).tolist())
-        return [float(conditioned_nll[i]) / max(next(alone), 1e-8) if r.get("ifd_input_ids") else None
+        if alone_nll is None:
+            alone_rows = [r for r in rows if r.get("ifd_input_ids")]
+            alone_nll, _, alone_mask, _ = self._forward([r["ifd_input_ids"] for r in alone_rows],
+                                                        [r["ifd_score_mask"] for r in alone_rows])
+        else:
+            alone_mask = alone["alone_mask"].to(alone_nll.device)
+        alone_mean = iter(masked_mean(alone_nll, alone_mask).tolist())
+        return [float(conditioned_nll[i]) / max(next(alone_mean), 1e-8) if r.get("ifd_input_ids") else None
                 for i, r in enumerate(rows)]
 
     def _raw(self, gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qgate.contrast import alone_batch, reference_pass
 from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
 from qgate.stats import masked_mean, pad, token_nll
 
@@ -23,20 +24,32 @@ class WarmupLossConfig(QualityLossConfig):
     negatives_alpha: float = 1.0  # α of the perplexity weights inside the negatives loss
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pads encoded rows into tensors: input_ids, attention_mask, score_mask [B, T] and is_clean [B]."""
-    return {
+def collate(rows: list[dict], pad_id: int, contrast: bool = False) -> dict[str, torch.Tensor]:
+    """Pads encoded rows into tensors: input_ids, attention_mask, score_mask [B, T] and is_clean [B].
+
+    `contrast` adds the responses alone for contrast gates (`qgate.contrast.alone_batch`).
+    """
+    batch = {
         "input_ids": pad([r["input_ids"] for r in rows], pad_id),
         "attention_mask": pad([[1] * len(r["input_ids"]) for r in rows], 0),
         "score_mask": pad([r["score_mask"] for r in rows], 0),
         "is_clean": torch.tensor([float(r.get("is_clean", 1.0)) for r in rows]),
     }
+    return {**batch, **alone_batch(rows, pad_id)} if contrast else batch
 
 
 def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) -> tuple[torch.Tensor, dict]:
     """The total loss and its parts (floats) for logging: ce, quality, negatives, good_ratio per layer."""
     gates = model.qgate_gates
-    nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    if gates.contrast:
+        if "pairs" not in batch:
+            raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
+        with torch.no_grad():
+            reference_pass(model, batch, tuple(batch["input_ids"].shape))
+    try:
+        nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    finally:
+        gates.reference = None
     logits = gates.logits()  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None

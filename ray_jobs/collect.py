@@ -318,6 +318,8 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
     """The Ray dataset of scored rows and rejects that the driver writes out."""
     import ray
 
+    from qgate.gate import reads_contrast
+
     c = config.collect
     # One file per read task: files are the unit of parallelism and of resume bookkeeping.
     items = ray.data.from_items(_file_items(files, done), override_num_blocks=max(len(files), 1))
@@ -330,7 +332,7 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
     encoded = rows.map_batches(
         encode_batch, batch_format="pyarrow", batch_size=int(c.batch_rows),
         fn_kwargs={"model_name": config.model, "max_length": int(config.encoding.max_length),
-                   "score_on": config.encoding.score_on, "ifd": bool(c.ifd),
+                   "score_on": config.encoding.score_on, "ifd": bool(c.ifd) or reads_contrast(gates_dir),
                    "trust_remote_code": bool(config.trust_remote_code)},
         **({} if gpu else resources))
     return encoded.map_batches(

@@ -69,12 +69,13 @@ def score_chunk(config: dict, gates_dir: str, rows: list[dict], gpu: bool) -> li
 
 def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
     from qgate.config import as_dict
+    from qgate.gate import reads_contrast
 
     tokenizer = load_tokenizer(config.model)
-    encoded = [encode_row(tokenizer, r, config.encoding.max_length, config.encoding.score_on, config.collect.ifd)
-               for r in rows]
-    gpu = use_gpu(config)
     gates_dir = str(config.gates or run_paths(config.out)["gates"])
+    alone = config.collect.ifd or reads_contrast(gates_dir)  # contrast gates read the responses alone too
+    encoded = [encode_row(tokenizer, r, config.encoding.max_length, config.encoding.score_on, alone) for r in rows]
+    gpu = use_gpu(config)
     chunks = np.array_split(np.arange(len(encoded)), max(1, min(config.collect.actors, len(encoded))))
     options = {"num_gpus": 1} if gpu else {"num_cpus": config.collect.cpus_per_actor}
     futures = [score_chunk.options(**options).remote(as_dict(config), gates_dir, [encoded[i] for i in chunk], gpu)

@@ -110,11 +110,17 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
 
 def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
              prefix: str = "reject:") -> dict | None:
-    out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on)
+    contrast = bool(config.gate.contrast)  # contrast gates also read each response alone
+    out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on, ifd=contrast)
     if out["reason"]:
         counts[prefix + out["reason"]] += 1
         return None
-    return {"input_ids": out["input_ids"], "score_mask": out["score_mask"], "is_clean": clean}
+    kept = ENCODED + (CONTRAST_ENCODED if contrast else ())
+    return {**{key: out[key] for key in kept}, "is_clean": clean}
+
+
+ENCODED = ("input_ids", "score_mask")
+CONTRAST_ENCODED = ("response_mask", "ifd_input_ids", "ifd_score_mask")
 
 
 def shard_items(items: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
@@ -171,7 +177,8 @@ def _batch(shard: list[dict], step: int, cfg: dict) -> dict[str, torch.Tensor]:
     size = cfg["batch_size"]
     block = step_block(step - 1, len(shard) // size, cfg["seed"])
     originals = shard[block * size:(block + 1) * size]
-    return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"])
+    return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"],
+                   contrast=cfg["gate"].get("contrast", False))
 
 
 def _restore(checkpoint, gates, optimizer, device) -> dict:

@@ -161,8 +161,8 @@ class CorpusScorer:
     def encode(self, samples: list[dict]) -> list[dict]:
         """Loader rows with the encoding fields; `reason != ""` marks a sample that cannot be scored."""
         rows = [normalize(sample, SOURCE, i) for i, sample in enumerate(samples)]
-        return [encode_row(self.tokenizer, row, self.max_length, self.score_on, ifd=self.reference is not None)
-                for row in rows]
+        alone = self.reference is not None or self.scorer.gates.contrast  # IFD or contrast gates need it
+        return [encode_row(self.tokenizer, row, self.max_length, self.score_on, ifd=alone) for row in rows]
 
     def score(self, samples: list[dict]) -> list[dict]:
         """One result per sample, in order: q, score, S, ppl, IFD, percentile, selected… or an error."""

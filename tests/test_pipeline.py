@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 
 from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
@@ -52,10 +53,20 @@ def assert_complete_run(out: Path, n_rows: int, fraction: float):
 def test_pipeline_command_runs_every_stage(ray_local, corpus, tmp_path):
     from qgate.cli import main
 
-    main(["pipeline", *tiny_args(corpus["data_dir"], tmp_path / "run")])
-    assert_complete_run(tmp_path / "run", corpus["n_rows"], 0.25)
-    assert set(json.loads((tmp_path / "run" / "logs" / "timings.json").read_text())) == {
+    out = tmp_path / "run"
+    main(["pipeline", *tiny_args(corpus["data_dir"], out), "gate.contrast=true"])
+    assert_complete_run(out, corpus["n_rows"], 0.25)
+    assert set(json.loads((out / "logs" / "timings.json").read_text())) == {
         "warmup", "collect", "selfcheck", "select"}
+    # contrast gates: warmup trained the contrast weights, and serve scores a corpus row as collect did
+    contrast = {k: v for k, v in load_file(str(out / "gates" / "gates.safetensors")).items() if "contrast" in k}
+    assert len(contrast) == 2 and all(v.abs().sum() > 0 for v in contrast.values())
+    from serve.scoring import CorpusScorer
+
+    row = read_jsonl(out / "selection" / "selected_data.jsonl")[0]
+    q = {r["id"]: r["q"] for r in pq.read_table(out / "selection" / "scores.parquet", columns=["id", "q"]).to_pylist()}
+    served = CorpusScorer.from_run_dir(out).score([{"messages": row["messages"]}])[0]
+    assert served["q"] == pytest.approx(q[row["id"]], rel=1e-3, abs=1e-6)
 
 
 def _ray(*args, env, timeout=120):

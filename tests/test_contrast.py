@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from qgate.contrast import alone_batch, contrasted, final_run, response_pairs
+from qgate.encoding import encode_row
+from qgate.gate import attach_gates, freeze_backbone, load_gates, reads_contrast, save_gates
+from qgate.stats import Scorer
+from qgate.tiny import tiny_model, tiny_tokenizer
+from qgate.training import WarmupLossConfig, collate, train_step
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def chat(i: int, prompt: str = "tell me about cats", answer: str = "cats purr and sleep a lot") -> dict:
+    messages = [{"role": "user", "content": f"{prompt} {i}"}, {"role": "assistant", "content": f"{answer} {i}"}]
+    return {"id": f"r{i}", "dataset": "d", "reason": "", "messages": messages}
+
+
+def encoded(tok, rows, max_length=64):
+    return [encode_row(tok, r, max_length, "all", ifd=True) for r in rows]
+
+
+def contrast_gates(model, layers=None):
+    gates = attach_gates(model, mode="probe", contrast=True, layers=layers)
+    for gate in gates.gates:  # contrast weights start at 0; make them read something
+        torch.nn.init.normal_(gate.contrast.weight, std=0.5)
+    return gates
+
+
+def test_final_run_is_the_last_block_of_ones():
+    assert final_run([0, 1, 1, 0, 0, 1, 1, 1, 0]) == [5, 6, 7]
+    assert final_run([1, 1]) == [0, 1]
+    assert final_run([0, 0]) == []
+
+
+def test_pairs_line_up_the_final_response_token_for_token(tok):
+    row = encoded(tok, [chat(0)])[0]
+    pairs = response_pairs(row)
+    assert len(pairs) == sum(row["response_mask"]) > 3
+    assert all(row["input_ids"][f] == row["ifd_input_ids"][a] for f, a in pairs)
+
+
+def test_pairs_of_a_truncated_row_stop_where_the_full_row_ends(tok):
+    whole = encoded(tok, [chat(0)])[0]
+    cut = encoded(tok, [chat(0)], max_length=len(whole["input_ids"]) - 4)[0]
+    assert 0 < len(response_pairs(cut)) == sum(cut["response_mask"]) < len(response_pairs(whole))
+
+
+def test_pairs_stop_at_the_first_token_that_differs(tok):
+    row = encoded(tok, [chat(0)])[0]
+    positions = [f for f, _ in response_pairs(row)]
+    row["input_ids"][positions[2]] += 1  # as if the full row held another token there
+    assert len(response_pairs(row)) == 2
+
+
+def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok):
+    model = tiny_model("tiny-llama")
+    gates = contrast_gates(model, layers=[1])
+    rows = encoded(tok, [chat(0), chat(1, answer="dogs bark")])
+    seen = []
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out))
+    Scorer(model, tok, gates, alphas=[0.0]).score(rows[:1])
+    alone_x, full_x = seen[0][0].clone(), seen[1][0].clone()  # [T', H], [T, H]: the response alone runs first
+    gate = gates.gates[0]
+    with torch.no_grad():
+        plain = full_x @ gate.linear.weight[0]  # [T]
+        expected = plain.clone()
+        for full_at, alone_at in response_pairs(rows[0]):
+            expected[full_at] += (full_x[full_at] - alone_x[alone_at]) @ gate.contrast.weight[0]
+
+    batch = alone_batch(rows[:1], tok.pad_token_id)
+    with torch.no_grad(), contrasted(model, batch, (1, len(rows[0]["input_ids"]))):
+        model(torch.tensor([rows[0]["input_ids"]]))
+    assert gates.reference is None  # the block leaves no reference behind
+    assert torch.allclose(gates.logits()[0, 0], expected, atol=1e-5)
+    prompt = [t for t in range(len(expected)) if t not in {f for f, _ in response_pairs(rows[0])}]
+    assert torch.allclose(gates.logits()[0, 0, prompt], plain[prompt], atol=1e-5)
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the contrast term is really there
+
+
+def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
+    model = tiny_model("tiny-qwen3")
+    rows = encoded(tok, [chat(i, answer="x " * (i + 1)) for i in range(4)])
+    plain = Scorer(model, tok, attach_gates(model, mode="probe"), alphas=[0.0], ifd=True).score(rows)
+    model.qgate_gates.remove()
+    gates = contrast_gates(model)
+    together = Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score(rows)
+    alone = [Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score([r])[0] for r in rows]
+    for a, b in zip(together, alone):
+        assert torch.allclose(torch.tensor(a["S"]), torch.tensor(b["S"]), atol=1e-5)
+    assert [r["ifd"] for r in together] == pytest.approx([r["ifd"] for r in plain], rel=1e-5)
+
+
+def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path):
+    model = tiny_model("tiny-llama")
+    gates = contrast_gates(model)
+    rows = encoded(tok, [chat(i) for i in range(3)])
+    expected = Scorer(model, tok, gates, alphas=[0.0]).score(rows)
+    save_gates(gates, tmp_path)
+    assert reads_contrast(tmp_path)
+    reloaded = load_gates(tiny_model("tiny-llama"), tmp_path)
+    assert reloaded.contrast and Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
+
+
+def test_warmup_trains_the_contrast_weights_and_needs_the_responses_alone(tok):
+    model = tiny_model("tiny-qwen3")
+    gates = attach_gates(model, mode="probe", contrast=True, bias=True, init_bias=3.0)
+    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
+    rows = encoded(tok, [chat(0), chat(1)]) + [{**r, "is_clean": 0} for r in encoded(tok, [chat(2, answer="zq")])]
+    cfg = WarmupLossConfig(negatives_weight=1.0, quality_loss_weight=0.0)
+    train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
+    assert all(gate.contrast.weight.abs().sum() > 0 for gate in gates.gates)
+    with pytest.raises(ValueError, match="contrast=True"):
+        train_step(model, optimizer, collate(rows, tok.pad_token_id), cfg)
+
+
+def test_rows_without_a_response_alone_are_refused_by_name(tok):
+    rows = [encode_row(tok, chat(0), 64, "all", ifd=False)]
+    with pytest.raises(ValueError, match="ifd=True"):
+        alone_batch(rows, tok.pad_token_id)
+
+
+def test_moe_trash_cans_have_no_contrast_input():
+    with pytest.raises(ValueError, match="contrast"):
+        attach_gates(tiny_model("tiny-olmoe"), contrast=True)
