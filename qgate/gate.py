@@ -166,12 +166,13 @@ class GateSet:
 
 def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
-                 seed: int = 0, kind: str | None = None, contrast: bool = False, **trash_can) -> GateSet:
+                 seed: int = 0, kind: str | None = None, contrast: bool | str = False, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
     arguments plus `trash_can` (`qgate.moe.TrashCanSettings`, unused on dense models); `kind` ("dense" or
-    "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input.
+    "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input ("auto":
+    dense gates get it, trash cans do not).
     """
     from qgate import moe
 
@@ -180,7 +181,12 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
     if getattr(model, "qgate_gates", None) is not None:
         raise ValueError("this model already has quality gates; call .remove() on them first")
     moe.settings_of(trash_can)
-    if (kind or ("trash_can" if moe.is_moe(model) else "dense")) == moe.KIND:
+    trash_cans = (kind or ("trash_can" if moe.is_moe(model) else "dense")) == moe.KIND
+    if contrast == "auto":
+        contrast = not trash_cans
+    if contrast not in (True, False):
+        raise ValueError(f"gate.contrast must be true, false or auto, got {contrast!r}")
+    if trash_cans:
         if contrast:
             raise ValueError("gate.contrast is for dense gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)

@@ -110,7 +110,7 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
 
 def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
              prefix: str = "reject:") -> dict | None:
-    contrast = bool(config.gate.contrast)  # contrast gates also read each response alone
+    contrast = config.gate.contrast in (True, "auto")  # contrast gates also read each response alone
     out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on, ifd=contrast)
     if out["reason"]:
         counts[prefix + out["reason"]] += 1
@@ -178,7 +178,7 @@ def _batch(shard: list[dict], step: int, cfg: dict) -> dict[str, torch.Tensor]:
     block = step_block(step - 1, len(shard) // size, cfg["seed"])
     originals = shard[block * size:(block + 1) * size]
     return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"],
-                   contrast=cfg["gate"].get("contrast", False))
+                   contrast=cfg.get("gate", {}).get("contrast", False) in (True, "auto"))
 
 
 def _restore(checkpoint, gates, optimizer, device) -> dict:

@@ -122,7 +122,8 @@ def test_select_job_strategies_keep_k_rows_and_report_clusters(stats_run, tmp_pa
 
     run, n = stats_run
     out = select.run(load_config([f"out={tmp_path / strategy}", "use_gpu=false", f"selection.runs=[{run}]",
-                                  "selection.percentage=0.25", "selection.direction=higher", "selection.n_clusters=5",
+                                  "selection.percentage=0.25", "selection.direction=higher", "selection.alpha=1.0",
+                                  "selection.n_clusters=5",
                                   f"selection.strategy={strategy}", "selection.similarity_threshold=0.9"]))
     k = -(-n // 4)
     summary = json.loads((out / "selection_stats.json").read_text())
