@@ -2,6 +2,7 @@
 
     python bench/robustness.py --cache /tmp/robust.json --budget-min 32 --out BENCHMARKS.md   # rerun to go on
     python bench/robustness.py --quick        # a smoke run in seconds: tiny settings, tiny-qwen3 unless --model
+    python bench/robustness.py --contrast --steps 150 --cache /tmp/robust_contrast.json --out BENCHMARKS.md
 
 The data split, evaluation rows, baselines and settings are those of bench/planted_noise.py, whose pieces this
 imports. Grid: mode (probe, modulate) × loss (linear, linear + negatives) × init (seed, open) × seeds (0, 1, 2).
@@ -10,6 +11,7 @@ rows stay fixed, so the spread is the method's. The split's own seed (--seed, 0)
 copies, so that run repeats planted_noise.py's. Per variant: AUROC (all / warmup kinds / held-out kinds) and
 P@30% of q at α=1 as mean ± std over the seeds, the min–max of AUROC all and how many seeds came out reversed.
 The best variant by mean AUROC (first seed) then picks 30% with each strategy of qgate.diversity on its S at α=1.
+With --contrast the grid is the default recipe (probe, BCE only, α 0, contrast) × init, in its own section.
 
 A run starts no new warmup after --budget-min minutes; with --cache a rerun skips the finished ones. With --out
 the section is written in place of an older one, also when some warmups are missing (they are listed).
@@ -32,6 +34,7 @@ from planted_noise import (
     Variant,
     add_settings,
     encoder,
+    contrast_variants,
     main_variants,
     quick_settings,
     save_cache,
@@ -48,6 +51,7 @@ from qgate.models import DEFAULT_MODEL
 from qgate.scoring import quality_scores, selection_count
 
 TITLE = "Robustness over seeds (bench/robustness.py)"
+CONTRAST_TITLE = "Robustness over seeds of the default recipe (bench/robustness.py --contrast)"
 BASELINES = ("response PPL (lower = clean)", "IFD (lower = clean)")
 N_CLUSTERS, THRESHOLD = 8, 0.95
 QUICK_MODEL = "tiny-qwen3"  # 24 warmups of the real model at quick settings take ~4 minutes on 2 cores
@@ -91,11 +95,11 @@ class SeedBench(Bench):
         return runs.get(key)
 
     def warm_up_and_score(self, variant: Variant, seed: int) -> dict:
-        """q and S at α=1 (lists, for the cache) of fresh gates warmed up with this seed."""
+        """q and S at the variant's α (lists, for the cache) of fresh gates warmed up with this seed."""
         start = time.perf_counter()
         torch.manual_seed(seed)
         S, _, warm_s = warm_and_score(self.model, self.tokenizer, self.splits_for(seed), variant, self.args, seed)
-        S1 = S[:, ALPHAS.index(1.0)]  # [N, L]
+        S1 = S[:, ALPHAS.index(variant.alpha)]  # [N, L]
         return {"q": quality_scores(S1).tolist(), "S": S1.tolist(), "warmup_s": warm_s,
                 "seconds": time.perf_counter() - start}
 
@@ -159,7 +163,7 @@ def kind_of(row: dict) -> str:
 
 
 def picks_of(result: dict, seed: int) -> dict[str, dict]:
-    """Each strategy's 30% of the evaluation rows from q and S at α=1 (qgate.diversity.select_diverse)."""
+    """Each strategy's 30% of the evaluation rows from q and S at the variant's α (qgate.diversity.select_diverse)."""
     q, S = np.asarray(result["q"]), np.asarray(result["S"])  # [N], [N, L]
     k = selection_count(len(q), TOP_FRACTION)
     return {s: select_diverse(q, S, k, s, n_clusters=N_CLUSTERS, threshold=THRESHOLD, seed=seed)
@@ -268,13 +272,14 @@ def setting_notes(bench: SeedBench, best: str | None) -> str:
             f"({', '.join(DEFAULT_WARMUP_KINDS)} = warmup kinds; the other kinds held out); "
             f"{args.threads} torch thread(s), autocast {args.autocast}. Seeds {seeds}: each sets the gate init, "
             f"the warmup batch order and the corruption of the warmup copies; seed {args.seed} keeps the split's "
-            "order and copies (the planted-noise run). Mean ± sample std (n − 1) over the seeds; q at α=1; "
+            "order and copies (the planted-noise run). Mean ± sample std (n − 1) over the seeds; q at α=1 "
+            "unless the name gives another α; "
             f"AUROC: clean = positive, higher score = clean; P@{TOP_FRACTION:.0%} = share of clean rows among the "
             f"top {TOP_FRACTION:.0%}. Baselines are deterministic (one value). Warmup s / total s: wall, mean over "
             "the seeds, on a machine shared with other jobs.")
     if best:
         text += (f"\n\nDiversity-aware selection with q of {best}, seed {args.seeds[0]}: "
-                 f"`qgate.diversity.select_diverse` on S [N, L] at α=1 (standardised per layer inside), "
+                 f"`qgate.diversity.select_diverse` on S [N, L] at the variant's α (standardised per layer inside), "
                  f"{N_CLUSTERS} k-means clusters seeded {args.seed}, similarity threshold {THRESHOLD}, "
                  f"{TOP_FRACTION:.0%} of the evaluation rows each.")
     return text
@@ -311,7 +316,7 @@ def report(bench: SeedBench, grid: list[Variant], baselines: dict) -> None:
     if missing:
         notes += f"\n\nNot run (time budget; rerun with the same --cache): {'; '.join(missing)}."
     notes += "\n\n" + findings(bench, done, best, baselines, picks)
-    emit(TITLE, text, args.out, notes, replace=True)
+    emit(CONTRAST_TITLE if args.contrast else TITLE, text, args.out, notes, replace=True)
 
 
 # ---- driver --------------------------------------------------------------------------------------
@@ -323,11 +328,19 @@ def parse(argv):
     parser.set_defaults(model=None)  # planted_noise's model, or tiny-qwen3 with --quick
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="gate init, warmup order and warmup copies; --seed fixes the split")
+    parser.add_argument("--contrast", action="store_true",
+                        help="the grid is the default recipe (probe, BCE only, α 0, contrast) with each init")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)
     args.model = args.model or (QUICK_MODEL if args.quick else DEFAULT_MODEL)
     return args
+
+
+def recipe_variants() -> list[Variant]:
+    """The default recipe (planted_noise's contrast grid, contrast on) with the seed init and the open init."""
+    recipe = next(v for v in contrast_variants([]) if v.contrast and v.mode == "probe")
+    return [replace(recipe, init=init) for init in ("seed", "open")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     bench = SeedBench(args)
     baselines = bench.baselines()
-    grid = main_variants()
+    grid = recipe_variants() if args.contrast else main_variants()
     for seed in args.seeds:  # seed-major: a cut budget leaves whole seeds
         for variant in grid:
             bench.run(variant, seed)
