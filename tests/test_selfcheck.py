@@ -84,31 +84,35 @@ def pair_wins(scorer, rows, alpha=1.0) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_warmup_with_negatives_ranks_originals_above_their_copies(tmp_path):
+@pytest.mark.parametrize("recipe", ["modulate, α 1", "probe, contrast, α 0 (the defaults)"])
+def test_warmup_with_negatives_ranks_originals_above_their_copies(tmp_path, recipe):
+    contrast = "contrast" in recipe
+    alpha = 0.0 if contrast else 1.0
     corpus = build_demo_corpus(tmp_path, n_rows=160, seed=0)
     rows = [r for f in list_input_files(corpus["data_dir"]) for r in iter_file_rows(f) if not r["reason"]]
     tokenizer = tiny_tokenizer()
 
     def encoded(batch):
-        out = [encode_row(tokenizer, r, 96, "all") for r in with_copies(batch, ["gibberish", "char_noise"], 0)]
+        out = [encode_row(tokenizer, r, 96, "all", ifd=contrast)
+               for r in with_copies(batch, ["gibberish", "char_noise"], 0)]
         return [r for r in out if not r["reason"]]
 
     train, held = encoded(rows[:120]), encoded(rows[120:])
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="modulate", bias=True, init_bias=3.0)
-    scorer = Scorer(model, tokenizer, gates, alphas=[1.0])
-    before = pair_wins(scorer, held)
+    gates = attach_gates(model, mode="probe" if contrast else "modulate", bias=True, init_bias=3.0, contrast=contrast)
+    scorer = Scorer(model, tokenizer, gates, alphas=[alpha])
+    before = pair_wins(scorer, held, alpha)
 
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=3e-2)
     originals = [r for r in train if r["is_clean"]]
     copies = {r["source_id"]: r for r in train if not r["is_clean"]}
-    cfg = WarmupLossConfig(quality_loss_weight=0.0, negatives_weight=1.0)
+    cfg = WarmupLossConfig(quality_loss_weight=0.0, negatives_weight=1.0, negatives_alpha=alpha)
     for step in range(60):
         batch = [originals[(step * 8 + i) % len(originals)] for i in range(8)]
         batch += [copies[r["id"]] for r in batch if r["id"] in copies]
-        train_step(model, optimizer, collate(batch, tokenizer.pad_token_id), cfg)
-    after = pair_wins(scorer, held)
-    assert after > before + 0.3 and after > 0.6, (before, after)  # measured: 0.175 -> 0.65
+        train_step(model, optimizer, collate(batch, tokenizer.pad_token_id, contrast=contrast), cfg)
+    after = pair_wins(scorer, held, alpha)
+    assert after > before + 0.3 and after > 0.6, (before, after)  # measured: modulate 0.175 -> 0.65
 
 
 def test_copies_keep_their_source_and_kind():
