@@ -41,6 +41,12 @@ def response_pairs(row: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+def may_read_contrast(setting) -> bool:
+    """Whether a `gate.contrast` setting can give contrast gates (auto does on dense models): rows then need
+    their response alone."""
+    return setting in (True, "auto")
+
+
 def has_alone(row: dict) -> bool:
     return bool(row.get("ifd_input_ids"))
 
@@ -68,11 +74,14 @@ def alone_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def reference_pass(model, alone: dict[str, torch.Tensor], full_shape: tuple[int, int]) -> torch.Tensor:
-    """Runs the alone batch with every gate open and sets the gates' reference for the next pass. -> NLL [B', T']"""
+    """Runs the alone batch with every gate open and sets the gates' reference for the next pass. -> NLL [B', T']
+
+    No gradient flows through this pass: the gates train on the full rows' pass that reads the reference.
+    """
     gates = model.qgate_gates
     gates.capture = True
     try:
-        with gates.forced(1.0):
+        with torch.no_grad(), gates.forced(1.0):
             nll = token_nll(model, alone["alone_ids"], alone["alone_attention"])  # [B', T']
         captured = list(gates.captured)  # per gated layer [B', T', H]
     finally:

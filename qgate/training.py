@@ -8,12 +8,13 @@ Ray Train's worker loop (`ray_jobs/warmup.py`) and the tests call the same funct
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from qgate.contrast import alone_batch, reference_pass
+from qgate.contrast import alone_batch, contrasted
 from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
 from qgate.stats import masked_mean, pad, token_nll
 
@@ -41,15 +42,10 @@ def collate(rows: list[dict], pad_id: int, contrast: bool = False) -> dict[str, 
 def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) -> tuple[torch.Tensor, dict]:
     """The total loss and its parts (floats) for logging: ce, quality, negatives, good_ratio per layer."""
     gates = model.qgate_gates
-    if gates.contrast:
-        if "pairs" not in batch:
-            raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
-        with torch.no_grad():
-            reference_pass(model, batch, tuple(batch["input_ids"].shape))
-    try:
+    if gates.contrast and "pairs" not in batch:
+        raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
+    with contrasted(model, batch, tuple(batch["input_ids"].shape)) if gates.contrast else nullcontext():
         nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
-    finally:
-        gates.reference = None
     logits = gates.logits()  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 
 from qgate.config import as_dict
+from qgate.contrast import may_read_contrast
 from qgate.data import iter_file_rows, list_input_files, write_jsonl
 from qgate.encoding import encode_row
 from qgate.models import autocast_dtype
@@ -110,7 +111,7 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
 
 def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
              prefix: str = "reject:") -> dict | None:
-    contrast = config.gate.contrast in (True, "auto")  # contrast gates also read each response alone
+    contrast = may_read_contrast(config.gate.contrast)  # contrast gates also read each response alone
     out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on, ifd=contrast)
     if out["reason"]:
         counts[prefix + out["reason"]] += 1
@@ -178,7 +179,7 @@ def _batch(shard: list[dict], step: int, cfg: dict) -> dict[str, torch.Tensor]:
     block = step_block(step - 1, len(shard) // size, cfg["seed"])
     originals = shard[block * size:(block + 1) * size]
     return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"],
-                   contrast=cfg.get("gate", {}).get("contrast", False) in (True, "auto"))
+                   contrast=may_read_contrast(cfg.get("gate", {}).get("contrast", False)))
 
 
 def _restore(checkpoint, gates, optimizer, device) -> dict:
