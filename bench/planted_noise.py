@@ -55,6 +55,7 @@ class Variant:
     contrast: bool = False  # the gate also reads the prompt contrast x − x̃ on response tokens
     alpha: float = 1.0  # α of the negatives loss and of the q in the main columns
     quality_weight: float = 1.0  # weight of the seeds' quality loss
+    evidence: bool = False  # the contrast gate also adds the running mean of its evidence over the response
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -64,6 +65,7 @@ class Variant:
         extra += "" if self.lr is None else f", lr {self.lr:g}"
         extra += "" if self.alpha == 1.0 else f", α {self.alpha:g}"
         extra += ", contrast" if self.contrast else ""
+        extra += ", evidence" if self.evidence else ""
         return f"{self.mode}, {loss}, {self.init} init, {steps} steps{extra}"
 
 
@@ -74,11 +76,13 @@ def main_variants() -> list[Variant]:
 
 
 def contrast_variants(step_options: list[int]) -> list[Variant]:
-    """Probe gates trained on the BCE alone at α = 0, without and with the prompt contrast, and modulate."""
+    """Probe gates trained on the BCE alone at α = 0, without and with the prompt contrast (and its running
+    evidence), and modulate."""
     probe = Variant("probe", "linear", True, "open", alpha=0.0, quality_weight=0.0)
     contrast = replace(probe, contrast=True)
-    longer = [replace(v, steps=s) for s in step_options if s > 0 for v in (probe, contrast)]
-    return [probe, contrast, replace(contrast, mode="modulate", quality_weight=1.0)] + longer
+    evidence = replace(contrast, evidence=True)
+    longer = [replace(v, steps=s) for s in step_options if s > 0 for v in (probe, contrast, evidence)]
+    return [probe, contrast, evidence, replace(contrast, mode="modulate", quality_weight=1.0)] + longer
 
 
 def follow_ups(best: Variant, step_options: list[int], lr: float) -> list[Variant]:
@@ -144,7 +148,8 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 
 def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {}
-    return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast, **bias)
+    return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
+                        evidence=variant.evidence, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args) -> list[dict]:
@@ -288,7 +293,7 @@ def parse(argv):
     return args
 
 
-SETTINGS = ("model", "max_length", "warmup_rows", "eval_rows", "batch_size", "lr", "steps",
+SETTINGS = ("model", "max_length", "warmup_rows", "eval_rows", "batch_size", "lr", "steps", "warmup_kinds",
             "max_batch_tokens", "autocast", "seed")
 
 

@@ -11,7 +11,8 @@ rows stay fixed, so the spread is the method's. The split's own seed (--seed, 0)
 copies, so that run repeats planted_noise.py's. Per variant: AUROC (all / warmup kinds / held-out kinds) and
 P@30% of q at α=1 as mean ± std over the seeds, the min–max of AUROC all and how many seeds came out reversed.
 The best variant by mean AUROC (first seed) then picks 30% with each strategy of qgate.diversity on its S at α=1.
-With --contrast the grid is the default recipe (probe, BCE only, α 0, contrast) × init, in its own section.
+With --contrast the grid is the default recipe (probe, BCE only, α 0, contrast, evidence) × init, in its own
+section.
 
 A run starts no new warmup after --budget-min minutes; with --cache a rerun skips the finished ones. With --out
 the section is written in place of an older one, also when some warmups are missing (they are listed).
@@ -329,7 +330,7 @@ def parse(argv):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="gate init, warmup order and warmup copies; --seed fixes the split")
     parser.add_argument("--contrast", action="store_true",
-                        help="the grid is the default recipe (probe, BCE only, α 0, contrast) with each init")
+                        help="the grid is the default recipe (probe, BCE only, α 0, contrast, evidence), each init")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)
@@ -338,8 +339,8 @@ def parse(argv):
 
 
 def recipe_variants() -> list[Variant]:
-    """The default recipe (planted_noise's contrast grid, contrast on) with the seed init and the open init."""
-    recipe = next(v for v in contrast_variants([]) if v.contrast and v.mode == "probe")
+    """The default recipe (planted_noise's contrast grid, contrast and evidence on) with each init."""
+    recipe = next(v for v in contrast_variants([]) if v.evidence and v.mode == "probe")
     return [replace(recipe, init=init) for init in ("seed", "open")]
 
 

@@ -28,6 +28,7 @@ CHOICES = {
     "autocast": ("auto", "bf16", "fp16", "none"),
     "gate.mode": ("modulate", "probe"),
     "gate.contrast": ("auto", True, False),
+    "gate.evidence": ("auto", True, False),
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
     "selection.strategy": ("top_k", "cluster_round_robin", "similarity_filter"),

@@ -4,6 +4,9 @@ In each chosen layer the gate reads the FFN input x (the output of `post_attenti
 `score = x · w`, `good_ratio = sigmoid(score)`. A contrast gate (`contrast=True`) also reads, on the tokens of
 the final response, how the prompt changed them: `score = x · w + (x − x̃) · v`, where x̃ is the same token's FFN
 input when the response runs without its prompt (`qgate.contrast` runs that pass and sets `GateSet.reference`).
+An evidence gate (`evidence=True`, on top of contrast) adds the running mean, over the final response up to the
+token, of a second projection `[x, x − x̃] · u`: a mismatch between prompt and response shows weakly in each token,
+and the running mean lets later tokens' gates add it up.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -27,16 +30,18 @@ MODES = ("modulate", "probe")
 GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
+EXTRA_INPUTS = ("contrast", "evidence")  # optional second projections of a gate, saved as layers.{i}.{name}.weight
 
 
 class QualityGate(nn.Module):
     """`nn.Linear(hidden, 1)`: one logit per token. Init N(init_mean, init_std); optional bias set to init_bias.
 
-    With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known.
+    With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
+    with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
-                 bias: bool = False, init_bias: float = 0.0, contrast: bool = False):
+                 bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -45,6 +50,11 @@ class QualityGate(nn.Module):
         self.contrast = nn.Linear(hidden_size, 1, bias=False) if contrast else None
         if contrast:
             nn.init.zeros_(self.contrast.weight)
+        if evidence and not contrast:
+            raise ValueError("gate.evidence reads the prompt contrast; it needs gate.contrast")
+        self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
+        if evidence:
+            nn.init.zeros_(self.evidence.weight)
 
     def forward(self, x: torch.Tensor, alone: torch.Tensor | None = None,
                 known: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,9 +62,18 @@ class QualityGate(nn.Module):
         x = x.to(self.linear.weight.dtype)
         logits = self.linear(x).squeeze(-1)
         if self.contrast is not None and alone is not None:
-            delta = (x - alone.to(x.dtype)) * known.unsqueeze(-1).to(x.dtype)  # [B, T, H], 0 where x̃ is unknown
+            known = known.to(x.dtype)
+            delta = (x - alone.to(x.dtype)) * known.unsqueeze(-1)  # [B, T, H], 0 where x̃ is unknown
             logits = logits + self.contrast(delta).squeeze(-1)
+            if self.evidence is not None:
+                per_token = self.evidence(torch.cat([x, delta], dim=-1)).squeeze(-1)  # [B, T]
+                logits = logits + running_mean(per_token, known)
         return logits
+
+
+def running_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the known positions up to each known position, 0 elsewhere. [B, T], [B, T] -> [B, T]"""
+    return (values * known).cumsum(dim=1) / known.cumsum(dim=1).clamp_min(1.0) * known
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -77,6 +96,7 @@ class GateSet:
         self.model, self.mode, self.layers, self.gates = model, mode, layers, gates
         self.forced_ratio: float | None = None
         self.contrast = any(gate.contrast is not None for gate in gates)
+        self.evidence = any(gate.evidence is not None for gate in gates)
         # contrast gates: (x̃ per gated layer [B, T, H], known [B, T]) for the next forward pass
         self.reference: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
@@ -138,21 +158,25 @@ class GateSet:
         return [p for gate in self.gates for p in gate.parameters()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """`layers.{i}.weight` (and `.bias`) of each gate; contrast gates add `layers.{i}.contrast.weight`."""
+        """`layers.{i}.weight` (and `.bias`) of each gate; contrast and evidence gates add
+        `layers.{i}.contrast.weight` and `layers.{i}.evidence.weight`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
-            if gate.contrast is not None:
-                state[f"layers.{index}.contrast.weight"] = gate.contrast.weight
+            for name in EXTRA_INPUTS:
+                if getattr(gate, name) is not None:
+                    state[f"layers.{index}.{name}.weight"] = getattr(gate, name).weight
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for index, gate in zip(self.layers, self.gates):
-            prefix, contrast = f"layers.{index}.", f"layers.{index}.contrast."
+            prefix = f"layers.{index}."
+            extra = tuple(f"{prefix}{name}." for name in EXTRA_INPUTS)
             gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                         if k.startswith(prefix) and not k.startswith(contrast)})
-            if gate.contrast is not None:
-                gate.contrast.load_state_dict({"weight": state[contrast + "weight"]})
+                                         if k.startswith(prefix) and not k.startswith(extra)})
+            for name in EXTRA_INPUTS:
+                if getattr(gate, name) is not None:
+                    getattr(gate, name).load_state_dict({"weight": state[f"{prefix}{name}.weight"]})
 
     def remove(self) -> None:
         """Detach hooks and gate modules: the model is the plain backbone again."""
@@ -166,13 +190,15 @@ class GateSet:
 
 def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
-                 seed: int = 0, kind: str | None = None, contrast: bool | str = False, **trash_can) -> GateSet:
+                 seed: int = 0, kind: str | None = None, contrast: bool | str = False,
+                 evidence: bool | str = False, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
     arguments plus `trash_can` (`qgate.moe.TrashCanSettings`, unused on dense models); `kind` ("dense" or
     "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input ("auto":
-    dense gates get it, trash cans do not).
+    dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
+    the contrast is on).
     """
     from qgate import moe
 
@@ -186,9 +212,14 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
         contrast = not trash_cans
     if contrast not in (True, False):
         raise ValueError(f"gate.contrast must be true, false or auto, got {contrast!r}")
+    if evidence == "auto":
+        evidence = contrast
+    if evidence not in (True, False):
+        raise ValueError(f"gate.evidence must be true, false or auto, got {evidence!r}")
     if trash_cans:
-        if contrast:
-            raise ValueError("gate.contrast is for dense gates; MoE trash-can experts have no contrast input")
+        if contrast or evidence:
+            raise ValueError("gate.contrast and gate.evidence are for dense gates; MoE trash-can experts have "
+                             "no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -197,7 +228,8 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
     reference = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast) for _ in layers]
+        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence)
+                 for _ in layers]
     gates = [g.to(device=reference.device, dtype=reference.dtype) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
     model.qgate_gates = gate_set
@@ -219,7 +251,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     save_file(gates.state_dict(), out_dir / GATES_FILE)
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
-            "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast,
+            "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -251,7 +283,8 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
         moe.check_loadable(model, meta)
         extra = moe.saved_settings(meta)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
-                         kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False), **extra)
+                         kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
+                         evidence=meta.get("evidence", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

@@ -154,6 +154,7 @@ class TrashCanGateSet(GateSet):
 
     kind = KIND
     contrast = False
+    evidence = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

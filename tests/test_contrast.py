@@ -3,7 +3,15 @@ import torch
 
 from qgate.contrast import alone_batch, contrasted, final_run, response_pairs
 from qgate.encoding import encode_row
-from qgate.gate import attach_gates, freeze_backbone, load_gates, reads_contrast, save_gates
+from qgate.gate import (
+    attach_gates,
+    freeze_backbone,
+    load_gates,
+    read_gate_metadata,
+    reads_contrast,
+    running_mean,
+    save_gates,
+)
 from qgate.stats import Scorer
 from qgate.tiny import tiny_model, tiny_tokenizer
 from qgate.training import WarmupLossConfig, collate, train_step
@@ -23,10 +31,12 @@ def encoded(tok, rows, max_length=64):
     return [encode_row(tok, r, max_length, "all", ifd=True) for r in rows]
 
 
-def contrast_gates(model, layers=None):
-    gates = attach_gates(model, mode="probe", contrast=True, layers=layers)
-    for gate in gates.gates:  # contrast weights start at 0; make them read something
+def contrast_gates(model, layers=None, evidence=False):
+    gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence)
+    for gate in gates.gates:  # contrast and evidence weights start at 0; make them read something
         torch.nn.init.normal_(gate.contrast.weight, std=0.5)
+        if evidence:
+            torch.nn.init.normal_(gate.evidence.weight, std=0.5)
     return gates
 
 
@@ -56,9 +66,16 @@ def test_pairs_stop_at_the_first_token_that_differs(tok):
     assert len(response_pairs(row)) == 2
 
 
-def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok):
+def test_running_mean_averages_the_known_positions_so_far():
+    values = torch.tensor([[5.0, 1.0, 3.0, 7.0, 2.0]])
+    known = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0]])
+    assert running_mean(values, known).tolist() == [[0.0, 1.0, 2.0, 0.0, 2.0]]
+
+
+@pytest.mark.parametrize("evidence", [False, True])
+def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok, evidence):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model, layers=[1])
+    gates = contrast_gates(model, layers=[1], evidence=evidence)
     rows = encoded(tok, [chat(0), chat(1, answer="dogs bark")])
     seen = []
     model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out))
@@ -68,8 +85,13 @@ def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_t
     with torch.no_grad():
         plain = full_x @ gate.linear.weight[0]  # [T]
         expected = plain.clone()
+        running = []  # evidence: the mean of [x, x − x̃] · u over the response so far
         for full_at, alone_at in response_pairs(rows[0]):
-            expected[full_at] += (full_x[full_at] - alone_x[alone_at]) @ gate.contrast.weight[0]
+            delta = full_x[full_at] - alone_x[alone_at]
+            expected[full_at] += delta @ gate.contrast.weight[0]
+            if evidence:
+                running.append(torch.cat([full_x[full_at], delta]) @ gate.evidence.weight[0])
+                expected[full_at] += sum(running) / len(running)
 
     batch = alone_batch(rows[:1], tok.pad_token_id)
     with torch.no_grad(), contrasted(model, batch, (1, len(rows[0]["input_ids"]))):
@@ -94,25 +116,42 @@ def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     assert [r["ifd"] for r in together] == pytest.approx([r["ifd"] for r in plain], rel=1e-5)
 
 
-def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path):
+@pytest.mark.parametrize("evidence", [False, True])
+def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model)
+    gates = contrast_gates(model, evidence=evidence)
     rows = encoded(tok, [chat(i) for i in range(3)])
     expected = Scorer(model, tok, gates, alphas=[0.0]).score(rows)
     save_gates(gates, tmp_path)
-    assert reads_contrast(tmp_path)
+    assert reads_contrast(tmp_path) and read_gate_metadata(tmp_path)["evidence"] is evidence
     reloaded = load_gates(tiny_model("tiny-llama"), tmp_path)
-    assert reloaded.contrast and Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
+    assert reloaded.contrast and reloaded.evidence is evidence
+    assert Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
+
+
+def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
+    model = tiny_model("tiny-llama")
+    gates = contrast_gates(model, evidence=True)
+    short, longer = encoded(tok, [chat(0, answer="cats purr"), chat(0, answer="cats purr and sleep a lot")])
+    logits = []
+    for row in (short, longer):
+        batch = alone_batch([row], tok.pad_token_id)
+        with torch.no_grad(), contrasted(model, batch, (1, len(row["input_ids"]))):
+            model(torch.tensor([row["input_ids"]]))
+        logits.append(gates.logits()[0])  # [L, T]
+    shared = [f for f, _ in response_pairs(short)][:2]  # "cats purr": the same tokens at the same positions
+    assert shared and all(short["input_ids"][t] == longer["input_ids"][t] for t in shared)
+    assert torch.allclose(logits[0][:, shared], logits[1][:, shared], atol=1e-5)
 
 
 def test_warmup_trains_the_contrast_weights_and_needs_the_responses_alone(tok):
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="probe", contrast=True, bias=True, init_bias=3.0)
+    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, bias=True, init_bias=3.0)
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
     rows = encoded(tok, [chat(0), chat(1)]) + [{**r, "is_clean": 0} for r in encoded(tok, [chat(2, answer="zq")])]
     cfg = WarmupLossConfig(negatives_weight=1.0, quality_loss_weight=0.0)
     train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
-    assert all(gate.contrast.weight.abs().sum() > 0 for gate in gates.gates)
+    assert all(gate.contrast.weight.abs().sum() > 0 and gate.evidence.weight.abs().sum() > 0 for gate in gates.gates)
     with pytest.raises(ValueError, match="contrast=True"):
         train_step(model, optimizer, collate(rows, tok.pad_token_id), cfg)
 
@@ -126,3 +165,12 @@ def test_rows_without_a_response_alone_are_refused_by_name(tok):
 def test_moe_trash_cans_have_no_contrast_input():
     with pytest.raises(ValueError, match="contrast"):
         attach_gates(tiny_model("tiny-olmoe"), contrast=True)
+    with pytest.raises(ValueError, match="evidence"):
+        attach_gates(tiny_model("tiny-olmoe"), evidence=True)
+    assert not attach_gates(tiny_model("tiny-olmoe"), contrast="auto", evidence="auto").evidence
+
+
+def test_evidence_needs_the_contrast():
+    with pytest.raises(ValueError, match="needs gate.contrast"):
+        attach_gates(tiny_model("tiny-llama"), contrast=False, evidence=True)
+    assert not attach_gates(tiny_model("tiny-llama"), contrast=False, evidence="auto").evidence
