@@ -46,7 +46,6 @@ from planted_noise import (
 from results import arg_parser, emit, table
 from selection_metrics import TOP_FRACTION, metrics
 
-from qgate.corruption import DEFAULT_HELDOUT_KINDS, DEFAULT_WARMUP_KINDS
 from qgate.diversity import STRATEGIES, select_diverse
 from qgate.models import DEFAULT_MODEL
 from qgate.scoring import quality_scores, selection_count
@@ -171,30 +170,29 @@ def picks_of(result: dict, seed: int) -> dict[str, dict]:
             for s in STRATEGIES}
 
 
-def strategy_table(picks: dict[str, dict], rows: list[dict]) -> str:
+def strategy_table(picks: dict[str, dict], rows: list[dict], warmup_kinds: list[str]) -> str:
     n_datasets = len({r["dataset"] for r in rows})
     body = []
     for strategy, pick in picks.items():
         chosen = [rows[i] for i in pick["indices"]]
         kinds = Counter(kind_of(r) for r in chosen)
-        share = {group: sum(kinds[k] for k in group) / len(chosen)
-                 for group in (DEFAULT_WARMUP_KINDS, DEFAULT_HELDOUT_KINDS)}
+        seen = sum(n for k, n in kinds.items() if k in warmup_kinds) / len(chosen)
+        held_out = sum(n for k, n in kinds.items() if k != "clean" and k not in warmup_kinds) / len(chosen)
         n_clusters = int(pick["clusters"].max()) + 1
-        body.append([strategy, kinds["clean"] / len(chosen), share[DEFAULT_WARMUP_KINDS],
-                     share[DEFAULT_HELDOUT_KINDS], f"{len({r['dataset'] for r in chosen})} of {n_datasets}",
+        body.append([strategy, kinds["clean"] / len(chosen), seen,
+                     held_out, f"{len({r['dataset'] for r in chosen})} of {n_datasets}",
                      f"{len(set(pick['clusters'][pick['indices']].tolist()))} of {n_clusters}"])
     headers = ["strategy", f"P@{TOP_FRACTION:.0%} (clean share)", "warmup-kind share", "held-out-kind share",
                "datasets covered", "clusters covered"]
     return table(headers, body)
 
 
-def kind_table(picks: dict[str, dict], rows: list[dict]) -> str:
+def kind_table(picks: dict[str, dict], rows: list[dict], warmup_kinds: list[str]) -> str:
     """Share of each kind among all evaluation rows and among each strategy's picks."""
     columns = {"all evaluation rows": Counter(kind_of(r) for r in rows)}
     columns.update({s: Counter(kind_of(rows[i]) for i in p["indices"]) for s, p in picks.items()})
-    held = set(DEFAULT_HELDOUT_KINDS)
     kinds = ["clean"] + sorted(set(columns["all evaluation rows"]) - {"clean"})
-    body = [[f"{k}{' (held out)' if k in held else ''}"]
+    body = [[f"{k}{' (held out)' if k not in warmup_kinds and k != 'clean' else ''}"]
             + [f"{c[k] / sum(c.values()):.1%}" for c in columns.values()] for k in kinds]
     return table(["kind"] + list(columns), body)
 
@@ -270,7 +268,7 @@ def setting_notes(bench: SeedBench, best: str | None) -> str:
     text = (f"{args.model}; max_length {args.max_length}; warmup {args.steps} steps on {n_warm} clean rows, batch "
             f"{args.batch_size} originals (+ their copies with negatives), AdamW lr {args.lr}; evaluation "
             f"{n_clean} clean + {len(ev) - n_clean} corrupted copies, fixed for every seed "
-            f"({', '.join(DEFAULT_WARMUP_KINDS)} = warmup kinds; the other kinds held out); "
+            f"({', '.join(args.warmup_kinds)} = warmup kinds; the other kinds held out); "
             f"{args.threads} torch thread(s), autocast {args.autocast}. Seeds {seeds}: each sets the gate init, "
             f"the warmup batch order and the corruption of the warmup copies; seed {args.seed} keeps the split's "
             "order and copies (the planted-noise run). Mean ± sample std (n − 1) over the seeds; q at α=1 "
@@ -310,8 +308,8 @@ def report(bench: SeedBench, grid: list[Variant], baselines: dict) -> None:
     if best is not None:
         picks = picks_of(done[best][args.seeds[0]], args.seed)
         text += (f"\n\nDiversity-aware selection, {TOP_FRACTION:.0%} of the evaluation rows:\n\n"
-                 + strategy_table(picks, rows)
-                 + "\n\nShare of each kind among the picks:\n\n" + kind_table(picks, rows))
+                 + strategy_table(picks, rows, args.warmup_kinds)
+                 + "\n\nShare of each kind among the picks:\n\n" + kind_table(picks, rows, args.warmup_kinds))
     notes = setting_notes(bench, best.name(args.steps) if best else None)
     missing = [run_key(v, s, args.steps) for v in grid for s in args.seeds if s not in done.get(v, {})]
     if missing:
