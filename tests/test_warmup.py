@@ -106,7 +106,8 @@ def test_one_worker_writes_gates_that_load_and_moved(one_worker):
     assert [m["step"] for m in one_worker["history"]] == [1, 2, 3, 4]
     assert set(meta["final_metrics"]) >= {"ce", "quality", "negatives", "good_ratio", "steps_per_s", "eta_s"}
     gates = load_gates(tiny_model("tiny-qwen3"), one_worker["out"] / "gates")
-    init = attach_gates(tiny_model("tiny-qwen3"), mode="probe", bias=True, init_bias=3.0, seed=0, contrast=True)
+    init = attach_gates(tiny_model("tiny-qwen3"), mode="probe", bias=True, init_bias=3.0, seed=0, contrast=True,
+                        evidence=True)
     assert max_diff(gates.state_dict(), init.state_dict()) > 1e-3
     assert max_diff(gates.state_dict(), one_worker["gates"]) == 0
     assert (one_worker["out"] / "logs" / "warmup.log").exists()
