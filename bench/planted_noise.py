@@ -284,6 +284,8 @@ def parse(argv):
     parser.add_argument("--step-options", type=int, nargs="*", default=[0, 60], help="warmup lengths to add")
     parser.add_argument("--no-follow-ups", action="store_true", help="only the mode × loss × init grid")
     parser.add_argument("--only", help="run only the grid variants whose name contains this text")
+    parser.add_argument("--score-on", choices=("all", "response"),
+                        help="the tokens every grid variant's loss and S read (default: each variant's own, all)")
     parser.add_argument("--contrast", action="store_true",
                         help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast; modulate)")
     args = parser.parse_args(argv)
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     baselines = bench.baselines()
     variants = contrast_variants(args.step_options) if args.contrast else main_variants()
+    if args.score_on:
+        variants = [replace(v, score_on=args.score_on) for v in variants]
     grid = [v for v in variants if args.only is None or args.only in v.name(args.steps)]
     for variant in grid:
         bench.variant(variant)
