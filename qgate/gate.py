@@ -72,7 +72,11 @@ class QualityGate(nn.Module):
 
 
 def running_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the known positions up to each known position, 0 elsewhere. [B, T], [B, T] -> [B, T]"""
+    """Mean of `values` over the known positions up to each known position, 0 elsewhere. [B, T], [B, T] -> [B, T]
+
+    Summed in float32: a bf16 running sum over hundreds of tokens loses the small per-token evidence.
+    """
+    values, known = values.float(), known.float()
     return (values * known).cumsum(dim=1) / known.cumsum(dim=1).clamp_min(1.0) * known
 
 

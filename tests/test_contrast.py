@@ -72,6 +72,13 @@ def test_running_mean_averages_the_known_positions_so_far():
     assert running_mean(values, known).tolist() == [[0.0, 1.0, 2.0, 0.0, 2.0]]
 
 
+def test_running_mean_of_bf16_evidence_keeps_small_terms_over_a_long_response():
+    values = torch.full((1, 2000), 0.01, dtype=torch.bfloat16)  # a bf16 running sum stalls near 2 or 4
+    known = torch.ones(1, 2000, dtype=torch.bfloat16)
+    exact = values.double().cumsum(1) / torch.arange(1, 2001, dtype=torch.float64)
+    assert torch.allclose(running_mean(values, known).double(), exact, rtol=1e-4)
+
+
 @pytest.mark.parametrize("evidence", [False, True])
 def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok, evidence):
     model = tiny_model("tiny-llama")
