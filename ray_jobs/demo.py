@@ -4,7 +4,7 @@ Builds the offline demo corpus (Python's own documentation turned into instructi
 datasets in three input forms), plants corrupted rows whose labels are kept apart, runs warmup → collect →
 self-check → select 30%, then grades the selection against the planted labels.
 
-    python -m ray_jobs.demo out=runs/demo                          # ~9 min on 2 CPU cores
+    python -m ray_jobs.demo out=runs/demo                          # ~11 min on 2 CPU cores
     python -m ray_jobs.demo out=/tmp/demo model=tiny-qwen3 demo.rows=120 steps=3   # tiny CPU version
 """
 
