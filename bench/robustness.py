@@ -170,6 +170,10 @@ def picks_of(result: dict, seed: int) -> dict[str, dict]:
             for s in STRATEGIES}
 
 
+def held_out(kind: str, warmup_kinds: list[str]) -> bool:
+    return kind != "clean" and kind not in warmup_kinds
+
+
 def strategy_table(picks: dict[str, dict], rows: list[dict], warmup_kinds: list[str]) -> str:
     n_datasets = len({r["dataset"] for r in rows})
     body = []
@@ -177,10 +181,10 @@ def strategy_table(picks: dict[str, dict], rows: list[dict], warmup_kinds: list[
         chosen = [rows[i] for i in pick["indices"]]
         kinds = Counter(kind_of(r) for r in chosen)
         seen = sum(n for k, n in kinds.items() if k in warmup_kinds) / len(chosen)
-        held_out = sum(n for k, n in kinds.items() if k != "clean" and k not in warmup_kinds) / len(chosen)
+        unseen = sum(n for k, n in kinds.items() if held_out(k, warmup_kinds)) / len(chosen)
         n_clusters = int(pick["clusters"].max()) + 1
         body.append([strategy, kinds["clean"] / len(chosen), seen,
-                     held_out, f"{len({r['dataset'] for r in chosen})} of {n_datasets}",
+                     unseen, f"{len({r['dataset'] for r in chosen})} of {n_datasets}",
                      f"{len(set(pick['clusters'][pick['indices']].tolist()))} of {n_clusters}"])
     headers = ["strategy", f"P@{TOP_FRACTION:.0%} (clean share)", "warmup-kind share", "held-out-kind share",
                "datasets covered", "clusters covered"]
@@ -192,7 +196,7 @@ def kind_table(picks: dict[str, dict], rows: list[dict], warmup_kinds: list[str]
     columns = {"all evaluation rows": Counter(kind_of(r) for r in rows)}
     columns.update({s: Counter(kind_of(rows[i]) for i in p["indices"]) for s, p in picks.items()})
     kinds = ["clean"] + sorted(set(columns["all evaluation rows"]) - {"clean"})
-    body = [[f"{k}{' (held out)' if k not in warmup_kinds and k != 'clean' else ''}"]
+    body = [[f"{k}{' (held out)' if held_out(k, warmup_kinds) else ''}"]
             + [f"{c[k] / sum(c.values()):.1%}" for c in columns.values()] for k in kinds]
     return table(["kind"] + list(columns), body)
 
