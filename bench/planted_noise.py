@@ -56,6 +56,7 @@ class Variant:
     alpha: float = 1.0  # α of the negatives loss and of the q in the main columns
     quality_weight: float = 1.0  # weight of the seeds' quality loss
     evidence: bool = False  # the contrast gate also adds the running mean of its evidence over the response
+    summary: bool = False  # the contrast gate also reads the row's last token (probe mode)
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -66,6 +67,7 @@ class Variant:
         extra += "" if self.alpha == 1.0 else f", α {self.alpha:g}"
         extra += ", contrast" if self.contrast else ""
         extra += ", evidence" if self.evidence else ""
+        extra += ", summary" if self.summary else ""
         return f"{self.mode}, {loss}, {self.init} init, {steps} steps{extra}"
 
 
@@ -76,13 +78,14 @@ def main_variants() -> list[Variant]:
 
 
 def contrast_variants(step_options: list[int]) -> list[Variant]:
-    """Probe gates trained on the BCE alone at α = 0, without and with the prompt contrast (and its running
-    evidence), and modulate."""
+    """Probe gates trained on the BCE alone at α = 0, without and with the prompt contrast (then its running
+    evidence, then the read of the row's last token), and modulate."""
     probe = Variant("probe", "linear", True, "open", alpha=0.0, quality_weight=0.0)
     contrast = replace(probe, contrast=True)
     evidence = replace(contrast, evidence=True)
-    longer = [replace(v, steps=s) for s in step_options if s > 0 for v in (probe, contrast, evidence)]
-    return [probe, contrast, evidence, replace(contrast, mode="modulate", quality_weight=1.0)] + longer
+    summary = replace(evidence, summary=True)
+    longer = [replace(v, steps=s) for s in step_options if s > 0 for v in (probe, contrast, evidence, summary)]
+    return [probe, contrast, evidence, summary, replace(contrast, mode="modulate", quality_weight=1.0)] + longer
 
 
 def follow_ups(best: Variant, step_options: list[int], lr: float) -> list[Variant]:
@@ -149,7 +152,7 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
-                        evidence=variant.evidence, **bias)
+                        evidence=variant.evidence, summary=variant.summary, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args) -> list[dict]:
@@ -254,7 +257,8 @@ def kind_table(name: str, best: dict, baselines: dict[str, list], rows: list[dic
 def add_settings(parser, budget_min: float) -> None:
     """The model, data and warmup options, shared with bench/robustness.py."""
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="tokens per row; at 128 most clean rows are cut and most truncate copies are not")
     parser.add_argument("--warmup-rows", type=int, default=200)
     parser.add_argument("--eval-rows", type=int, default=80, help="clean eval rows; each gets one copy")
     parser.add_argument("--batch-size", type=int, default=4, help="originals per warmup batch")
@@ -287,7 +291,8 @@ def parse(argv):
     parser.add_argument("--score-on", choices=("all", "response"),
                         help="the tokens every grid variant's loss and S read (default: each variant's own, all)")
     parser.add_argument("--contrast", action="store_true",
-                        help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast, + evidence; modulate)")
+                        help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast, + evidence, + summary; "
+                        "modulate)")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)

@@ -29,6 +29,7 @@ CHOICES = {
     "gate.mode": ("modulate", "probe"),
     "gate.contrast": ("auto", True, False),
     "gate.evidence": ("auto", True, False),
+    "gate.summary": ("auto", True, False),
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
     "selection.strategy": ("top_k", "cluster_round_robin", "similarity_filter"),

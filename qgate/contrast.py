@@ -3,7 +3,7 @@
 A row's final response also runs alone (the IFD encoding, `encode_row(..., ifd=True)`). `response_pairs` lines its
 tokens up with the same tokens in the full row; `reference_pass` runs the alone batch with every gate open, keeps
 each gated layer's FFN input x̃ and scatters it onto the full batch's positions, so that the next forward pass
-of the full rows reads x − x̃ there (`GateSet.reference`). The alone pass's NLL is IFD's denominator too.
+of the full rows reads x − x̃ there (`GateSet.reference`, which also gives summary gates each row's end). The alone pass's NLL is IFD's denominator too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from qgate.gate import LayerReference
 from qgate.stats import pad, token_nll
 
 
@@ -73,8 +74,9 @@ def alone_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def reference_pass(model, alone: dict[str, torch.Tensor], full_shape: tuple[int, int]) -> torch.Tensor:
-    """Runs the alone batch with every gate open and sets the gates' reference for the next pass. -> NLL [B', T']
+def reference_pass(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor) -> torch.Tensor:
+    """Runs the alone batch with every gate open and sets the gates' reference for the next pass of the full rows
+    (right-padded, `full_attention` [B, T]). -> NLL of the alone batch [B', T']
 
     No gradient flows through this pass: the gates train on the full rows' pass that reads the reference.
     """
@@ -87,23 +89,26 @@ def reference_pass(model, alone: dict[str, torch.Tensor], full_shape: tuple[int,
     finally:
         gates.capture = False
         gates.clear()
-    full_row, full_at, alone_row, alone_at = alone["pairs"].to(nll.device).unbind(1)  # [K] each
-    known = torch.zeros(full_shape, device=nll.device)  # [B, T]
+    device = nll.device
+    full_row, full_at, alone_row, alone_at = alone["pairs"].to(device).unbind(1)  # [K] each
+    full_shape = tuple(full_attention.shape)
+    known = torch.zeros(full_shape, device=device)  # [B, T]
     known[full_row, full_at] = 1.0
+    last = full_attention.to(device).sum(1).long() - 1  # [B]
     references = []
     for x in captured:
         reference = x.new_zeros(*full_shape, x.shape[-1])  # [B, T, H]
         reference[full_row, full_at] = x[alone_row, alone_at]
-        references.append(reference)
-    gates.reference = (references, known)
+        references.append(LayerReference(reference, known, last))
+    gates.reference = references
     return nll
 
 
 @contextlib.contextmanager
-def contrasted(model, alone: dict[str, torch.Tensor], full_shape: tuple[int, int]) -> Iterator[torch.Tensor]:
+def contrasted(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor) -> Iterator[torch.Tensor]:
     """Within the block the gates read the prompt contrast of `alone`; yields the alone pass's NLL [B', T']."""
     gates = model.qgate_gates
     try:
-        yield reference_pass(model, alone, full_shape)
+        yield reference_pass(model, alone, full_attention)
     finally:
         gates.reference = None

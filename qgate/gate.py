@@ -7,6 +7,9 @@ input when the response runs without its prompt (`qgate.contrast` runs that pass
 An evidence gate (`evidence=True`, on top of contrast) adds the running mean, over the final response up to the
 token, of a second projection `[x, x − x̃] · u`: a mismatch between prompt and response shows weakly in each token,
 and the running mean lets later tokens' gates add it up.
+A summary gate (`summary=True`, on top of contrast, probe mode only) adds to every token one read of the row's
+last token, `x_end · z`: as in a reward model, the last token has seen the whole row, so a cut answer or one that
+ends off the point shows there.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,18 +34,20 @@ MODES = ("modulate", "probe")
 GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
-EXTRA_INPUTS = ("contrast", "evidence")  # optional second projections of a gate, saved as layers.{i}.{name}.weight
+EXTRA_INPUTS = ("contrast", "evidence", "summary")  # optional second projections of a gate, saved as layers.{i}.{name}.weight
 
 
 class QualityGate(nn.Module):
     """`nn.Linear(hidden, 1)`: one logit per token. Init N(init_mean, init_std); optional bias set to init_bias.
 
     With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
-    with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there.
+    with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
+    with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
-                 bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False):
+                 bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
+                 summary: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -52,23 +58,38 @@ class QualityGate(nn.Module):
             nn.init.zeros_(self.contrast.weight)
         if evidence and not contrast:
             raise ValueError("gate.evidence reads the prompt contrast; it needs gate.contrast")
+        if summary and not contrast:
+            raise ValueError("gate.summary finds the row's end through the contrast pass; it needs gate.contrast")
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
-        if evidence:
-            nn.init.zeros_(self.evidence.weight)
+        self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
+        for extra in (self.evidence, self.summary):
+            if extra is not None:
+                nn.init.zeros_(extra.weight)
 
-    def forward(self, x: torch.Tensor, alone: torch.Tensor | None = None,
-                known: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, H]; `alone` [B, T, H] = x̃ where `known` [B, T] is 1. -> logits [B, T]"""
+    def forward(self, x: torch.Tensor, reference: LayerReference | None = None) -> torch.Tensor:
+        """x [B, T, H]; `reference`: what the response alone gave this layer (contrast gates). -> logits [B, T]"""
         x = x.to(self.linear.weight.dtype)
         logits = self.linear(x).squeeze(-1)
-        if self.contrast is not None and alone is not None:
-            known = known.to(x.dtype)
-            delta = (x - alone.to(x.dtype)) * known.unsqueeze(-1)  # [B, T, H], 0 where x̃ is unknown
+        if self.contrast is not None and reference is not None:
+            known = reference.known.to(x.dtype)
+            delta = (x - reference.alone.to(x.dtype)) * known.unsqueeze(-1)  # [B, T, H], 0 where x̃ is unknown
             logits = logits + self.contrast(delta).squeeze(-1)
             if self.evidence is not None:
                 per_token = self.evidence(torch.cat([x, delta], dim=-1)).squeeze(-1)  # [B, T]
                 logits = logits + running_mean(per_token, known)
+            if self.summary is not None:
+                end = x[torch.arange(x.shape[0], device=x.device), reference.last]  # [B, H]
+                logits = logits + self.summary(end)  # [B, T] + [B, 1]
         return logits
+
+
+@dataclass
+class LayerReference:
+    """What one gated layer's FFN input was when the rows' final responses ran alone (`qgate.contrast`)."""
+
+    alone: torch.Tensor  # [B, T, H]: x̃ at the known positions of the full rows, 0 elsewhere
+    known: torch.Tensor  # [B, T]: 1 on the final response's tokens that the alone pass holds
+    last: torch.Tensor  # [B] long: each full row's last position
 
 
 def running_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -101,8 +122,8 @@ class GateSet:
         self.forced_ratio: float | None = None
         self.contrast = any(gate.contrast is not None for gate in gates)
         self.evidence = any(gate.evidence is not None for gate in gates)
-        # contrast gates: (x̃ per gated layer [B, T, H], known [B, T]) for the next forward pass
-        self.reference: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self.summary = any(gate.summary is not None for gate in gates)
+        self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
         self._logits: list[torch.Tensor | None] = [None] * len(gates)
@@ -117,11 +138,8 @@ class GateSet:
         def hook(module, args):
             if self.capture:
                 self.captured[slot] = args[0].detach()  # [B, T, H]
-            if self.reference is None:
-                self._logits[slot] = self.gates[slot](args[0])  # [B, T]
-            else:
-                alone, known = self.reference
-                self._logits[slot] = self.gates[slot](args[0], alone[slot], known)
+            reference = None if self.reference is None else self.reference[slot]
+            self._logits[slot] = self.gates[slot](args[0], reference)  # [B, T]
         return hook
 
     def _scale_hook(self, slot: int):
@@ -162,8 +180,8 @@ class GateSet:
         return [p for gate in self.gates for p in gate.parameters()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """`layers.{i}.weight` (and `.bias`) of each gate; contrast and evidence gates add
-        `layers.{i}.contrast.weight` and `layers.{i}.evidence.weight`."""
+        """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence and summary gates add
+        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight` and `layers.{i}.summary.weight`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -195,14 +213,15 @@ class GateSet:
 def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
                  seed: int = 0, kind: str | None = None, contrast: bool | str = False,
-                 evidence: bool | str = False, **trash_can) -> GateSet:
+                 evidence: bool | str = False, summary: bool | str = False, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
     arguments plus `trash_can` (`qgate.moe.TrashCanSettings`, unused on dense models); `kind` ("dense" or
     "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input ("auto":
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
-    the contrast is on).
+    the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
+    probe mode; a modulating gate must not read tokens after its own).
     """
     from qgate import moe
 
@@ -220,10 +239,17 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
         evidence = contrast
     if evidence not in (True, False):
         raise ValueError(f"gate.evidence must be true, false or auto, got {evidence!r}")
+    if summary == "auto":
+        summary = contrast and mode == "probe"
+    if summary not in (True, False):
+        raise ValueError(f"gate.summary must be true, false or auto, got {summary!r}")
+    if summary and mode != "probe":
+        raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
+                         "is generated; use gate.mode=probe or gate.summary=false")
     if trash_cans:
-        if contrast or evidence:
-            raise ValueError("gate.contrast and gate.evidence are for dense gates; MoE trash-can experts have "
-                             "no contrast input")
+        if contrast or evidence or summary:
+            raise ValueError("gate.contrast, gate.evidence and gate.summary are for dense gates; MoE trash-can "
+                             "experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -232,8 +258,8 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
     reference = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence)
-                 for _ in layers]
+        gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
+                             summary) for _ in layers]
     gates = [g.to(device=reference.device, dtype=reference.dtype) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
     model.qgate_gates = gate_set
@@ -256,6 +282,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
+            "summary": gates.summary,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -288,7 +315,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
         extra = moe.saved_settings(meta)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
-                         evidence=meta.get("evidence", False), **extra)
+                         evidence=meta.get("evidence", False), summary=meta.get("summary", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

@@ -155,6 +155,7 @@ class TrashCanGateSet(GateSet):
     kind = KIND
     contrast = False
     evidence = False
+    summary = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

@@ -104,7 +104,7 @@ class Scorer:
                 nll, alone_nll = token_nll(self.model, input_ids, attention), None  # [B, T]
             else:
                 alone = {k: v.to(self.device) for k, v in alone.items()}
-                with contrasted(self.model, alone, tuple(input_ids.shape)) as alone_nll:
+                with contrasted(self.model, alone, attention) as alone_nll:
                     nll = token_nll(self.model, input_ids, attention)  # [B, T]
         gate_logits = self.gates.logits().float()  # [B, L, T]
         self.gates.clear()

@@ -44,7 +44,7 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     gates = model.qgate_gates
     if gates.contrast and "pairs" not in batch:
         raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
-    with contrasted(model, batch, tuple(batch["input_ids"].shape)) if gates.contrast else nullcontext():
+    with contrasted(model, batch, batch["attention_mask"]) if gates.contrast else nullcontext():
         nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
     logits = gates.logits()  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.

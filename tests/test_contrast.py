@@ -31,12 +31,12 @@ def encoded(tok, rows, max_length=64):
     return [encode_row(tok, r, max_length, "all", ifd=True) for r in rows]
 
 
-def contrast_gates(model, layers=None, evidence=False):
-    gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence)
-    for gate in gates.gates:  # contrast and evidence weights start at 0; make them read something
-        torch.nn.init.normal_(gate.contrast.weight, std=0.5)
-        if evidence:
-            torch.nn.init.normal_(gate.evidence.weight, std=0.5)
+def contrast_gates(model, layers=None, evidence=False, summary=False):
+    gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence, summary=summary)
+    for gate in gates.gates:  # contrast, evidence and summary weights start at 0; make them read something
+        for extra in (gate.contrast, gate.evidence, gate.summary):
+            if extra is not None:
+                torch.nn.init.normal_(extra.weight, std=0.5)
     return gates
 
 
@@ -79,10 +79,10 @@ def test_running_mean_of_bf16_evidence_keeps_small_terms_over_a_long_response():
     assert torch.allclose(running_mean(values, known).double(), exact, rtol=1e-4)
 
 
-@pytest.mark.parametrize("evidence", [False, True])
-def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok, evidence):
+@pytest.mark.parametrize("evidence, summary", [(False, False), (True, False), (True, True)])
+def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_tokens(tok, evidence, summary):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model, layers=[1], evidence=evidence)
+    gates = contrast_gates(model, layers=[1], evidence=evidence, summary=summary)
     rows = encoded(tok, [chat(0), chat(1, answer="dogs bark")])
     seen = []
     model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out))
@@ -99,23 +99,25 @@ def test_contrast_logits_are_the_plain_gate_plus_the_prompt_effect_on_response_t
             if evidence:
                 running.append(torch.cat([full_x[full_at], delta]) @ gate.evidence.weight[0])
                 expected[full_at] += sum(running) / len(running)
+        if summary:  # every token: x_end · z, read at the row's last token
+            expected += full_x[-1] @ gate.summary.weight[0]
 
     batch = alone_batch(rows[:1], tok.pad_token_id)
-    with torch.no_grad(), contrasted(model, batch, (1, len(rows[0]["input_ids"]))):
+    with torch.no_grad(), contrasted(model, batch, torch.ones(1, len(rows[0]["input_ids"]))):
         model(torch.tensor([rows[0]["input_ids"]]))
     assert gates.reference is None  # the block leaves no reference behind
     assert torch.allclose(gates.logits()[0, 0], expected, atol=1e-5)
     prompt = [t for t in range(len(expected)) if t not in {f for f, _ in response_pairs(rows[0])}]
-    assert torch.allclose(gates.logits()[0, 0, prompt], plain[prompt], atol=1e-5)
+    assert torch.allclose(gates.logits()[0, 0, prompt], plain[prompt], atol=1e-5) is not summary
     assert not torch.allclose(expected, plain, atol=1e-3)  # the contrast term is really there
 
 
 def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     model = tiny_model("tiny-qwen3")
-    rows = encoded(tok, [chat(i, answer="x " * (i + 1)) for i in range(4)])
+    rows = encoded(tok, [chat(i, answer="x " * (i + 1)) for i in range(4)])  # padded to the longest in a batch
     plain = Scorer(model, tok, attach_gates(model, mode="probe"), alphas=[0.0], ifd=True).score(rows)
     model.qgate_gates.remove()
-    gates = contrast_gates(model)
+    gates = contrast_gates(model, evidence=True, summary=True)
     together = Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score(rows)
     alone = [Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score([r])[0] for r in rows]
     for a, b in zip(together, alone):
@@ -123,16 +125,17 @@ def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     assert [r["ifd"] for r in together] == pytest.approx([r["ifd"] for r in plain], rel=1e-5)
 
 
-@pytest.mark.parametrize("evidence", [False, True])
-def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence):
+@pytest.mark.parametrize("evidence, summary", [(False, False), (True, False), (True, True)])
+def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence, summary):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model, evidence=evidence)
+    gates = contrast_gates(model, evidence=evidence, summary=summary)
     rows = encoded(tok, [chat(i) for i in range(3)])
     expected = Scorer(model, tok, gates, alphas=[0.0]).score(rows)
     save_gates(gates, tmp_path)
-    assert reads_contrast(tmp_path) and read_gate_metadata(tmp_path)["evidence"] is evidence
+    meta = read_gate_metadata(tmp_path)
+    assert reads_contrast(tmp_path) and meta["evidence"] is evidence and meta["summary"] is summary
     reloaded = load_gates(tiny_model("tiny-llama"), tmp_path)
-    assert reloaded.contrast and reloaded.evidence is evidence
+    assert reloaded.contrast and reloaded.evidence is evidence and reloaded.summary is summary
     assert Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
 
 
@@ -143,7 +146,7 @@ def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
     logits = []
     for row in (short, longer):
         batch = alone_batch([row], tok.pad_token_id)
-        with torch.no_grad(), contrasted(model, batch, (1, len(row["input_ids"]))):
+        with torch.no_grad(), contrasted(model, batch, torch.ones(1, len(row["input_ids"]))):
             model(torch.tensor([row["input_ids"]]))
         logits.append(gates.logits()[0])  # [L, T]
     shared = [f for f, _ in response_pairs(short)][:2]  # "cats purr": the same tokens at the same positions
@@ -153,12 +156,13 @@ def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
 
 def test_warmup_trains_the_contrast_weights_and_needs_the_responses_alone(tok):
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, bias=True, init_bias=3.0)
+    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, summary=True, bias=True, init_bias=3.0)
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
     rows = encoded(tok, [chat(0), chat(1)]) + [{**r, "is_clean": 0} for r in encoded(tok, [chat(2, answer="zq")])]
     cfg = WarmupLossConfig(negatives_weight=1.0, quality_loss_weight=0.0)
     train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
-    assert all(gate.contrast.weight.abs().sum() > 0 and gate.evidence.weight.abs().sum() > 0 for gate in gates.gates)
+    assert all(extra.weight.abs().sum() > 0 for gate in gates.gates
+               for extra in (gate.contrast, gate.evidence, gate.summary))
     with pytest.raises(ValueError, match="contrast=True"):
         train_step(model, optimizer, collate(rows, tok.pad_token_id), cfg)
 
@@ -175,9 +179,34 @@ def test_moe_trash_cans_have_no_contrast_input():
     with pytest.raises(ValueError, match="evidence"):
         attach_gates(tiny_model("tiny-olmoe"), evidence=True)
     assert not attach_gates(tiny_model("tiny-olmoe"), contrast="auto", evidence="auto").evidence
+    assert not attach_gates(tiny_model("tiny-olmoe"), contrast="auto", summary="auto").summary
 
 
 def test_evidence_needs_the_contrast():
     with pytest.raises(ValueError, match="needs gate.contrast"):
         attach_gates(tiny_model("tiny-llama"), contrast=False, evidence=True)
     assert not attach_gates(tiny_model("tiny-llama"), contrast=False, evidence="auto").evidence
+
+
+def test_summary_needs_the_contrast_and_probe_mode():
+    with pytest.raises(ValueError, match="needs gate.contrast"):
+        attach_gates(tiny_model("tiny-llama"), mode="probe", contrast=False, summary=True)
+    with pytest.raises(ValueError, match="gate.mode=probe"):  # a modulating gate would read tokens after its own
+        attach_gates(tiny_model("tiny-llama"), mode="modulate", contrast=True, summary=True)
+    assert attach_gates(tiny_model("tiny-llama"), mode="probe", contrast=True, summary="auto").summary
+    assert not attach_gates(tiny_model("tiny-llama"), mode="modulate", contrast=True, summary="auto").summary
+
+
+def test_summary_reads_the_end_of_the_row(tok):
+    model = tiny_model("tiny-llama")
+    gates = contrast_gates(model, summary=True)
+    whole, cut = encoded(tok, [chat(0, answer="cats purr and sleep a lot"), chat(0, answer="cats purr and sle")])
+    shared = [f for f, _ in response_pairs(cut)][:3]
+    logits = []
+    for row in (whole, cut):
+        attention = torch.ones(1, len(row["input_ids"]))
+        with torch.no_grad(), contrasted(model, alone_batch([row], tok.pad_token_id), attention):
+            model(torch.tensor([row["input_ids"]]))
+        logits.append(gates.logits()[0])  # [L, T]
+    # the same first tokens gate differently once the row ends elsewhere: the end reaches every token
+    assert not torch.allclose(logits[0][:, shared], logits[1][:, shared], atol=1e-3)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from qgate.config import load_config
 from qgate.data import read_jsonl
-from qgate.gate import attach_gates, load_gates, read_gate_metadata
+from qgate.gate import EXTRA_INPUTS, attach_gates, load_gates, read_gate_metadata
 from qgate.tiny import tiny_model
 from ray_jobs import warmup
 
@@ -106,8 +106,9 @@ def test_one_worker_writes_gates_that_load_and_moved(one_worker):
     assert [m["step"] for m in one_worker["history"]] == [1, 2, 3, 4]
     assert set(meta["final_metrics"]) >= {"ce", "quality", "negatives", "good_ratio", "steps_per_s", "eta_s"}
     gates = load_gates(tiny_model("tiny-qwen3"), one_worker["out"] / "gates")
-    init = attach_gates(tiny_model("tiny-qwen3"), mode="probe", bias=True, init_bias=3.0, seed=0, contrast=True,
-                        evidence=True)
+    saved = read_gate_metadata(one_worker["out"] / "gates")
+    init = attach_gates(tiny_model("tiny-qwen3"), mode="probe", bias=True, init_bias=3.0, seed=0,
+                        **{name: saved[name] for name in EXTRA_INPUTS})
     assert max_diff(gates.state_dict(), init.state_dict()) > 1e-3
     assert max_diff(gates.state_dict(), one_worker["gates"]) == 0
     assert (one_worker["out"] / "logs" / "warmup.log").exists()
