@@ -11,8 +11,8 @@ rows stay fixed, so the spread is the method's. The split's own seed (--seed, 0)
 copies, so that run repeats planted_noise.py's. Per variant: AUROC (all / warmup kinds / held-out kinds) and
 P@30% of q at α=1 as mean ± std over the seeds, the min–max of AUROC all and how many seeds came out reversed.
 The best variant by mean AUROC (first seed) then picks 30% with each strategy of qgate.diversity on its S at α=1.
-With --contrast the grid is the default recipe (probe, BCE only, α 0, contrast, evidence) × init, in its own
-section.
+With --contrast the grid is the default recipe (probe, BCE only, α 0, contrast, evidence, summary) × init, in
+its own section.
 
 A run starts no new warmup after --budget-min minutes; with --cache a rerun skips the finished ones. With --out
 the section is written in place of an older one, also when some warmups are missing (they are listed).
@@ -332,7 +332,10 @@ def parse(argv):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="gate init, warmup order and warmup copies; --seed fixes the split")
     parser.add_argument("--contrast", action="store_true",
-                        help="the grid is the default recipe (probe, BCE only, α 0, contrast, evidence), each init")
+                        help="the grid is the default recipe (probe, BCE only, α 0, contrast, evidence, summary), "
+                        "each init")
+    parser.add_argument("--inits", nargs="+", choices=("seed", "open"), default=["seed", "open"],
+                        help="with --contrast: the gate inits of the recipe")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)
@@ -340,10 +343,10 @@ def parse(argv):
     return args
 
 
-def recipe_variants() -> list[Variant]:
-    """The default recipe (planted_noise's contrast grid, contrast and evidence on) with each init."""
-    recipe = next(v for v in contrast_variants([]) if v.evidence and v.mode == "probe")
-    return [replace(recipe, init=init) for init in ("seed", "open")]
+def recipe_variants(inits: list[str]) -> list[Variant]:
+    """The default recipe (planted_noise's contrast grid, contrast, evidence and summary on) with each init."""
+    recipe = next(v for v in contrast_variants([]) if v.summary)
+    return [replace(recipe, init=init) for init in inits]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     bench = SeedBench(args)
     baselines = bench.baselines()
-    grid = recipe_variants() if args.contrast else main_variants()
+    grid = recipe_variants(args.inits) if args.contrast else main_variants()
     for seed in args.seeds:  # seed-major: a cut budget leaves whole seeds
         for variant in grid:
             bench.run(variant, seed)
