@@ -291,8 +291,8 @@ def parse(argv):
     parser.add_argument("--score-on", choices=("all", "response"),
                         help="the tokens every grid variant's loss and S read (default: each variant's own, all)")
     parser.add_argument("--contrast", action="store_true",
-                        help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast, + evidence, + summary; "
-                        "modulate)")
+                        help="the grid is the contrast-gate variants (probe, BCE only, α 0, ± contrast, "
+                        "+ evidence, + summary; modulate)")
     args = parser.parse_args(argv)
     if args.quick:
         quick_settings(args)

@@ -3,7 +3,8 @@
 A row's final response also runs alone (the IFD encoding, `encode_row(..., ifd=True)`). `response_pairs` lines its
 tokens up with the same tokens in the full row; `reference_pass` runs the alone batch with every gate open, keeps
 each gated layer's FFN input x̃ and scatters it onto the full batch's positions, so that the next forward pass
-of the full rows reads x − x̃ there (`GateSet.reference`, which also gives summary gates each row's end). The alone pass's NLL is IFD's denominator too.
+of the full rows reads x − x̃ there (`GateSet.reference`, which also gives summary gates each row's end). The
+alone pass's NLL is IFD's denominator too.
 """
 
 from __future__ import annotations

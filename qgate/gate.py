@@ -34,7 +34,8 @@ MODES = ("modulate", "probe")
 GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
-EXTRA_INPUTS = ("contrast", "evidence", "summary")  # optional second projections of a gate, saved as layers.{i}.{name}.weight
+# optional extra projections of a gate, saved as layers.{i}.{name}.weight
+EXTRA_INPUTS = ("contrast", "evidence", "summary")
 
 
 class QualityGate(nn.Module):
