@@ -10,7 +10,8 @@ their copies) chosen by the step alone, so the same seed and global batch give t
 
 Checkpoints (gates, optimizer, step, metric history, RNG state) go to `out/warmup/`. Running again with the same
 `out` resumes from the latest one, as does the attempt Ray Train restarts after a worker failure
-(`warmup.max_failures`). Outputs: `out/gates/` (gates.safetensors + gates.json) and `out/warmup/metrics.jsonl`.
+(`warmup.max_failures`). Outputs: `out/gates/` (gates.safetensors + gates.json + warmup_rows.jsonl, the rows
+warmed up on) and `out/warmup/metrics.jsonl`.
 
 Fault injection (tests): with `QGATE_FAIL_AT_STEP=k QGATE_FAIL_MARKER=path` set for the driver, the rank-0 worker
 creates the marker and raises before step k, once: it does nothing while the marker exists.
@@ -49,6 +50,9 @@ from ray_jobs.common import (
 )
 
 log = logging.getLogger("qgate.warmup")
+
+WARMUP_ROWS = "warmup_rows.jsonl"  # beside the gates: (dataset, id) of every row they warmed up on; the self-check
+# leaves these rows out
 
 CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
     "gates.safetensors", "optimizer.pt", "state.json", "rng.pt")
@@ -191,8 +195,8 @@ def _restore(checkpoint, gates, optimizer, device) -> dict:
     with checkpoint.as_directory() as path:
         path = Path(path)
         gates.load_state_dict(load_file(str(path / CHECKPOINT_GATES)))
-        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER, map_location=device))
-        rng = torch.load(path / CHECKPOINT_RNG)
+        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER, map_location=device, weights_only=True))
+        rng = torch.load(path / CHECKPOINT_RNG, weights_only=True)
         state = json.loads((path / CHECKPOINT_STATE).read_text())
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and device.type == "cuda":
@@ -343,7 +347,8 @@ def run(config: DictConfig) -> Path:
     with stage_log(config.out, "warmup"):
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         counts = Counter()
-        items = encode_items(config, tokenizer, sample_rows(config, counts), counts)
+        rows = sample_rows(config, counts)
+        items = encode_items(config, tokenizer, rows, counts)
         log.info("warmup rows: %s", dict(sorted(counts.items())))
         if not items:
             raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
@@ -352,7 +357,9 @@ def run(config: DictConfig) -> Path:
         state = result.return_value
         log.info("warmup done: steps %d (this run from step %d), final %s",
                  state["step"], state["start_step"], state["history"][-1] if state["history"] else {})
-        return write_outputs(config, result, counts)
+        gates_dir = write_outputs(config, result, counts)
+        write_jsonl(str(gates_dir / WARMUP_ROWS), [{"dataset": r["dataset"], "id": r["id"]} for r in rows])
+        return gates_dir
 
 
 def main(argv: list[str] | None = None) -> None:
