@@ -1,6 +1,6 @@
 """`qgate <command> key=value …`: one subcommand per stage, each a thin door to its Ray entrypoint.
 
-Every key of `configs/qgate.yaml` can be overridden (`gate.mode=probe`, `collect.actors=4`); short aliases
+Every key of `qgate/configs/qgate.yaml` can be overridden (`gate.mode=probe`, `collect.actors=4`); short aliases
 are listed in `qgate.config.ALIASES`. `qgate <command> --help` shows the command's own docstring.
 """
 
@@ -29,7 +29,7 @@ USAGE = "usage: qgate <command> [key=value ...]   (qgate <command> --help for de
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    return USAGE + "\n".join(lines) + "\n\nconfiguration: configs/qgate.yaml (every key overridable as key=value)"
+    return USAGE + "\n".join(lines) + "\n\nconfiguration: qgate/configs/qgate.yaml (every key overridable as key=value)"
 
 
 def main(argv: list[str] | None = None) -> int:

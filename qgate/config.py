@@ -1,12 +1,24 @@
-"""Configuration: YAML defaults in `configs/qgate.yaml`, overridden by `key=value` arguments (OmegaConf)."""
+"""Configuration: YAML defaults in the package (`qgate/configs/qgate.yaml`), then the run's own recorded
+`out/config.yaml`, then an optional `--config FILE`, then `key=value` arguments (OmegaConf).
+
+`SHAPES` says which outputs of a run directory each setting shapes; `changes_refused` refuses a changed setting
+whose outputs already exist and that the stage about to run does not rewrite (docs/run-directory.md).
+"""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "qgate.yaml"
+
+def config_path(name: str) -> Path:
+    """A YAML file shipped inside the package (`qgate/configs/<name>`), e.g. `demo.yaml`."""
+    return Path(str(resources.files("qgate").joinpath("configs", name)))
+
+
+DEFAULTS = config_path("qgate.yaml")
 
 ALIASES = {
     "workers": "warmup.workers",
@@ -37,6 +49,69 @@ CHOICES = {
     "selection.score": ("auto", "q", "q_ifd"),
 }
 
+# ---- which outputs each setting shapes -------------------------------------------------------------------
+
+# The outputs of a run directory, each with those made from it.
+DOWNSTREAM = {"warmup": ("gates",), "gates": ("stats",), "stats": ("selfcheck", "selection"),
+              "selfcheck": ("selection",), "selection": ()}
+# The first output a setting shapes (prefix match, the longest prefix wins; None or absent: none). `data` is
+# absent: more files add rows, moved files resume by content (ray_jobs/collect.py); `gates` is checked by the
+# gates' content hash (qgate/identity.py).
+SHAPES = {
+    "model": "warmup", "dtype": "warmup", "trust_remote_code": "warmup", "seed": "warmup", "autocast": "warmup",
+    "encoding": "warmup", "gate": "warmup", "loss": "warmup",
+    "warmup": "warmup", "warmup.steps": "gates",  # more steps continue from the checkpoints
+    "warmup.cpus_per_worker": None, "warmup.report_every": None, "warmup.checkpoint_every": None,
+    "warmup.max_failures": None, "warmup.keep_checkpoints": None,
+    "collect.alphas": "stats", "collect.eps": "stats", "collect.ifd": "stats", "collect.raw": "stats",
+    "selfcheck": "selfcheck", "selfcheck.enabled": None, "selfcheck.strict": None,
+    "selection": "selection",
+}
+# What each stage writes anew (collect only adds rows: a changed setting must not reach stats it resumes).
+REWRITES = {"warmup": ("gates",), "collect": (), "selfcheck": ("selfcheck",), "select": ("selection",)}
+
+
+def shaped_outputs(key: str) -> set[str]:
+    """The outputs a dotted setting shapes, downstream ones included."""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    first = next((SHAPES[p] for p in prefixes if p in SHAPES), None)
+    todo, out = [first] if first else [], set()
+    while todo:
+        name = todo.pop()
+        out.add(name)
+        todo += [n for n in DOWNSTREAM[name] if n not in out]
+    return out
+
+
+def changed_settings(recorded: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (recorded value, new value)} of the leaves that differ; keys one side lacks are skipped."""
+    changes = {}
+    for key in recorded.keys() & new.keys():
+        old, value = recorded[key], new[key]
+        if isinstance(old, dict) and isinstance(value, dict):
+            changes.update(changed_settings(old, value, f"{prefix}{key}."))
+        elif old != value:
+            changes[f"{prefix}{key}"] = (old, value)
+    return changes
+
+
+def changes_refused(recorded: dict, new: dict, existing: set[str], stages: list[str]) -> list[str]:
+    """One line per changed setting that shapes an output already there and not rewritten by `stages`."""
+    rewritten = {name for stage in stages for name in REWRITES.get(stage, ())}
+    lines = []
+    for key, (old, value) in sorted(changed_settings(recorded, new).items()):
+        if key == "out":
+            continue
+        stale = sorted(shaped_outputs(key) & existing - rewritten)
+        if stale:
+            lines.append(f"{key} changed from {old!r} to {value!r}, but {', '.join(s + '/' for s in stale)} "
+                         f"{'was' if len(stale) == 1 else 'were'} made with {old!r}")
+    return lines
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
 
 def parse_overrides(args: list[str]) -> DictConfig:
     """`["a.b=1", "workers=2"]` -> a config; unknown keys are errors, aliases expand."""
@@ -49,11 +124,23 @@ def parse_overrides(args: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(pairs)
 
 
-def load_config(args: list[str] | None = None, path: str | Path | None = None) -> DictConfig:
-    """Defaults ⊕ optional YAML file ⊕ overrides; refuses keys the defaults do not have."""
+def recorded_layer(path: str | Path, defaults: DictConfig) -> DictConfig:
+    """A run's recorded config, less keys the defaults no longer have (written by an older qgate)."""
+    def known(layer: dict, base: dict) -> dict:
+        return {k: known(v, base[k]) if isinstance(v, dict) and isinstance(base[k], dict) else v
+                for k, v in layer.items() if k in base}
+
+    recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    return OmegaConf.create(known(recorded, OmegaConf.to_container(defaults)))
+
+
+def load_config(args: list[str] | None = None, path: str | Path | None = None,
+                recorded: str | Path | None = None) -> DictConfig:
+    """Defaults ⊕ the run's `recorded` config ⊕ optional YAML file ⊕ overrides; refuses keys the defaults lack."""
     config = OmegaConf.load(DEFAULTS)
     OmegaConf.set_struct(config, True)
-    layers = [OmegaConf.load(path)] if path else []
+    layers = [recorded_layer(recorded, config)] if recorded else []
+    layers += [OmegaConf.load(path)] if path else []
     layers.append(parse_overrides(args or []))
     for layer in layers:
         try:

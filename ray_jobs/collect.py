@@ -382,7 +382,7 @@ def run(config) -> Path:
     """Score every input row not scored or rejected yet; returns the stats directory."""
     paths = run_paths(config.out)
     with stage_log(config.out, "collect"):
-        record_config(config)
+        record_config(config, ["collect"])
         init_ray(config)
         gpu, gates_dir = use_gpu(config), _gates_dir(config, paths)
         write_schema(config, paths["stats"], gates_dir)

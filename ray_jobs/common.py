@@ -1,4 +1,5 @@
-"""What every Ray entrypoint shares: connecting to Ray, the run directory, per-stage logs, GPU choice."""
+"""What every Ray entrypoint shares: connecting to Ray, the run directory and its recorded config, per-stage logs,
+GPU choice."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from qgate.config import load_config, save_config
+from qgate.config import as_dict, changes_refused, load_config, save_config
 
 log = logging.getLogger("qgate")
 
@@ -83,7 +84,8 @@ def setup_logging() -> None:
 
 
 def config_from_argv(argv: list[str] | None) -> DictConfig:
-    """`--config FILE` plus key=value overrides; `out` must be set."""
+    """The run's recorded `out/config.yaml` (when there is one) under `--config FILE` and key=value overrides,
+    over the defaults; `out` must be set."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = None
     if "--config" in argv:
@@ -93,8 +95,28 @@ def config_from_argv(argv: list[str] | None) -> DictConfig:
     config = load_config(argv, path)
     if not config.out:
         raise SystemExit("set the run directory: out=DIR")
-    return config
+    recorded = run_paths(config.out)["config"]
+    return load_config(argv, path, recorded) if recorded.exists() else config
 
 
-def record_config(config: DictConfig) -> None:
-    save_config(config, run_paths(config.out)["config"])
+def existing_outputs(out: str | Path) -> set[str]:
+    """Which outputs (the names of `qgate.config.DOWNSTREAM`) a run directory already holds."""
+    paths = run_paths(out)
+    found = {"warmup": any(paths["checkpoints"].glob("*/gates.safetensors")),
+             "gates": (paths["gates"] / "gates.json").exists(), "stats": (paths["stats"] / "_schema.json").exists(),
+             "selfcheck": (paths["out"] / "selfcheck" / "selfcheck.json").exists(),
+             "selection": (paths["selection"] / "selection_stats.json").exists()}
+    return {name for name, there in found.items() if there}
+
+
+def record_config(config: DictConfig, stages: list[str]) -> None:
+    """Write `out/config.yaml`, after refusing any changed setting that shapes outputs already in `out` which
+    `stages` do not write anew (the table in qgate/config.py)."""
+    path = run_paths(config.out)["config"]
+    if path.exists():
+        recorded = as_dict(load_config(recorded=path))
+        refused = changes_refused(recorded, as_dict(config), existing_outputs(config.out), stages)
+        if refused:
+            raise ValueError(f"{config.out} holds outputs made with other settings: " + "; ".join(refused)
+                             + ". Use a new out directory, or remove those outputs to compute them again.")
+    save_config(config, path)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from qgate.config import DEFAULTS
+from qgate.config import config_path
 from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
 from qgate.scoring import auroc
@@ -27,7 +27,7 @@ from ray_jobs.common import config_from_argv, run_paths, setup_logging
 
 log = logging.getLogger("qgate.demo")
 
-DEMO_CONFIG = DEFAULTS.parent / "demo.yaml"
+DEMO_CONFIG = config_path("demo.yaml")
 
 
 def planted_noise_grade(out: str, labels_path: str) -> dict:

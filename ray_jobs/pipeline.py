@@ -34,7 +34,7 @@ def run(config: DictConfig) -> dict:
         raise ValueError("set the input rows: data=FILE|DIR|GLOB")
     if config.stages and "selfcheck" not in config.stages:
         log.warning("the self-check is off: nothing tells whether high q means clean on this corpus")
-    record_config(config)
+    record_config(config, [s for s in config.stages if s != "selfcheck" or config.selfcheck.enabled])
     init_ray(config)
     timings = {}
     for stage in config.stages:

@@ -499,7 +499,7 @@ def run(config) -> Path:
     if s.strategy not in STRATEGIES:
         raise ValueError(f"selection.strategy must be one of {STRATEGIES}, got {s.strategy!r}")
     with stage_log(config.out, "select"):
-        record_config(config)
+        record_config(config, ["select"])
         init_ray(config)
         dirs = stats_dirs(config)
         specs = [alpha_spec(d, float(s.alpha)) for d in dirs]

@@ -119,7 +119,7 @@ def run(config: DictConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     config = config_from_argv(argv)
-    record_config(config)
+    record_config(config, ["selfcheck"])
     run(config)
 
 

@@ -365,7 +365,7 @@ def run(config: DictConfig) -> Path:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     config = config_from_argv(argv)
-    record_config(config)
+    record_config(config, ["warmup"])
     run(config)
 
 
