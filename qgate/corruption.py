@@ -15,6 +15,8 @@ and the kinds it was not (`DEFAULT_HELDOUT_KINDS`) can be reported apart.
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 import re
 import string
@@ -81,7 +83,11 @@ def _others(messages: Messages, rng: random.Random, pool: list[Messages], k: int
     """Up to `k` random pool entries whose response differs from this one and is not empty."""
     own = response_of(messages)
     drawn = rng.sample(pool, k=min(k, len(pool)))
-    return [m for m in drawn if response_of(m).strip() and response_of(m) != own]
+    return [m for m in drawn if _has_text(response_of(m)) and response_of(m) != own]
+
+
+def _has_text(text: str) -> bool:
+    return bool(text) and not text.isspace()  # isspace stops at the first other character: no copy of a long text
 
 
 # ---- applying corruptions ------------------------------------------------------------------------
@@ -190,11 +196,19 @@ def truncate(messages: Messages, rng: random.Random, pool: list[Messages]) -> Me
     """The response cut to 10-40% of its length, in the middle of a word."""
     text = response_of(messages)
     target = int(len(text) * rng.uniform(0.1, 0.4))
-    mid_word = [i for i in range(1, len(text)) if text[i - 1].isalnum() and text[i].isalnum()]
-    if len(text) < 40 or not mid_word:
-        return None
-    cut = min(mid_word, key=lambda i: (abs(i - target), i))
-    return with_response(messages, text[:cut])
+    cut = _nearest_mid_word(text, target) if len(text) >= 40 else None
+    return None if cut is None else with_response(messages, text[:cut])
+
+
+def _nearest_mid_word(text: str, target: int) -> int | None:
+    """The position between two letters or digits nearest to `target` (the earlier one on a tie), else None.
+
+    Scans outward from `target`, so a long text costs only the distance to the nearest word."""
+    for distance in range(len(text)):
+        for i in (target - distance, target + distance):
+            if 1 <= i < len(text) and text[i - 1].isalnum() and text[i].isalnum():
+                return i
+    return None
 
 
 @register("char_noise")
@@ -224,10 +238,11 @@ def repetition_loop(messages: Messages, rng: random.Random, pool: list[Messages]
         return None
     size = rng.randint(3, min(8, len(words) // 2))
     start = rng.randrange(len(words) - size + 1)
-    phrase, out = words[start:start + size], words[:start + size]
-    while len(" ".join(out)) < 1.5 * len(text):
-        out.extend(phrase)
-    return with_response(messages, " ".join(out))
+    phrase, head = words[start:start + size], words[:start + size]
+    # Repeats until the text reaches 1.5x the original, counted rather than re-joined: linear in the length.
+    shortfall = 1.5 * len(text) - len(" ".join(head))
+    repeats = max(0, math.ceil(shortfall / (len(" ".join(phrase)) + 1)))
+    return with_response(messages, " ".join(head + phrase * repeats))
 
 
 @register("gibberish")
@@ -324,9 +339,10 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / max(len(a | b), 1)
 
 
-def _word_set(text: str) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # pool entries are compared with many samples: their word sets once each
+def _word_set(text: str) -> frozenset[str]:
     """Lowercase words and identifier parts; shared long words (names) count more than short ones."""
-    return set(re.findall(r"[a-z0-9_]{2,}", text.lower()))
+    return frozenset(re.findall(r"[a-z0-9_]{2,}", text.lower()))
 
 
 _OPPOSITES = {"true": "false", "always": "never", "before": "after", "first": "last", "more": "less",

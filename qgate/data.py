@@ -2,11 +2,15 @@
 
 Every input row comes out as one dict, good or rejected, so nothing vanishes:
 `{id, dataset, source, row, messages, record, reason, detail}`; `reason == ""` marks a good row.
+`iter_file_rows` is the one reader every stage uses (warmup, collect, finetune); the forms themselves are
+`qgate.messages`. docs/input-rows.md lists every reject reason.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -15,21 +19,14 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from qgate.messages import ROLES, RowError, present, to_messages  # noqa: F401 - ROLES, to_messages: public here
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
-ROLES = ("system", "user", "assistant")
 ROW_FIELDS = ("id", "dataset", "source", "row", "messages", "record", "reason", "detail")
 REJECT_FIELDS = ("source", "row", "id", "dataset", "reason", "detail", "record")
 MAX_RAW_CHARS = 2000
-
-
-class RowError(ValueError):
-    """A malformed input row: `reason` is the short code written to the rejects file."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 # ---- finding files -------------------------------------------------------------------------------
@@ -81,32 +78,62 @@ def dataset_name(path: str) -> str:
 
 
 def iter_file_rows(path: str) -> Iterator[dict]:
-    """One normalized dict per line (JSONL) or row (Parquet) of `path`, rejects included."""
-    if path.endswith(PARQUET_SUFFIXES):
-        yield from _iter_parquet(path)
-    else:
-        yield from _iter_jsonl(path)
+    """One normalized dict per line (JSONL) or row (Parquet) of `path`, rejects included: the one reader of input.
+
+    Nothing in a file stops the caller: a line that does not parse is a reject (`bad_json`, `bad_utf8`, ...), and a
+    file that cannot be opened or read to its end (a truncated .gz, a broken Parquet footer) gives one
+    `unreadable_file` reject at the first row it could not read, after the rows read before it.
+    """
+    rows = _iter_parquet(path) if path.endswith(PARQUET_SUFFIXES) else _iter_jsonl(path)
+    next_row = 0
+    try:
+        for row in rows:
+            yield row
+            next_row = row["row"] + 1
+    except Exception as err:  # noqa: BLE001 - whatever breaks a file is reported as that file's reject
+        yield _raw_reject("", path, next_row, "unreadable_file",
+                          f"could not read {os.path.basename(path)} from row {next_row} on: "
+                          f"{type(err).__name__}: {err}"[:MAX_RAW_CHARS])
 
 
 def _iter_jsonl(path: str) -> Iterator[dict]:
     with fsspec.open(path, "rb", compression="infer") as f:
+        if _starts_with_utf16_bom(f):
+            f = io.TextIOWrapper(f, encoding="utf-16", newline="\n")
         for row, raw in enumerate(f):
-            yield _jsonl_row(raw, path, row)
+            yield parse_line(raw, path, row)
 
 
-def _jsonl_row(raw: bytes, source: str, row: int) -> dict:
-    try:
-        text = raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as err:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        return _raw_reject(text, source, row, "bad_utf8", f"line is not valid UTF-8: {err}")
+def _starts_with_utf16_bom(f) -> bool:
+    head = f.read(2)
+    f.seek(0)
+    return head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def parse_line(raw: bytes | str, source: str, row: int) -> dict:
+    """The row dict of one JSONL line (bytes as read, or text already decoded); never raises."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            return _raw_reject(text, source, row, "bad_utf8", f"line is not valid UTF-8: {err}")
+    text = raw.rstrip("\r\n").lstrip("\ufeff")  # a byte-order mark may start a file (or a concatenated part)
     if not text.strip():
         return _raw_reject(text, source, row, "blank_line", "empty or whitespace-only line")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        return _raw_reject(text, source, row, "bad_json", f"line is not valid JSON: {err}")
-    return normalize(obj, source, row)
+        obj = json.loads(text, strict=False)  # strict=False: raw tabs and other control characters in strings
+    except Exception as err:  # noqa: BLE001 - ValueError (huge numbers), RecursionError (deep nesting), ...
+        return _raw_reject(text, source, row, "bad_json", _json_error(err))
+    return normalize(obj, source, row, raw=text)
+
+
+def _json_error(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"line is not valid JSON: {err}"
+    if isinstance(err, RecursionError):
+        return "line nests brackets deeper than the JSON parser allows"
+    return f"line cannot be parsed: {type(err).__name__}: {err}"[:500]
 
 
 def _iter_parquet(path: str) -> Iterator[dict]:
@@ -118,10 +145,17 @@ def _iter_parquet(path: str) -> Iterator[dict]:
                 row += 1
 
 
-def normalize(obj, source: str, row: int) -> dict:
-    """The row dict of one decoded input object: messages when good, else `reason` and `detail`."""
+def normalize(obj, source: str, row: int, raw: str | None = None) -> dict:
+    """The row dict of one decoded input object: messages when good, else `reason` and `detail`; never raises.
+
+    `raw` (the line's text) stands in for the record of a row that cannot be written back as JSON.
+    """
     dataset = dataset_name(source)
     try:
+        record = _record_json(obj)
+        if not _is_unicode(record):
+            return _raw_reject(_ascii_json(obj), source, row, "bad_unicode",
+                               "a string holds a lone surrogate escape (such as \\ud800): it is not valid Unicode")
         if not isinstance(obj, dict):
             raise RowError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
         dataset = _dataset_of(obj, dataset)
@@ -129,8 +163,11 @@ def normalize(obj, source: str, row: int) -> dict:
         messages = to_messages(obj)
     except RowError as err:
         row_id = _given_id(obj) or _generated_id(dataset, source, row, _canonical_json(obj))
-        return _row(row_id, dataset, source, row, [], _record_json(obj), err.reason, str(err))
-    return _row(row_id, dataset, source, row, messages, _record_json(obj), "", "")
+        return _row(row_id, dataset, source, row, [], record, err.reason, str(err))
+    except Exception as err:  # noqa: BLE001 - a row the checks above did not foresee is still only one row
+        text = raw if raw is not None else f"<{type(obj).__name__}>"
+        return _raw_reject(text, source, row, "unreadable_row", f"{type(err).__name__}: {err}"[:500])
+    return _row(row_id, dataset, source, row, messages, record, "", "")
 
 
 def _row(row_id, dataset, source, row, messages, record, reason, detail) -> dict:
@@ -144,16 +181,20 @@ def _raw_reject(text: str, source: str, row: int, reason: str, detail: str) -> d
     return _row(row_id, dataset, source, row, [], text[:MAX_RAW_CHARS], reason, detail)
 
 
+def _is_unicode(text: str) -> bool:
+    """False when `text` holds a lone surrogate, which no UTF-8 writer (Parquet, JSONL) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # ---- ids and datasets ----------------------------------------------------------------------------
 
 
-def _present(obj: dict, key: str) -> bool:
-    """Missing and null mean the same: Parquet fills absent columns with nulls."""
-    return obj.get(key) is not None
-
-
 def _dataset_of(obj: dict, default: str) -> str:
-    if not _present(obj, "dataset"):
+    if not present(obj, "dataset"):
         return default
     value = obj["dataset"]
     if not isinstance(value, str) or not value.strip():
@@ -162,7 +203,7 @@ def _dataset_of(obj: dict, default: str) -> str:
 
 
 def _id_of(obj: dict, dataset: str, source: str, row: int) -> str:
-    if not _present(obj, "id"):
+    if not present(obj, "id"):
         return _generated_id(dataset, source, row, _canonical_json(obj))
     given = _given_id(obj)
     if given is None:
@@ -179,7 +220,7 @@ def _given_id(obj) -> str | None:
 
 def _generated_id(dataset: str, source: str, row: int, content: str) -> str:
     key = f"{os.path.basename(source)}:{row}:{content}"
-    return f"{dataset}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
+    return f"{dataset}-{hashlib.sha1(key.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 def _canonical_json(obj) -> str:
@@ -190,76 +231,8 @@ def _record_json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, default=str)
 
 
-# ---- the three input forms -----------------------------------------------------------------------
-
-
-def to_messages(obj: dict) -> list[dict]:
-    """Messages `[{"role", "content"}, ...]` of a LESS, Alpaca or prompt/completion object; raises RowError."""
-    if _present(obj, "messages"):
-        return _checked_messages(obj["messages"])
-    if _present(obj, "instruction") or _present(obj, "output"):
-        return _alpaca_messages(obj)
-    if _present(obj, "prompt") or _present(obj, "completion"):
-        return _pair_messages(obj, "prompt", "completion")
-    raise RowError("unknown_format", f"no 'messages', 'instruction'/'output' or 'prompt'/'completion' "
-                                     f"field; keys: {sorted(obj)[:10]}")
-
-
-def _checked_messages(messages) -> list[dict]:
-    if not isinstance(messages, list):
-        raise RowError("messages_not_a_list", f"'messages' must be a list, got {type(messages).__name__}")
-    if not messages:
-        raise RowError("empty_messages", "'messages' is an empty list")
-    out = [_checked_message(i, m) for i, m in enumerate(messages)]
-    roles = [m["role"] for m in out]
-    if "user" not in roles:
-        raise RowError("no_user_turn", f"no user message; roles: {roles}")
-    if "assistant" not in roles:
-        raise RowError("no_assistant_turn", f"no assistant message; roles: {roles}")
-    if roles[-1] != "assistant":
-        raise RowError("last_turn_not_assistant", f"last message is {roles[-1]!r}, not 'assistant'")
-    return out
-
-
-def _checked_message(i: int, message) -> dict:
-    if not isinstance(message, dict):
-        raise RowError("message_not_an_object", f"messages[{i}] is a {type(message).__name__}, not an object")
-    role, content = message.get("role"), message.get("content")
-    if role not in ROLES:
-        raise RowError("bad_role", f"messages[{i}] role {role!r:.40} is not one of {ROLES}")
-    if not isinstance(content, str):
-        raise RowError("content_not_a_string", f"messages[{i}] content is {type(content).__name__}")
-    # An empty system prompt is harmless; an empty user or assistant turn has nothing to learn from.
-    if role != "system" and not content.strip():
-        raise RowError("empty_content", f"messages[{i}] ({role}) has empty content")
-    return {"role": role, "content": content}
-
-
-def _alpaca_messages(obj: dict) -> list[dict]:
-    instruction = _text_field(obj, "instruction", "empty_instruction")
-    extra = obj.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise RowError("field_not_a_string", f"'input' must be a string, got {type(extra).__name__}")
-    output = _text_field(obj, "output", "empty_output")
-    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-
-
-def _pair_messages(obj: dict, user_key: str, assistant_key: str) -> list[dict]:
-    prompt = _text_field(obj, user_key, "empty_prompt")
-    completion = _text_field(obj, assistant_key, "empty_completion")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-
-
-def _text_field(obj: dict, key: str, empty_reason: str) -> str:
-    if not _present(obj, key):
-        raise RowError("missing_field", f"required field {key!r} is missing or null")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise RowError("field_not_a_string", f"{key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RowError(empty_reason, f"{key!r} is empty")
-    return value
+def _ascii_json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=True, default=str)
 
 
 # ---- small JSONL helpers -------------------------------------------------------------------------
