@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from qgate.encoding import (
@@ -67,18 +69,48 @@ def test_multi_turn_marks_both_assistant_turns(tok):
     assert [tok.decode(run) for run in masked_runs(enc)] == ["hello", MULTI[3]["content"]]
 
 
-def test_truncation_keeps_the_first_tokens(tok):
+def test_truncation_cuts_the_prompt_and_keeps_the_response(tok):
     full = encode_messages(tok, SINGLE, max_length=512, score_on="all")
-    cut = encode_messages(tok, SINGLE, max_length=10, score_on="all")
-    assert cut["truncated"] and cut["n_tokens"] == 10 and cut["n_tokens_full"] == full["n_tokens"]
-    assert cut["input_ids"] == full["input_ids"][:10]
-    assert cut["score_mask"] == full["score_mask"][:10] and cut["n_scored"] == 9
+    cut = encode_messages(tok, SINGLE, max_length=30, score_on="all")
+    assert cut["truncated"] and cut["n_tokens"] == 30 and cut["n_tokens_full"] == full["n_tokens"]
+    # the prompt's head, the turn markers before the response, then the whole response
+    assert tok.decode(cut["input_ids"]) == ("<|im_start|>system\nBe bri<|im_end|>\n<|im_start|>assistant\n"
+                                            + SINGLE[-1]["content"] + "<|im_end|>\n")
+    assert cut["input_ids"][-12:] == full["input_ids"][-12:]
+    assert cut["score_mask"] == [0] + [1] * 29 and cut["n_scored"] == 29
+    assert [tok.decode(run) for run in masked_runs({**cut, "score_mask": cut["response_mask"]})] == [
+        SINGLE[-1]["content"]]
 
 
-def test_response_scoring_with_a_prompt_longer_than_max_length_has_nothing_to_score(tok):
-    with pytest.raises(EncodingError) as err:
-        encode_messages(tok, SINGLE, max_length=8, score_on="response")
-    assert err.value.reason == "nothing_to_score"
+@pytest.mark.parametrize("max_length", [2, 3, 8, 12, 20])
+def test_a_prompt_longer_than_max_length_still_leaves_the_response_to_score(tok, max_length):
+    enc = encode_messages(tok, SINGLE, max_length=max_length, score_on="response")
+    assert enc["n_tokens"] == max_length and enc["n_scored"] >= max_length // 2 - 1 > -1
+    assert enc["score_mask"] == enc["response_mask"] and enc["score_mask"][0] == 0
+    response = tok.decode([t for t, m in zip(enc["input_ids"], enc["score_mask"]) if m])
+    assert response and SINGLE[-1]["content"].startswith(response)
+
+
+def test_a_long_response_keeps_its_head_after_the_prompt_or_half_of_max_length(tok):
+    long_answer = {"role": "assistant", "content": "The lazy dog sleeps. " * 40}
+    short_prompt = encode_messages(tok, [SINGLE[1], long_answer], max_length=64, score_on="all")
+    prompt = render(tok, [SINGLE[1]], add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tok.decode(short_prompt["input_ids"][:n_prompt]) == prompt  # a short prompt stays whole
+    assert short_prompt["truncated"] and sum(short_prompt["response_mask"]) == 64 - n_prompt
+    long_prompt = encode_messages(tok, [{"role": "user", "content": "Why? " * 60}, long_answer], 64, "all")
+    assert sum(long_prompt["response_mask"]) == 32  # a long prompt gives way to half of max_length
+    text = tok.decode(long_prompt["input_ids"])
+    assert text.startswith("<|im_start|>user\nWhy? Why? ") and text.count("Why?") < 10
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n" + "The lazy dog sleeps. " * 3 + "The lazy")
+
+
+def test_span_search_stays_linear_in_the_number_of_turns(tok):
+    turns = [{"role": r, "content": f"{r} turn {i}"} for i in range(1500) for r in ("user", "assistant")]
+    start = time.perf_counter()
+    enc = encode_messages(tok, turns, max_length=64, score_on="response")
+    assert time.perf_counter() - start < 10.0  # every prefix rendered: minutes
+    assert [tok.decode(run) for run in masked_runs(enc)] == ["assistant turn 0", "assistant turn 1499"]
 
 
 def test_response_only_encodes_the_final_answer_alone(tok):
@@ -134,8 +166,10 @@ def test_encode_row_adds_fields_and_turns_failures_into_reasons(tok):
     assert good["reason"] == "" and good["n_scored"] > 0 and good["id"] == "r"
     assert good["ifd_input_ids"] == encode_response_only(tok, SINGLE, 512)["input_ids"]
     assert len(good["ifd_score_mask"]) == len(good["ifd_input_ids"])
-    short = encode_row(tok, row_of(SINGLE), max_length=8, score_on="response", ifd=True)
-    assert short["reason"] == "nothing_to_score" and short["detail"]
+    shouting = tiny_tokenizer()  # a template that rewrites every content: the answer is not found verbatim
+    shouting.chat_template = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | upper)")
+    short = encode_row(shouting, row_of(SINGLE), max_length=512, score_on="response", ifd=True)
+    assert short["reason"] == "content_not_in_template" and short["detail"]
     assert (short["input_ids"], short["ifd_input_ids"], short["n_tokens"]) == ([], [], 0)
     rejected = encode_row(tok, row_of([], reason="empty_messages"), max_length=512, score_on="all")
     assert rejected["reason"] == "empty_messages" and rejected["input_ids"] == []
