@@ -6,6 +6,7 @@ self-check, so they cannot drift apart. Rows come from `qgate.encoding.encode_ro
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from qgate.gate import GateSet
 
 STATS_VERSION = 1
+
+log = logging.getLogger("qgate.stats")
 
 
 def micro_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int = 64) -> list[list[int]]:
@@ -111,12 +114,34 @@ class Scorer:
         return nll, gate_logits, pad(masks, 0).to(self.device), alone_nll
 
     def score(self, rows: list[dict]) -> list[dict]:
-        """Per-row stats in input order; rows must carry `input_ids`, `score_mask`, `response_mask`."""
+        """Per-row stats in input order; rows must carry `input_ids`, `score_mask`, `response_mask`.
+
+        A row that cannot be scored gets `{"reason", "detail"}` instead of stats: its own reason when it comes
+        rejected or without tokens, `scoring_error` when the forward pass fails on it alone (a failing batch is
+        retried row by row), `non_finite_score` when its NLL or S is NaN or infinite (it would poison a, b, μ).
+        """
         results: list[dict | None] = [None] * len(rows)
-        for batch in micro_batches([len(r["input_ids"]) for r in rows], self.max_batch_tokens):
-            for index, stats in zip(batch, self._score_batch([rows[i] for i in batch])):
+        todo = [i for i, r in enumerate(rows) if not r.get("reason") and r.get("input_ids")]
+        for i in sorted(set(range(len(rows))) - set(todo)):
+            results[i] = {"reason": rows[i].get("reason") or "nothing_to_score",
+                          "detail": rows[i].get("detail") or "the row has no tokens"}
+        for batch in micro_batches([len(rows[i]["input_ids"]) for i in todo], self.max_batch_tokens):
+            indices = [todo[j] for j in batch]
+            for index, stats in zip(indices, self._score_or_retry([rows[i] for i in indices])):
                 results[index] = stats
         return results
+
+    def _score_or_retry(self, rows: list[dict]) -> list[dict]:
+        try:
+            return [finite_or_reason(stats) for stats in self._score_batch(rows)]
+        except Exception as err:  # noqa: BLE001 - one row's failure must not fail the batch
+            self.gates.clear()
+            if len(rows) == 1:
+                return [{"reason": "scoring_error",
+                         "detail": f"forward pass failed: {type(err).__name__}: {err}"[:500]}]
+            log.warning("scoring a batch of %d rows failed (%s: %.200s); retrying row by row",
+                        len(rows), type(err).__name__, err)
+            return [stats for row in rows for stats in self._score_or_retry([row])]
 
     def _score_batch(self, rows: list[dict]) -> list[dict]:
         from qgate.contrast import alone_batch
@@ -160,6 +185,18 @@ class Scorer:
         keep = mask.bool()
         return {"raw_gate_logits": gate_logits[:, keep].cpu().numpy().astype(np.float16).tobytes(),  # [L, T_s]
                 "raw_nll": nll[keep].cpu().numpy().astype(np.float16).tobytes()}  # [T_s]
+
+
+def finite_or_reason(stats: dict) -> dict:
+    """`stats` when its NLL and S are finite (a non-finite IFD becomes None), else a `non_finite_score` reason."""
+    values = [stats["mean_nll"], stats["response_nll"], *(v for per_alpha in stats["S"] for v in per_alpha)]
+    if not all(math.isfinite(v) for v in values):
+        return {"reason": "non_finite_score",
+                "detail": f"NLL or S is not finite (mean NLL {stats['mean_nll']}, response NLL "
+                          f"{stats['response_nll']}); the model overflows on this row"}
+    if stats["ifd"] is not None and not math.isfinite(stats["ifd"]):
+        stats["ifd"] = None
+    return stats
 
 
 def decode_raw(row: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,10 @@ Written under `out/`:
 
 Resumable: a re-run into the same `out` skips rows already in a shard or a rejects file (matched by source file and
 row number), deletes shards that do not open (left by a killed run) and redoes their rows. Each attempt writes
-into its own files. Duplicate ids: the first occurrence (file order, then row order) is scored, later ones are
-rejected as `duplicate_id`, so every id is scored at most once.
+into its own files. Duplicates are judged on (dataset, id): the first occurrence (file order, then row order) is
+scored, later ones are rejected as `duplicate_id`, so every (dataset, id) is scored at most once; two datasets that
+both number their rows 0..N keep all their rows. A batch whose forward pass fails is scored again row by row: the row
+that fails alone is rejected as `scoring_error`, one whose NLL or S is not finite as `non_finite_score`.
 """
 
 from __future__ import annotations
@@ -82,35 +84,36 @@ def stats_schema(raw: bool) -> pa.Schema:
 
 
 def _file_ids(item: dict) -> Iterator[dict]:
-    """Ids of the good rows of one file, keyed by position, for the duplicate pass."""
+    """(dataset, id) of the good rows of one file, keyed by position, for the duplicate pass."""
     for row in iter_file_rows(item["path"]):
         if not row["reason"]:
-            yield {"id": row["id"], "key": (item["file_index"] << 32) | row["row"]}
+            yield {"dataset": row["dataset"], "id": row["id"], "key": (item["file_index"] << 32) | row["row"]}
 
 
-def duplicate_winners(items, files: list[str]) -> dict[str, str]:
-    """`{id: "source:row"}` of the first occurrence of every id that appears more than once.
+def duplicate_winners(items, files: list[str]) -> dict[tuple[str, str], str]:
+    """`{(dataset, id): "source:row"}` of the first occurrence of every (dataset, id) that appears more than once.
 
-    One extra read of the input that keeps only ids; the driver groups them (about 40 bytes per row, briefly).
+    One extra read of the input that keeps only ids; the driver groups them (about 50 bytes per row, briefly).
     """
     batches = list(items.flat_map(_file_ids).iter_batches(batch_format="pyarrow", batch_size=None))
     if not batches:
         return {}
-    counts = pa.concat_tables(batches).group_by("id").aggregate([("key", "count"), ("key", "min")])
+    counts = pa.concat_tables(batches).group_by(["dataset", "id"]).aggregate([("key", "count"), ("key", "min")])
     repeated = counts.filter(pc.greater(counts["key_count"], 1))
-    return {row["id"]: f"{files[row['key_min'] >> 32]}:{row['key_min'] & 0xFFFFFFFF}"
+    return {(row["dataset"], row["id"]): f"{files[row['key_min'] >> 32]}:{row['key_min'] & 0xFFFFFFFF}"
             for row in repeated.to_pylist()}
 
 
-def _file_rows(item: dict, winners: dict[str, str]) -> Iterator[dict]:
+def _file_rows(item: dict, winners: dict[tuple[str, str], str]) -> Iterator[dict]:
     """Rows of one file not written yet; messages as JSON text so every block has the same columns."""
     done = set(np.frombuffer(item["done"], dtype=np.int64).tolist())
     for row in iter_file_rows(item["path"]):
         if row["row"] in done:
             continue
-        first = winners.get(row["id"])
+        first = winners.get((row["dataset"], row["id"]))
         if not row["reason"] and first is not None and first != f"{row['source']}:{row['row']}":
-            row.update(reason="duplicate_id", detail=f"id {row['id']!r} already used at {first}")
+            row.update(reason="duplicate_id",
+                       detail=f"id {row['id']!r} of dataset {row['dataset']!r} already used at {first}")
         yield {**row, "messages": json.dumps(row["messages"], ensure_ascii=False)}
 
 
@@ -162,9 +165,18 @@ class ScoreBatch:
         """Stats rows (the columns of `stats_schema`) of encoded rows, in input order."""
         if not rows:
             return []
-        kept = ("id", "dataset", "source", "row", "n_tokens", "n_tokens_full", "truncated", "record", "messages")
-        return [{**{key: row[key] for key in kept}, **stats, "reason": "", "detail": ""}
-                for row, stats in zip(rows, self.scorer.score(rows))]
+        return [scored_row(row, stats) for row, stats in zip(rows, self.scorer.score(rows))]
+
+
+SCORED_KEPT = ("id", "dataset", "source", "row", "n_tokens", "n_tokens_full", "truncated", "record", "messages")
+
+
+def scored_row(row: dict, stats: dict) -> dict:
+    """The stats row of an encoded row, or the row as a reject when the scorer gave a reason (`scoring_error`,
+    `non_finite_score`): it then goes to the rejects file instead of a shard."""
+    if stats.get("reason"):
+        return {**{key: row[key] for key in ROW_SCHEMA.names}, "reason": stats["reason"], "detail": stats["detail"]}
+    return {**{key: row[key] for key in SCORED_KEPT}, **stats, "reason": "", "detail": ""}
 
 
 def _with_reason(schema: pa.Schema) -> pa.Schema:

@@ -170,7 +170,11 @@ class CorpusScorer:
         good = [row for row in rows if not row["reason"]]
         with self._lock:
             per_row = self.scorer.score(good) if good else []
-        scored = iter(self._results(good, per_row))
+        for row, stats in zip(good, per_row):  # scoring_error, non_finite_score: an error like the loader's
+            if stats.get("reason"):
+                row.update(reason=stats["reason"], detail=stats["detail"])
+        kept = [(row, stats) for row, stats in zip(good, per_row) if not stats.get("reason")]
+        scored = iter(self._results([row for row, _ in kept], [stats for _, stats in kept]))
         return [next(scored) if not row["reason"] else _error_result(row) for row in rows]
 
     def _results(self, rows: list[dict], per_row: list[dict]) -> list[dict]:
