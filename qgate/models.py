@@ -36,15 +36,20 @@ AUTOCAST = ("auto", "bf16", "fp16", "none")
 
 
 def autocast_dtype(setting: str, device: str) -> torch.dtype | None:
-    """The matmul dtype of a forward pass: auto = bf16 on CUDA and none (the weights' dtype) elsewhere.
+    """The matmul dtype of a forward pass: auto = bf16 on CUDA, and on a CPU bf16 only where it is native.
 
-    bf16 on a CPU pays off where it has AMX or AVX512-BF16; scores then differ from float32 ones in the
-    third digit, so a run and whatever scores against it (self-check, serve) must use one setting.
+    `qgate.cpu` decides (and logs why) from the CPU's instruction sets: an AVX2-only CPU stays float32. bf16
+    scores differ from float32 ones in the third digit, so a run and whatever scores against it (self-check,
+    serve) must use one setting.
     """
     if setting not in AUTOCAST:
         raise ValueError(f"autocast must be one of {AUTOCAST}, got {setting!r}")
     if setting == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else None
+        if str(device).startswith("cuda"):
+            return torch.bfloat16
+        from qgate.cpu import cpu_autocast_dtype
+
+        return cpu_autocast_dtype()
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[setting]
 
 

@@ -9,9 +9,10 @@ Tiny CPU run, after the tiny collect of `ray_jobs/collect.py`:
 
 Three passes over the stats, vectorized per batch on CPU workers:
 1. a partial `LayerStats` per batch, merged on the driver: the corpus-wide a, b, μ;
-2. q and the score sorted on of every row, sorted by (score, id) across the cluster; the driver streams the sorted
+2. q and the score sorted on of every row, sorted by (score, dataset, id) across the cluster (ties and the k-th
+   cut are ordered by the same (dataset, id) that identifies a row); the driver streams the sorted
    rows into `scores.parquet` and keeps q (8 bytes per row: quantiles, histogram) and a dataset code (4 bytes per row);
-3. the rows up to the k-th (score, id) and the report's worst rows, sorted again; the driver streams them into
+3. the rows up to the k-th (score, dataset, id) and the report's worst rows, sorted again; the driver streams them into
    `selected_data.jsonl`, best first.
 So the driver holds about 12 bytes per row (120 MB at 10^7 rows), and 9 more while it renders the report.
 α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
@@ -149,23 +150,33 @@ def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float
     score = sort_score(_q(table, spec, stats, eps, tau), table, ranking)  # [B]
     ids = table.column("id")
     if cuts.get("ids") is None:
-        selected = _before(score, ids, cuts["k"], cuts["higher"], inclusive=True)
+        selected = _before(score, table, cuts["k"], cuts["higher"], inclusive=True)
     else:  # a diversity strategy's pick
-        selected = pc.is_in(ids, value_set=cuts["ids"].cast(ids.type)).to_numpy(zero_copy_only=False)
-    worst = ~_before(score, ids, cuts["worst"], cuts["higher"], inclusive=False)
+        selected = pc.is_in(row_keys(table), value_set=cuts["ids"]).to_numpy(zero_copy_only=False)
+    worst = ~_before(score, table, cuts["worst"], cuts["higher"], inclusive=False)
     keep = np.flatnonzero(selected | worst)
     rows = table.select(["id", "dataset", "record", "messages"]).take(keep).to_pylist()
     lines = [json.dumps(selected_line(row, float(score[i])), ensure_ascii=False) for row, i in zip(rows, keep)]
-    return pa.table({"score": score[keep], "id": ids.take(keep), "selected": selected[keep], "line": lines})
+    return pa.table({"score": score[keep], "dataset": table.column("dataset").take(keep), "id": ids.take(keep),
+                     "selected": selected[keep], "line": lines})
 
 
-def _before(score: np.ndarray, ids, cut: tuple[float, str], higher: bool, inclusive: bool) -> np.ndarray:
-    """Rows ahead of `cut` in selection order: a better score, or an equal score and a smaller id."""
-    cut_score, cut_id = cut
+def _before(score: np.ndarray, table: pa.Table, cut: tuple[float, str, str], higher: bool,
+            inclusive: bool) -> np.ndarray:
+    """Rows ahead of `cut` in selection order: a better score, or an equal score and a smaller (dataset, id)."""
+    cut_score, cut_dataset, cut_id = cut
     better = score > cut_score if higher else score < cut_score
-    compare = pc.less_equal if inclusive else pc.less
-    id_ok = compare(ids, cut_id).to_numpy(zero_copy_only=False)
-    return better | ((score == cut_score) & id_ok)
+    datasets, compare = table.column("dataset"), pc.less_equal if inclusive else pc.less
+    key_ok = pc.or_(pc.less(datasets, cut_dataset),
+                    pc.and_(pc.equal(datasets, cut_dataset), compare(table.column("id"), cut_id)))
+    return better | ((score == cut_score) & key_ok.to_numpy(zero_copy_only=False))
+
+
+def row_keys(table: pa.Table) -> pa.Array:
+    """One string per row, equal exactly when (dataset, id) is: `<length of dataset>:<dataset>:<id>`."""
+    dataset = table.column("dataset")
+    length = pc.cast(pc.utf8_length(dataset), pa.string())
+    return pc.binary_join_element_wise(length, dataset, table.column("id"), ":")
 
 
 def selected_line(row: dict, score: float) -> dict:
@@ -223,9 +234,10 @@ def global_stats(dirs: list[Path], specs: list[dict]) -> LayerStats:
 
 
 def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
-    """`ds` sorted by (score, id), score descending when `higher`; partitions sized by rows, not by blocks."""
+    """`ds` sorted by (score, dataset, id), score descending when `higher`; partitions sized by rows, not by
+    blocks."""
     ds.context.default_hash_shuffle_parallelism = max(1, math.ceil(n_rows / rows_per_partition))
-    return ds.sort(["score", "id"], descending=[higher, False])
+    return ds.sort(["score", "dataset", "id"], descending=[higher, False, False])
 
 
 # ---- the driver's streams ------------------------------------------------------------------------------
@@ -233,9 +245,10 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
 
 def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected: np.ndarray | None = None,
                  keep_score: bool = False) -> dict:
-    """Stream rows sorted by (score, id) into `scores.parquet` with rank and selected; keep q and datasets.
+    """Stream rows sorted by (score, dataset, id) into `scores.parquet` with rank and selected; keep q and datasets.
 
-    `selected` [N] (in sorted order) replaces `rank < k`; the ids it marks are then kept as well. `keep_score`:
+    `selected` [N] (in sorted order) replaces `rank < k`; the (dataset, id) keys it marks are then kept as well
+    (`row_keys`). `keep_score`:
     keep the score too (when it is not q itself).
     """
     schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("score", pa.float64()),
@@ -248,7 +261,7 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected
             flags = rank < k if selected is None else selected[offset:offset + batch.num_rows]
             table = batch.append_column("rank", pa.array(rank)).append_column("selected", pa.array(flags))
             if selected is not None:
-                id_parts.append(batch.column("id").filter(pa.array(flags)).cast(pa.string()))
+                id_parts.append(row_keys(batch).filter(pa.array(flags)))
             writer.write_table(table.select(schema.names).cast(schema))
             score = batch.column("score").to_numpy()
             q_parts.append(batch.column("q").to_numpy())
@@ -256,7 +269,8 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected
             code_parts.append(_dataset_codes(batch.column("dataset"), names))
             for name, at in (("k", k - 1), ("worst", n - n_worst)):
                 if offset <= at < offset + batch.num_rows:
-                    cuts[name] = (float(score[at - offset]), batch.column("id")[at - offset].as_py())
+                    cuts[name] = (float(score[at - offset]), batch.column("dataset")[at - offset].as_py(),
+                                  batch.column("id")[at - offset].as_py())
             offset += batch.num_rows
     q = np.concatenate(q_parts)  # [N] in selection order
     out = {"q": q, "score": np.concatenate(score_parts) if keep_score else q, "codes": np.concatenate(code_parts),
@@ -306,8 +320,9 @@ def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int) -> pa.
     """The k-means fit sample: id and S of the rows whose hash of (seed, id) falls below `fraction`."""
     S = batch_layer_scores(table, spec)  # [B, L]
     ids = table.column("id").to_pylist()
-    keep = in_sample(ids, fraction, seed)
-    return pa.table({"id": pa.array(ids, pa.string()).filter(pa.array(keep)), "S": _fixed_lists(S[keep])})
+    keep = pa.array(in_sample(ids, fraction, seed))
+    return pa.table({"dataset": table.column("dataset").filter(keep), "id": pa.array(ids, pa.string()).filter(keep),
+                     "S": _fixed_lists(S[keep.to_numpy(zero_copy_only=False)])})
 
 
 def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
@@ -332,9 +347,9 @@ def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int,
     """k-means on the S of a hash-seeded sample of about MAX_FIT_ROWS rows, sorted by id: the same fit whatever
     the block layout."""
     fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
-    sample = _datasets(dirs, specs, ["id"], sampled_rows, {"fraction": fraction, "seed": seed})
+    sample = _datasets(dirs, specs, ["id", "dataset"], sampled_rows, {"fraction": fraction, "seed": seed})
     tables = list(sample.iter_batches(batch_format="pyarrow", batch_size=None))
-    table = pa.concat_tables(tables).sort_by("id")
+    table = pa.concat_tables(tables).sort_by([("dataset", "ascending"), ("id", "ascending")])
     S = table.column("S").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)  # [M, L]
     return fit_clusters(S, n_clusters, seed, MAX_FIT_ROWS)
 
