@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from qgate.gate import LayerReference
-from qgate.stats import pad, token_nll
+from qgate.stats import decoder_pass, pad, token_nll
 
 
 def final_run(mask: list[int]) -> list[int]:
@@ -75,9 +75,10 @@ def alone_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def reference_pass(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor) -> torch.Tensor:
+def reference_pass(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor,
+                   with_nll: bool = True) -> torch.Tensor | None:
     """Runs the alone batch with every gate open and sets the gates' reference for the next pass of the full rows
-    (right-padded, `full_attention` [B, T]). -> NLL of the alone batch [B', T']
+    (right-padded, `full_attention` [B, T]). -> NLL of the alone batch [B', T'], or None without `with_nll`
 
     No gradient flows through this pass: the gates train on the full rows' pass that reads the reference.
     """
@@ -85,12 +86,16 @@ def reference_pass(model, alone: dict[str, torch.Tensor], full_attention: torch.
     gates.capture = True
     try:
         with torch.no_grad(), gates.forced(1.0):
-            nll = token_nll(model, alone["alone_ids"], alone["alone_attention"])  # [B', T']
+            if with_nll:
+                nll = token_nll(model, alone["alone_ids"], alone["alone_attention"])  # [B', T']
+            else:  # the gates capture x̃ all the same
+                decoder_pass(model, alone["alone_ids"], alone["alone_attention"])
+                nll = None
         captured = list(gates.captured)  # per gated layer [B', T', H]
     finally:
         gates.capture = False
         gates.clear()
-    device = nll.device
+    device = captured[0].device
     full_row, full_at, alone_row, alone_at = alone["pairs"].to(device).unbind(1)  # [K] each
     full_shape = tuple(full_attention.shape)
     known = torch.zeros(full_shape, device=device)  # [B, T]
@@ -106,10 +111,12 @@ def reference_pass(model, alone: dict[str, torch.Tensor], full_attention: torch.
 
 
 @contextlib.contextmanager
-def contrasted(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Within the block the gates read the prompt contrast of `alone`; yields the alone pass's NLL [B', T']."""
+def contrasted(model, alone: dict[str, torch.Tensor], full_attention: torch.Tensor,
+               with_nll: bool = True) -> Iterator[torch.Tensor | None]:
+    """Within the block the gates read the prompt contrast of `alone`; yields the alone pass's NLL [B', T']
+    (None without `with_nll`)."""
     gates = model.qgate_gates
     try:
-        yield reference_pass(model, alone, full_attention)
+        yield reference_pass(model, alone, full_attention, with_nll)
     finally:
         gates.reference = None

@@ -39,13 +39,18 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(s) + [value] * (longest - len(s)) for s in sequences], dtype=torch.long)  # [B, T]
 
 
+def decoder_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder alone, without the LM head (what gates read, at a fifth less compute). -> [B, T, H]"""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """NLL of each token given the ones before it; position 0 gets 0. [B, T] -> [B, T] float32.
 
     The LM head runs on chunks of positions so the [B, T, V] logits never exist at once.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state[:, :-1]  # [B, T-1, H]
+    hidden = decoder_pass(model, input_ids, attention_mask)[:, :-1]  # [B, T-1, H]
     targets = input_ids[:, 1:]  # [B, T-1]
     head = model.get_output_embeddings()
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from qgate.contrast import alone_batch, contrasted
 from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
-from qgate.stats import masked_mean, pad, token_nll
+from qgate.stats import decoder_pass, masked_mean, pad, token_nll
 
 
 @dataclass
@@ -44,19 +44,26 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     gates = model.qgate_gates
     if gates.contrast and "pairs" not in batch:
         raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
-    with contrasted(model, batch, batch["attention_mask"]) if gates.contrast else nullcontext():
-        nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    needs_nll = outputs_depend_on_gates(gates) or cfg.negatives_alpha != 0
+    with contrasted(model, batch, batch["attention_mask"], with_nll=False) if gates.contrast else nullcontext():
+        if needs_nll:
+            nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+        else:  # probe gates and uniform token weights: the LM head would change nothing
+            decoder_pass(model, batch["input_ids"], batch["attention_mask"])
     logits = gates.logits()  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None
     gates.clear()
     mask, clean = batch["score_mask"], batch["is_clean"]
-    ce = masked_mean(nll, mask * clean.unsqueeze(1)).sum() / clean.sum().clamp_min(1.0)
     loss_params = {k: v for k, v in asdict(cfg).items() if k in QualityLossConfig.__dataclass_fields__}
     weight = loss_params.pop("quality_loss_weight")
     quality = quality_loss(torch.sigmoid(logits), mask * clean.unsqueeze(1), **loss_params)
-    total = ce + weight * quality
-    parts = {"ce": ce.item(), "quality": quality.item()}
+    total, parts = weight * quality, {"quality": quality.item()}
+    if needs_nll:
+        ce = masked_mean(nll, mask * clean.unsqueeze(1)).sum() / clean.sum().clamp_min(1.0)
+        total, parts["ce"] = total + ce, ce.item()
+    else:
+        nll = torch.zeros(mask.shape, device=mask.device)  # [B, T]: uniform token weights ignore it
     if aux is not None:
         total = total + aux[0]
         parts.update(aux[1])
@@ -67,6 +74,12 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     ratio = (torch.sigmoid(logits) * mask.unsqueeze(1)).sum((0, 2)) / mask.sum().clamp_min(1.0)  # [L]
     parts["good_ratio"] = ratio.detach().cpu().tolist()
     return total, parts
+
+
+def outputs_depend_on_gates(gates) -> bool:
+    """Whether the gates change what the model predicts (modulate mode, MoE trash cans): only then does the LM
+    loss reach them."""
+    return gates.mode != "probe" or hasattr(gates, "aux_loss")
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],

@@ -72,3 +72,28 @@ def test_negatives_loss_rewards_open_gates_on_originals():
     right = torch.tensor([[[3.0] * 4], [[-3.0] * 4]])  # open on the original, closed on the copy
     assert negatives_loss(right, nll, mask, is_clean) < negatives_loss(-right, nll, mask, is_clean)
     assert pad([[1], [1, 2]], 0).tolist() == [[1, 0], [1, 2]]
+
+
+def test_probe_warmup_skips_the_lm_head_and_trains_the_same_gates():
+    """Probe gates with uniform token weights: the loss without the LM head has the gradients of the full one."""
+    from qgate.stats import token_nll
+    from qgate.training import WarmupLossConfig, warmup_loss
+
+    model = tiny_model("tiny-qwen3")
+    gates = attach_gates(model, mode="probe", init_std=0.3)
+    freeze_backbone(model)
+    rows = toy_rows(4)
+    batch = collate(rows + [{**r, "is_clean": 0.0} for r in toy_rows(4, seed=1)], pad_id=0)
+    cfg = WarmupLossConfig(quality_loss_weight=0.0, negatives_weight=1.0, negatives_alpha=0.0)
+    total, parts = warmup_loss(model, batch, cfg)
+    assert "ce" not in parts
+    total.backward()
+    skipped = [p.grad.clone() for p in gates.parameters()]
+    model.zero_grad()
+    nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # the full pass, head included
+    full = negatives_loss(model.qgate_gates.logits(), nll, batch["score_mask"], batch["is_clean"], alpha=0.0)
+    model.qgate_gates.clear()
+    full.backward()
+    assert full.item() == pytest.approx(total.item(), abs=1e-6)
+    for a, p in zip(skipped, gates.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-7)
