@@ -194,3 +194,101 @@ def test_reads_any_fsspec_path():
     assert files == ["memory:///qgate-test-data/part-0.jsonl"]
     rows = read_all(files[0])
     assert [(r["reason"], r["dataset"], r["row"]) for r in rows] == [("", "part-0", 0), ("", "part-0", 1)]
+
+
+# ---- hostile files and lines: every one a reject with a reason, never an exception ----------------------
+
+
+def test_a_truncated_gz_keeps_its_rows_and_ends_in_one_reject(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    packed = gzip.compress("".join(json.dumps({**PAIR, "id": i}) + "\n" for i in range(200)).encode(), mtime=0)
+    path.write_bytes(packed[: len(packed) // 2])
+    rows = read_all(path)
+    assert [r["row"] for r in rows] == list(range(len(rows))) and 1 < len(rows) < 200
+    assert rows[-1]["reason"] == "unreadable_file" and "row" in rows[-1]["detail"]
+    assert {r["reason"] for r in rows[:-2]} == {""}  # the last line before the cut may be cut itself
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet PAR1", b"\x00" * 64])
+def test_an_unreadable_parquet_file_is_one_reject(tmp_path, content):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(content)
+    rows = read_all(path)
+    assert [(r["reason"], r["row"], r["dataset"]) for r in rows] == [("unreadable_file", 0, "broken")]
+    assert rows[0]["id"] and "broken.parquet" in rows[0]["detail"]
+
+
+def test_boms_crlf_and_utf16(tmp_path):
+    lines = [json.dumps(o) for o in (LESS, ALPACA, ALPACA_NO_INPUT, PAIR)]
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + b"".join(line.encode() + b"\r\n" for line in lines))
+    assert_three_forms(read_all(windows))
+    for encoding in ("utf-16", "utf-16-be"):
+        path = tmp_path / f"{encoding}.jsonl"
+        bom = "\ufeff" if encoding.endswith("be") else ""
+        path.write_bytes((bom + "".join(line + "\n" for line in lines)).encode(encoding))
+        assert_three_forms(read_all(path))
+
+
+def test_json_edge_cases(tmp_path):
+    cases = [
+        ("", json.dumps({**PAIR, "meta": float("nan")})),  # NaN, Infinity: Python's JSON reads them
+        ("bad_json", "[" * 50_000 + "]" * 50_000),
+        ("bad_json", '{"prompt": "a", "completion": "b", "n": ' + "9" * 5000 + "}"),
+        ("bad_unicode", '{"prompt": "a \\udc80", "completion": "b"}'),
+        ("", '{"prompt": "\\ud83d\\ude00 a pair is fine", "completion": "b"}'),
+        ("", '{"prompt": "raw\ttab and \x01 control", "completion": "b"}'),
+        ("not_an_object", "null"),
+    ]
+    path = tmp_path / "edge.jsonl"
+    write_lines(path, [line for _, line in cases])
+    rows = read_all(path)
+    assert [r["reason"] for r in rows] == [reason for reason, _ in cases]
+    assert rows[5]["messages"][0]["content"] == "raw\ttab and \x01 control"
+    assert "nest" in rows[1]["detail"] and "digits" in rows[2]["detail"]
+    assert json.loads(rows[3]["record"]) == {"prompt": "a \udc80", "completion": "b"}
+    assert all(json.dumps(data.reject_record(r), ensure_ascii=False).encode() for r in rows)
+
+
+def test_multi_part_contents_are_joined(tmp_path):
+    obj = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name"}, "a colour."]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}
+    assert data.to_messages(obj) == [{"role": "user", "content": "Name\na colour."},
+                                     {"role": "assistant", "content": "Blue."}]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    assert data.normalize(image, "x.jsonl", 0)["reason"] == "non_text_content"
+    bad = {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]},
+                        {"role": "assistant", "content": "b"}]}
+    assert data.normalize(bad, "x.jsonl", 0)["reason"] == "content_not_a_string"
+
+
+def test_tool_turns_are_context_and_the_last_assistant_turn_is_the_response():
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "sep"}'}}
+    obj = {"messages": [{"role": "user", "content": "What does sep do?"},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "sep: the delimiter"},
+                        {"role": "function", "name": "lookup", "content": "more"},
+                        {"role": "assistant", "content": "It is the delimiter."}]}
+    messages = data.to_messages(obj)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert json.loads(messages[1]["content"]) == {"name": "lookup", "arguments": '{"q": "sep"}'}
+    assert messages[-1]["content"] == "It is the delimiter."
+    ends_in_tool = {"messages": obj["messages"][:3]}
+    assert data.normalize(ends_in_tool, "x.jsonl", 0)["reason"] == "last_turn_not_assistant"
+    bad_calls = {"messages": [obj["messages"][0], {"role": "assistant", "content": "x", "tool_calls": [{"a": 1}]}]}
+    assert data.normalize(bad_calls, "x.jsonl", 0)["reason"] == "bad_tool_calls"
+
+
+def test_tool_turns_render_with_the_chat_template():
+    from qgate.encoding import encode_messages
+    from qgate.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    messages = data.to_messages({"messages": [
+        {"role": "user", "content": "What does sep do?"},
+        {"role": "tool", "content": "sep: the delimiter"},
+        {"role": "assistant", "content": "It is the delimiter."}]})
+    enc = encode_messages(tok, messages, max_length=256, score_on="response")
+    assert "<|im_start|>tool\nsep: the delimiter" in tok.decode(enc["input_ids"])
+    assert tok.decode([t for t, m in zip(enc["input_ids"], enc["score_mask"]) if m]) == "It is the delimiter."
