@@ -1,16 +1,21 @@
-"""The direction self-check: on the user's own rows, does a high q mean clean?
+"""The self-check: on the user's own rows, does the score the selection sorts on pick clean rows, also for noise
+the gates were never shown?
 
-Take a sample of the corpus, make corrupted copies of several kinds, score originals and copies with the same
-warmed model, and measure AUROC of q for "original vs copy", overall and per kind, beside the free baselines
-(response PPL and IFD, lower = cleaner). The direction is the one the measurement supports. With IFD, the
-q + IFD rank blend (`qgate.scoring.blend_q_ifd`, ranks within the sample) is measured too, and
-`selection.score=auto` selects by whichever of q and the blend scores higher. A run whose AUROC, for the score
-the selection uses, stays under `min_auroc` is flagged (and fails in strict mode).
+Originals that warmup never saw get corrupted copies; most copies use kinds warmup never used (the held-out
+kinds), a few use warmup's own kinds, reported apart. q is mapped with the corpus's a/b/μ, and the q + IFD blend
+ranks q and IFD against the corpus reference sample that select uses, so a row scores here as it scores there.
+On the held-out copies: the direction (`direction=auto`), the score (`score=auto`: the better of q and the blend)
+and the verdict, an AUROC with a stratified-bootstrap 95% interval:
+- `passed`: the AUROC is at or above `min_auroc`;
+- `below`: under it, but the interval reaches it (not enough evidence to fail);
+- `failed`: the whole interval is under it (a strict run stops);
+- `too_few`: fewer than `min_rows` originals or held-out copies (no verdict).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,21 +24,47 @@ from qgate.scoring import LayerStats, auroc, blend_q_ifd, quality_scores, sorted
 
 DIRECTIONS = ("auto", "higher", "lower")
 SCORES = ("auto", "q", "q_ifd")
+VERDICTS = ("passed", "below", "failed", "too_few")
+BOOTSTRAP = 1000  # resamples of the 95% interval
 
 
-def sample_originals(rows: list[dict], n: int, seed: int) -> list[dict]:
-    """A seeded sample of up to `n` good rows."""
-    good = [r for r in rows if not r.get("reason")]
+def sample_originals(rows: list[dict], n: int, seed: int, exclude: set[tuple[str, str]] = frozenset()) -> list[dict]:
+    """A seeded sample of up to `n` good rows whose (dataset, id) is not in `exclude` (warmup's rows)."""
+    good = [r for r in rows if not r.get("reason") and (r.get("dataset"), r["id"]) not in exclude]
     return random.Random(seed).sample(good, min(n, len(good)))
 
 
-def with_copies(originals: list[dict], kinds: list[str], seed: int) -> list[dict]:
+def split_kinds(kinds: Sequence[str], warmup_kinds: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(held-out kinds, warmup kinds) of the self-check's `kinds`."""
+    return [k for k in kinds if k not in warmup_kinds], [k for k in kinds if k in warmup_kinds]
+
+
+def with_copies(originals: list[dict], kinds: list[str], seed: int, pool: list[dict] | None = None) -> list[dict]:
     """Originals (`is_clean`=1, `corruption`="") followed by one corrupted copy of each (`is_clean`=0)."""
     clean = [{**r, "is_clean": 1, "corruption": ""} for r in originals]
-    copies = corrupt_samples(originals, kinds=kinds, seed=seed, per_sample=1)
+    return clean + copies_of(originals, kinds, seed, pool)
+
+
+def copies_of(originals: list[dict], kinds: list[str], seed: int, pool: list[dict] | None = None) -> list[dict]:
+    """One corrupted copy of each original (`is_clean`=0), kinds round-robin; `pool` feeds the swapping kinds."""
+    if not originals or not kinds:
+        return []
     base = {r["id"]: r for r in originals}
-    dirty = [{**base[c["source_id"]], **c, "is_clean": 0, "reason": "", "detail": ""} for c in copies]
-    return clean + dirty
+    copies = corrupt_samples(originals, kinds=kinds, seed=seed, per_sample=1, pool=pool)
+    return [{**base[c["source_id"]], **c, "is_clean": 0, "reason": "", "detail": ""} for c in copies]
+
+
+def check_rows(originals: list[dict], heldout: list[str], seen: list[str], warmup_share: float,
+               seed: int) -> list[dict]:
+    """Originals, then copies: held-out kinds for the first (1 − `warmup_share`) of them, warmup kinds for the
+    rest (all held-out when warmup used none of `seen`). Every copy draws its swaps from all originals."""
+    n_seen = round(warmup_share * len(originals)) if seen and heldout else (len(originals) if seen else 0)
+    cut = len(originals) - n_seen
+    return ([{**r, "is_clean": 1, "corruption": ""} for r in originals]
+            + copies_of(originals[:cut], heldout, seed, originals) + copies_of(originals[cut:], seen, seed, originals))
+
+
+# ---- measuring -----------------------------------------------------------------------------------
 
 
 def _auroc_or_none(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -43,21 +74,49 @@ def _auroc_or_none(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(auroc(scores[finite], labels[finite]))
 
 
-def _per_kind(scores: np.ndarray, labels: np.ndarray, kinds: list[str]) -> dict[str, float | None]:
-    """AUROC of originals vs the copies of each kind."""
-    kind_of, per_kind = np.asarray(kinds), {}
-    for kind in sorted({k for k in kinds if k}):
-        keep = (labels == 1) | (kind_of == kind)
-        per_kind[kind] = _auroc_or_none(scores[keep], labels[keep])
-    return per_kind
-
-
-def blend_in_sample(q: np.ndarray, ifd: np.ndarray, higher: bool) -> np.ndarray | None:
-    """The q + IFD blend [N] with percentile ranks within the sample itself; None when no row has IFD."""
-    ifd_reference = sorted_reference(ifd)
-    if ifd_reference.size == 0:
+def auroc_interval(scores: np.ndarray, labels: np.ndarray, n: int = BOOTSTRAP,
+                   seed: int = 0) -> list[float] | None:
+    """95% interval of the AUROC: originals and copies resampled apart (stratified bootstrap), percentiles."""
+    finite = np.isfinite(scores)
+    pos, neg = scores[finite & (labels == 1)], scores[finite & (labels == 0)]  # [P], [M]
+    if len(pos) < 2 or len(neg) < 2:
         return None
-    return blend_q_ifd(q, ifd, sorted_reference(q), ifd_reference, higher)
+    rng, labels_b = np.random.default_rng(seed), np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    values = [auroc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], labels_b) for _ in range(n)]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _per_kind(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict[str, float | None]:
+    """AUROC of originals vs the copies of each kind."""
+    return {kind: _auroc_or_none(scores[(labels == 1) | (kinds == kind)], labels[(labels == 1) | (kinds == kind)])
+            for kind in sorted({k for k in kinds.tolist() if k})}
+
+
+def blend_of(q: np.ndarray, ifd: np.ndarray, higher: bool, references: dict | None) -> np.ndarray | None:
+    """The q + IFD blend [N], ranked against the corpus `references` ({"q", "ifd"} sorted) as select ranks it,
+    else within these rows; None when no row has IFD."""
+    refs = references or {"q": sorted_reference(q), "ifd": sorted_reference(ifd)}
+    if np.asarray(refs["ifd"]).size == 0:
+        return None
+    return blend_q_ifd(q, ifd, refs["q"], refs["ifd"], higher)
+
+
+def group(scores: dict[str, np.ndarray], labels: np.ndarray, keep: np.ndarray, seed: int) -> dict:
+    """AUROC (with its interval) of each score over the kept rows, and their counts."""
+    out = {"n_originals": int((labels[keep] == 1).sum()), "n_copies": int((labels[keep] == 0).sum())}
+    for name, values in scores.items():
+        out[name] = _auroc_or_none(values[keep], labels[keep])
+        out[f"{name}_interval"] = auroc_interval(values[keep], labels[keep], seed=seed)
+    return out
+
+
+def verdict_of(value: float | None, interval: list[float] | None, min_auroc: float, enough: bool) -> str:
+    if not enough or value is None:
+        return "too_few"
+    if value >= min_auroc:
+        return "passed"
+    return "failed" if interval is not None and interval[1] < min_auroc else "below"
 
 
 def better_score(check: dict) -> str:
@@ -67,46 +126,70 @@ def better_score(check: dict) -> str:
 
 
 def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: dict[str, np.ndarray],
-            direction: str = "auto", min_auroc: float = 0.7, score: str = "auto") -> dict:
-    """AUROC of q (higher = clean) overall and per kind, the chosen direction, baselines, the q + IFD blend
-    (with an `ifd` baseline), and the verdict on the score the selection uses (`score`; auto: the better one)."""
+            direction: str = "auto", min_auroc: float = 0.7, score: str = "auto", warmup_kinds: Sequence[str] = (),
+            references: dict | None = None, min_rows: int = 0, seed: int = 0) -> dict:
+    """The check on held-out kinds (copies whose kind is not in `warmup_kinds`; every copy when there is none),
+    with warmup's kinds reported apart. Baselines: lower = clean. `references`: the corpus's sorted q and IFD."""
     if direction not in DIRECTIONS:
         raise ValueError(f"selection.direction must be one of {DIRECTIONS}, got {direction!r}")
     if score not in SCORES:
         raise ValueError(f"selection.score must be one of {SCORES}, got {score!r}")
-    labels = is_clean.astype(int)
-    raw = _auroc_or_none(q, labels)
+    labels, kind_of = is_clean.astype(int), np.asarray(kinds, dtype=object)
+    seen = np.isin(kind_of, list(warmup_kinds)) & (labels == 0)
+    unseen = (labels == 0) & ~seen
+    verdict_on = "heldout_kinds" if unseen.any() else "warmup_kinds"  # warmup used every kind checked: say so
+    heldout = (labels == 1) | unseen if unseen.any() else np.ones_like(labels, dtype=bool)
+    raw = _auroc_or_none(q[heldout], labels[heldout])
     chosen = ("higher" if (raw is None or raw >= 0.5) else "lower") if direction == "auto" else direction
     sign = 1.0 if chosen == "higher" else -1.0
-    check = {
-        "auroc": _auroc_or_none(sign * q, labels), "auroc_higher_q_clean": raw, "direction": chosen,
-        "direction_setting": direction, "per_kind": _per_kind(sign * q, labels, kinds), "min_auroc": min_auroc,
-        "n_originals": int(labels.sum()), "n_copies": int((labels == 0).sum()),
-        "baselines": {name: _auroc_or_none(-values, labels) for name, values in baselines.items()},
-    }
-    blend = None if "ifd" not in baselines else blend_in_sample(q, baselines["ifd"], chosen == "higher")
+    scores = {"q": sign * q, **{name: -values for name, values in baselines.items()}}
+    blend = None if "ifd" not in baselines else blend_of(q, baselines["ifd"], chosen == "higher", references)
     if blend is not None:
-        check["blend"] = {"auroc": _auroc_or_none(blend, labels), "per_kind": _per_kind(blend, labels, kinds)}
+        scores["q_ifd"] = blend
+    on_heldout, on_warmup = group(scores, labels, heldout, seed), group(scores, labels, (labels == 1) | seen, seed)
+    check = {
+        "auroc": on_heldout["q"], "auroc_interval": on_heldout["q_interval"], "auroc_higher_q_clean": raw,
+        "direction": chosen, "direction_setting": direction, "per_kind": _per_kind(sign * q, labels, kind_of),
+        "min_auroc": min_auroc, "min_rows": min_rows, "n_originals": on_heldout["n_originals"],
+        "n_copies": on_heldout["n_copies"], "heldout_kinds": sorted(set(kind_of[unseen].tolist())),
+        "warmup_kinds": sorted(set(kind_of[seen].tolist())), "verdict_on": verdict_on,
+        "reference": "corpus" if references else "sample",
+        "baselines": {name: on_heldout[name] for name in baselines}, "heldout": on_heldout, "warmup": on_warmup,
+    }
+    if blend is not None:
+        check["blend"] = {"auroc": on_heldout["q_ifd"], "interval": on_heldout["q_ifd_interval"],
+                          "per_kind": _per_kind(blend, labels, kind_of)}
     check["score"] = better_score(check) if score == "auto" else score
-    verdict_auroc = (check.get("blend") or {}).get("auroc") if check["score"] == "q_ifd" else check["auroc"]
-    check["passed"] = verdict_auroc is not None and verdict_auroc >= min_auroc
+    name = "q_ifd" if check["score"] == "q_ifd" and blend is not None else "q"
+    enough = min(on_heldout["n_originals"], on_heldout["n_copies"]) >= min_rows
+    check["interval"] = on_heldout[f"{name}_interval"]
+    check["verdict"] = verdict_of(on_heldout[name], check["interval"], min_auroc, enough)
+    check["passed"] = check["verdict"] == "passed"
     return check
 
 
 def q_of(stats: list[dict], alpha: float, eps: float = 1e-8, tau: float = 0.0,
          corpus: LayerStats | None = None) -> np.ndarray:
-    """q of scored rows for one α, mapped with the corpus's a/b/μ (or the originals' own when none given)."""
+    """q of scored rows for one α, mapped with the corpus's a/b/μ (or the rows' own when none given)."""
     index = [round(a, 6) for a in stats[0]["alphas"]].index(round(alpha, 6))
     S = np.asarray([s["S"][index] for s in stats], dtype=np.float64)  # [N, L]
     return quality_scores(S, eps=eps, tau=tau, stats=corpus)
 
 
 def summary_line(check: dict) -> str:
-    verdict = "PASSED" if check["passed"] else "FAILED"
-    blend_text = f", q+IFD blend {_auroc_text(check['blend']['auroc'])}" if "blend" in check else ""
-    return (f"self-check {verdict}: AUROC {_auroc_text(check['auroc'])}{blend_text} (direction: {check['direction']}, "
-            f"score: {check.get('score', 'q')}, threshold {check['min_auroc']}) on {check['n_originals']} rows and "
-            f"{check['n_copies']} corrupted copies")
+    interval = check.get("interval")
+    ci = f" [95% {interval[0]:.3f}-{interval[1]:.3f}]" if interval else ""
+    name = check.get("score", "q")
+    value = (check.get("blend") or {}).get("auroc") if name == "q_ifd" else check["auroc"]
+    warm = check.get("warmup") or {}
+    warm_text = f"; warmup kinds apart: q {_auroc_text(warm.get('q'))}" if warm.get("n_copies") else ""
+    on = (f"kinds warmup never used ({', '.join(check['heldout_kinds'])})" if check.get("heldout_kinds")
+          else "warmup's own kinds only (no kind left to hold out)")
+    return (f"self-check {check.get('verdict', 'passed' if check['passed'] else 'failed').upper()} on {on}: AUROC "
+            f"{_auroc_text(value)}{ci} (score: {name}), q {_auroc_text(check['auroc'])}"
+            + (f", q+IFD blend {_auroc_text(check['blend']['auroc'])}" if "blend" in check else "")
+            + f" (direction: {check['direction']}, threshold {check['min_auroc']}) on {check['n_originals']} unseen "
+            f"rows and {check['n_copies']} corrupted copies{warm_text}")
 
 
 def _auroc_text(value: float | None) -> str:

@@ -1,26 +1,36 @@
-"""Self-check: does a high q mean clean on *this* corpus? Writes `out/selfcheck/selfcheck.json`.
+"""Self-check: does the score the selection sorts on pick clean rows of *this* corpus, also for noise the gates
+were never shown? Writes `out/selfcheck/selfcheck.json`.
 
-A seeded sample of the collected rows gets corrupted copies of several kinds (`selfcheck.kinds`); originals
-and copies are scored with the run's warmed gates on Ray, and AUROC of q (original vs copy) is measured overall
-and per kind, beside response PPL and IFD; with IFD (`collect.ifd=true`) also the AUROC of the q + IFD rank blend.
-`selection.direction=auto` then selects in the supported direction, and `selection.score=auto` by the better of
-q and the blend; the verdict (`passed`) is on the score the selection uses.
+Originals: a seeded sample of collected rows that warmup never saw (`gates/warmup_rows.jsonl` lists warmup's rows).
+Copies: one corrupted copy of each, of a kind warmup never used (`selfcheck.kinds` minus gates.json's
+`warmup.negative_kinds`), save a `selfcheck.warmup_share` of them made with warmup's own kinds and reported apart.
+The rows are scored with the run's gates on Ray; q is mapped with the corpus's a/b/μ (every stats row, as select
+maps it) and the q + IFD blend ranked against select's reference sample. On the held-out kinds: the direction
+(`selection.direction=auto`), the score (`selection.score=auto`), and the verdict on that score, an AUROC with a
+bootstrap 95% interval (qgate/selfcheck.py). With `selfcheck.strict` the run stops when the whole interval lies
+under `selfcheck.min_auroc`; below `selfcheck.min_rows` originals or held-out copies there is no verdict.
+
+Cost: 2 × `selfcheck.rows` forward passes (and their IFD passes). With SmolLM2-135M at max_length 256 on 2 AVX2
+cores, 64 rows take about 100 s; the interval is then about ±0.08 around an AUROC of 0.85.
 
     python -m ray_jobs.selfcheck out=runs/demo                       # after warmup and collect
-    python -m ray_jobs.selfcheck out=/tmp/q model=tiny-qwen3 selfcheck.rows=20 strict=true
+    python -m ray_jobs.selfcheck out=/tmp/q model=tiny-qwen3 selfcheck.rows=20 strict=false
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import ray
 from omegaconf import DictConfig
 
 from qgate import selfcheck
+from qgate.data import read_jsonl
 from qgate.encoding import encode_row
+from qgate.gate import read_gate_metadata
 from qgate.models import load_tokenizer
 from qgate.scoring import LayerStats
 from ray_jobs.common import (
@@ -35,21 +45,46 @@ from ray_jobs.common import (
 
 log = logging.getLogger("qgate.selfcheck")
 
+WARMUP_ROWS = "warmup_rows.jsonl"  # written by ray_jobs/warmup.py beside the gates
+
 
 class SelfCheckFailed(RuntimeError):
     pass
 
 
-def sample_rows(config: DictConfig) -> list[dict]:
-    """Up to `selfcheck.rows` collected rows (id, dataset, messages), sampled with the run's seed."""
+def gates_dir(config: DictConfig) -> Path:
+    return Path(config.gates or run_paths(config.out)["gates"])
+
+
+def warmup_rows(config: DictConfig) -> set[tuple[str, str]]:
+    """(dataset, id) of the rows the gates warmed up on; empty (with a warning) when the gates do not say."""
+    path = gates_dir(config) / WARMUP_ROWS
+    if not path.exists():
+        log.warning("%s is missing: the self-check cannot leave warmup's rows out", path)
+        return set()
+    return {(r["dataset"], r["id"]) for r in read_jsonl(str(path))}
+
+
+def warmup_kinds(config: DictConfig) -> list[str]:
+    """The corruption kinds the gates were trained against (gates.json; the config when it does not say)."""
+    meta = read_gate_metadata(gates_dir(config))
+    loss, warmup = meta.get("loss") or {}, meta.get("warmup") or {}
+    if loss.get("negatives_weight", config.loss.negatives_weight) <= 0:
+        return []
+    return list(warmup.get("negative_kinds", config.warmup.negative_kinds))
+
+
+def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]:
+    """Up to `selfcheck.rows` collected rows (id, dataset, messages) that warmup never saw, seeded."""
     stats_dir = run_paths(config.out)["stats"]
     ds = ray.data.read_parquet(str(stats_dir), columns=["id", "dataset", "messages"], file_extensions=["parquet"])
     total = ds.count()
-    fraction = min(1.0, 2.0 * config.selfcheck.rows / max(total, 1))
+    fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
     rows = ds.random_sample(fraction, seed=config.seed).take_all() if fraction < 1 else ds.take_all()
     rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": ""}
             for r in rows]
-    return selfcheck.sample_originals(sorted(rows, key=lambda r: r["id"]), config.selfcheck.rows, config.seed)
+    return selfcheck.sample_originals(sorted(rows, key=lambda r: (r["dataset"], r["id"])), config.selfcheck.rows,
+                                      config.seed, exclude)
 
 
 @ray.remote
@@ -78,42 +113,68 @@ def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
     gpu = use_gpu(config)
     chunks = np.array_split(np.arange(len(encoded)), max(1, min(config.collect.actors, len(encoded))))
     options = {"num_gpus": 1} if gpu else {"num_cpus": config.collect.cpus_per_actor}
+    chunks = [chunk for chunk in chunks if len(chunk)]
     futures = [score_chunk.options(**options).remote(as_dict(config), gates_dir, [encoded[i] for i in chunk], gpu)
-               for chunk in chunks if len(chunk)]
+               for chunk in chunks]
     stats = [s for part in ray.get(futures) for s in part]
     return [{**row, **s} for row, s in zip([r for r in encoded], stats)]
 
 
-def measure(config: DictConfig, scored: list[dict]) -> dict:
+def corpus_reference(config: DictConfig) -> tuple[LayerStats, dict | None]:
+    """The corpus's a/b/μ and (with IFD) select's reference sample of raw q and IFD, as the select job makes them."""
+    from ray_jobs import select
+
+    s = config.selection
+    dirs = select.stats_dirs(config)
+    specs = [select.alpha_spec(d, float(s.alpha)) for d in dirs]
+    stats = select.global_stats(dirs, specs)
+    if not select.has_ifd(specs):
+        return stats, None
+    kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
+    return stats, select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed))
+
+
+def measure(config: DictConfig, scored: list[dict], kinds_warmed: list[str], corpus: LayerStats,
+            references: dict | None) -> dict:
     valid = [r for r in scored if not r.get("reason")]
     clean = np.array([r["is_clean"] for r in valid])
-    S = np.asarray([r["S"][0] for r in valid], dtype=np.float64)  # [N, L]
-    corpus = LayerStats.of(S[clean == 1])  # the originals stand in for the corpus
     q = selfcheck.q_of(valid, config.selection.alpha, config.selection.eps, config.selection.tau, corpus)
     baselines = {"response_ppl": np.array([r["response_nll"] for r in valid], dtype=np.float64)}
     if config.collect.ifd:
         baselines["ifd"] = np.array([np.nan if r["ifd"] is None else r["ifd"] for r in valid], dtype=np.float64)
-    return selfcheck.measure(q, clean, [r["corruption"] for r in valid], baselines,
-                             config.selection.direction, config.selfcheck.min_auroc, config.selection.score)
+    return selfcheck.measure(q, clean, [r["corruption"] for r in valid], baselines, config.selection.direction,
+                             config.selfcheck.min_auroc, config.selection.score, kinds_warmed, references,
+                             config.selfcheck.min_rows, config.seed)
 
 
 def run(config: DictConfig) -> dict:
     init_ray(config)
     out = run_paths(config.out)["out"] / "selfcheck"
     with stage_log(config.out, "selfcheck"):
-        originals = sample_rows(config)
-        rows = selfcheck.with_copies(originals, list(config.selfcheck.kinds), config.seed)
-        check = measure(config, score_rows(config, rows))
+        seen_rows, kinds_warmed = warmup_rows(config), warmup_kinds(config)
+        heldout, seen = selfcheck.split_kinds(list(config.selfcheck.kinds), kinds_warmed)
+        originals = sample_rows(config, seen_rows)
+        rows = selfcheck.check_rows(originals, heldout, seen, config.selfcheck.warmup_share, config.seed)
+        corpus, references = corpus_reference(config)
+        check = measure(config, score_rows(config, rows), kinds_warmed, corpus, references)
+        check["warmup_rows_left_out"] = len(seen_rows)
         out.mkdir(parents=True, exist_ok=True)
         (out / "selfcheck.json").write_text(json.dumps(check, indent=2))
         line = selfcheck.summary_line(check)
         if check["passed"]:
             log.info(line)
         else:
-            log.warning("!" * 100 + "\n" + line + "\nHigh q may NOT mean clean data on this corpus.\n" + "!" * 100)
-            if config.selfcheck.strict:
-                raise SelfCheckFailed(line)
+            log.warning("!" * 100 + "\n" + line + "\n" + WARNINGS[check["verdict"]] + "\n" + "!" * 100)
+            if config.selfcheck.strict and check["verdict"] == "failed":
+                raise SelfCheckFailed(line + " (selfcheck.strict=false goes on regardless)")
     return check
+
+
+WARNINGS = {
+    "below": "Below the threshold, though the interval reaches it: more rows (selfcheck.rows) would tell.",
+    "failed": "The score the selection sorts on may NOT pick clean rows of this corpus for noise warmup never saw.",
+    "too_few": "Too few rows for a verdict (selfcheck.min_rows): raise selfcheck.rows.",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,16 @@ from qgate.demo_corpus import build_demo_corpus
 from qgate.encoding import encode_row
 from qgate.gate import attach_gates, freeze_backbone
 from qgate.scoring import LayerStats
-from qgate.selfcheck import better_score, measure, q_of, summary_line, with_copies
+from qgate.selfcheck import (
+    auroc_interval,
+    better_score,
+    check_rows,
+    measure,
+    q_of,
+    split_kinds,
+    summary_line,
+    with_copies,
+)
 from qgate.stats import Scorer
 from qgate.tiny import tiny_model, tiny_tokenizer
 from qgate.training import WarmupLossConfig, collate, train_step
@@ -72,6 +81,56 @@ def test_a_blend_that_beats_q_is_the_score_and_the_verdict():
         measure(q, clean, kinds, {}, "auto", score="best")
 
 
+def demo_rows(tmp_path, n_rows=240):
+    corpus = build_demo_corpus(tmp_path, n_rows=n_rows, seed=0)
+    return [r for f in list_input_files(corpus["data_dir"]) for r in iter_file_rows(f) if not r["reason"]]
+
+
+def test_a_scorer_that_only_detects_warmup_kinds_fails_the_heldout_verdict(tmp_path):
+    warmup_kinds = ["word_shuffle", "char_noise", "response_swap"]
+    kinds = warmup_kinds + ["gibberish", "refusal_boilerplate", "instruction_echo", "scraped_residue"]
+    heldout, seen = split_kinds(kinds, warmup_kinds)
+    assert seen == warmup_kinds and "word_shuffle" not in heldout
+    rows = check_rows(demo_rows(tmp_path)[:160], heldout, seen, warmup_share=0.25, seed=0)
+    labels = np.array([r["is_clean"] for r in rows])
+    kind_of = [r["corruption"] for r in rows]
+    # a scorer that learned warmup's kinds only: it puts their copies far below every original, and cannot tell
+    # the copies of any other kind from the originals
+    rng = np.random.default_rng(0)
+    q = np.where(np.isin(kind_of, warmup_kinds), -5.0, 0.0) + rng.normal(0, 1, len(rows))
+    check = measure(q, labels, kind_of, {}, "auto", min_auroc=0.7, warmup_kinds=warmup_kinds, min_rows=40)
+    assert check["warmup"]["q"] > 0.99 and check["warmup_kinds"] == sorted(warmup_kinds)
+    assert check["heldout_kinds"] == sorted(heldout) and check["n_copies"] >= 100
+    assert check["auroc"] < 0.65 and check["interval"][1] < 0.7  # the whole interval under the threshold
+    assert check["verdict"] == "failed" and not check["passed"]
+    pooled = measure(q, labels, kind_of, {}, "auto", min_auroc=0.7)  # no split: warmup's kinds flatter it
+    assert pooled["auroc"] > check["auroc"] + 0.05
+    good = measure(np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1, len(rows)), labels, kind_of, {}, "auto",
+                   min_auroc=0.7, warmup_kinds=warmup_kinds, min_rows=40)
+    assert good["verdict"] == "passed" and good["interval"][0] > 0.7
+    few = measure(q[:60], labels[:60], kind_of[:60], {}, "auto", warmup_kinds=warmup_kinds, min_rows=40)
+    assert few["verdict"] == "too_few" and not few["passed"]
+
+
+def test_the_interval_narrows_with_rows_and_holds_the_auroc():
+    q, clean, _ = planted(n=400)
+    q = clean + np.random.default_rng(0).normal(0, 1.0, len(clean))  # AUROC about 0.76
+    wide, narrow = auroc_interval(q[::8], clean[::8]), auroc_interval(q, clean)
+    assert narrow[0] < measure(q, clean, [""] * len(q), {})["auroc"] < narrow[1]
+    assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0]) > 0  # 8x the rows: about √8 narrower
+
+
+def test_the_blend_ranks_against_the_corpus_reference():
+    q, clean, kinds = planted()
+    ifd = -q + np.random.default_rng(3).normal(0, 0.5, len(q))
+    corpus = {"q": np.sort(np.linspace(-3, 3, 101)).astype(np.float32),
+              "ifd": np.sort(np.linspace(-3, 3, 101)).astype(np.float32)}
+    own = measure(q, clean, kinds, {"ifd": ifd})
+    against_corpus = measure(q, clean, kinds, {"ifd": ifd}, references=corpus)
+    assert own["reference"] == "sample" and against_corpus["reference"] == "corpus"
+    assert against_corpus["blend"]["auroc"] != own["blend"]["auroc"]
+
+
 def pair_wins(scorer, rows, alpha=1.0) -> float:
     """Share of (original, its copy) pairs where the original gets the higher q."""
     stats = scorer.score(rows)
@@ -125,3 +184,43 @@ def test_copies_keep_their_source_and_kind():
     assert len(copies) == 6 and {c["corruption"] for c in copies} == set(KINDS)
     assert all(c["source_id"] in {r["id"] for r in rows} for c in copies)
     assert corrupt_samples(rows, KINDS, seed=3) == corrupt_samples(rows, KINDS, seed=3)
+
+
+@pytest.mark.timeout(600)
+def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray_local, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from qgate.config import load_config
+    from qgate.data import read_jsonl
+    from ray_jobs import pipeline
+    from ray_jobs import selfcheck as job
+
+    corpus = build_demo_corpus(tmp_path / "corpus", n_rows=80, seed=0)
+    out = tmp_path / "run"
+    config = load_config([f"data={corpus['data_dir']}", f"out={out}", "model=tiny-qwen3", "steps=2",
+                          "warmup.batch_size=2", "max_length=64", "collect.actors=1", "selfcheck.rows=24",
+                          "selfcheck.min_rows=5", "warmup.negative_kinds=[word_shuffle,truncate]",
+                          "warmup.warmup_fraction=0.5", "selection.score=q_ifd"])
+    pipeline.run(config)
+    check = json.loads((out / "selfcheck" / "selfcheck.json").read_text())
+    warm = {(r["dataset"], r["id"]) for r in read_jsonl(str(out / "gates" / "warmup_rows.jsonl"))}
+    assert check["warmup_rows_left_out"] == len(warm) > 20
+    assert check["warmup_kinds"] == ["truncate", "word_shuffle"] and not {"truncate", "word_shuffle"} & set(
+        check["heldout_kinds"]) and check["verdict_on"] == "heldout_kinds" and check["reference"] == "corpus"
+    assert check["verdict"] in ("passed", "below", "failed") and len(check["interval"]) == 2
+    originals = job.sample_rows(config, warm)
+    assert len(originals) == 24 and not warm & {(r["dataset"], r["id"]) for r in originals}
+    # an original scores in the self-check as select scored it: q with the corpus's a/b/μ, blend against its reference
+    stats, references = job.corpus_reference(config)
+    scored = job.score_rows(config, [{**r, "is_clean": 1, "corruption": ""} for r in originals[:6]])
+    q = q_of(scored, config.selection.alpha, corpus=stats)
+    ifd = np.array([r["ifd"] for r in scored], dtype=np.float64)
+    from qgate.selfcheck import blend_of
+
+    blend = blend_of(q, ifd, check["direction"] == "higher", references)
+    selected = pq.read_table(out / "selection" / "scores.parquet").to_pandas().set_index("id")
+    ids = [r["id"] for r in originals[:6]]
+    np.testing.assert_allclose(q, selected.loc[ids, "q"].to_numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(blend, selected.loc[ids, "score"].to_numpy(), atol=1e-6)
