@@ -55,10 +55,10 @@ CHOICES = {
 DOWNSTREAM = {"warmup": ("gates",), "gates": ("stats",), "stats": ("selfcheck", "selection"),
               "selfcheck": ("selection",), "selection": ()}
 # The first output a setting shapes (prefix match, the longest prefix wins; None or absent: none). `data` is
-# absent: more files add rows, moved files resume by content (ray_jobs/collect.py); `gates` is checked by the
-# gates' content hash (qgate/identity.py).
+# absent: more files add rows, moved files resume by content (ray_jobs/collect.py). Beside this table, each stage
+# checks the content hashes of the gates and base model its inputs were made from (qgate/identity.py).
 SHAPES = {
-    "model": "warmup", "dtype": "warmup", "trust_remote_code": "warmup", "seed": "warmup", "autocast": "warmup",
+    "gates": "stats", "model": "warmup", "dtype": "warmup", "trust_remote_code": "warmup", "seed": "warmup", "autocast": "warmup",
     "encoding": "warmup", "gate": "warmup", "loss": "warmup",
     "warmup": "warmup", "warmup.steps": "gates",  # more steps continue from the checkpoints
     "warmup.cpus_per_worker": None, "warmup.report_every": None, "warmup.checkpoint_every": None,

@@ -19,8 +19,10 @@ Written under `out/`:
     stats/_rejects_summary.json         rejected rows per reason, all attempts
     rejects/attempt-<n>.jsonl           every rejected row with its reason (`qgate.data.reject_record`)
 
-Resumable: a re-run into the same `out` skips rows already in a shard or a rejects file (matched by source file and
-row number), deletes shards that do not open (left by a killed run) and redoes their rows. Each attempt writes
+Resumable: a re-run into the same `out` skips rows already in a shard or a rejects file (matched by the source
+file's content key, `stats/_files.json`, and row number: data moved to another path is not scored again), deletes
+shards that do not open (left by a killed run) and redoes their rows. A re-run with other gates, another base model
+or encoding is refused (`identity` in `_schema.json`, qgate/identity.py). Each attempt writes
 into its own files. Duplicates are judged on (dataset, id): the first occurrence (file order, then row order) is
 scored, later ones are rejected as `duplicate_id`, so every (dataset, id) is scored at most once; two datasets that
 both number their rows 0..N keep all their rows. A batch whose forward pass fails is scored again row by row: the row
@@ -44,6 +46,7 @@ import pyarrow.parquet as pq
 
 from qgate.data import iter_file_rows, list_input_files, reject_record
 from qgate.encoding import encode_row
+from qgate.identity import check_same, file_keys, run_identity
 from ray_jobs.common import (
     config_from_argv,
     init_ray,
@@ -57,6 +60,7 @@ from ray_jobs.common import (
 log = logging.getLogger("qgate.collect")
 
 SCHEMA_FILE, SUMMARY_FILE, REJECTS_SUMMARY_FILE = "_schema.json", "_collect_summary.json", "_rejects_summary.json"
+FILES_FILE = "_files.json"  # {input path: content key} of every file rows were read from
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                         ("messages", pa.string()), ("record", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string())])
@@ -270,6 +274,19 @@ def _cut_torn_line(path: Path) -> None:
         path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
+def done_by_path(done: dict[str, list[np.ndarray]], stats_dir: Path, files: list[str]) -> dict[str, list]:
+    """Rows done per input file now, matched by file content (`qgate.identity.file_key`) rather than by path, so
+    data moved to another mount resumes; `_files.json` keeps the key of every path rows were read from."""
+    manifest = stats_dir / FILES_FILE
+    keys = {**(json.loads(manifest.read_text()) if manifest.exists() else {}), **file_keys(files)}
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(keys, indent=1))
+    by_key: dict[str, list[np.ndarray]] = {}
+    for source, rows in done.items():
+        by_key.setdefault(keys.get(source, source), []).extend(rows)
+    return {path: by_key[keys[path]] for path in files if keys[path] in by_key}
+
+
 def next_attempt(paths: dict[str, Path]) -> int:
     names = [p.name for p in paths["stats"].glob("attempt-*")] + [p.stem for p in paths["rejects"].glob("attempt-*")]
     return 1 + max((int(name.split("-")[1]) for name in names), default=0)
@@ -289,7 +306,7 @@ def write_schema(config, stats_dir: Path, gates_dir: Path) -> dict:
               "n_layers": len(meta["layers"]), "gate_layers": list(meta["layers"]), "model": config.model,
               "gates_dir": str(gates_dir), "gates": meta, "score_on": config.encoding.score_on,
               "max_length": int(config.encoding.max_length), "ifd": bool(c.ifd), "raw": bool(c.raw),
-              "columns": stats_schema(bool(c.raw)).names}
+              "columns": stats_schema(bool(c.raw)).names, "identity": run_identity(config, gates_dir)}
     path = stats_dir / SCHEMA_FILE
     if path.exists():
         old = json.loads(path.read_text())
@@ -297,6 +314,8 @@ def write_schema(config, stats_dir: Path, gates_dir: Path) -> dict:
         if changed:
             raise ValueError(f"{stats_dir} holds stats made with other settings ({', '.join(changed)}); "
                              "use a new out directory or the same settings")
+        check_same(schema["identity"], old.get("identity"), f"the stats in {stats_dir}",
+                   "use a new out directory, or remove stats/ and rejects/ to collect again")
     stats_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(schema, indent=2))
     return schema
@@ -402,6 +421,7 @@ def run(config) -> Path:
         shards_done, n_scored_before = scan_shards(paths["stats"])
         rejects_done, reasons_before = scan_rejects(paths["rejects"])
         done = {src: shards_done.get(src, []) + rejects_done.get(src, []) for src in {*shards_done, *rejects_done}}
+        done = done_by_path(done, paths["stats"], files)
         attempt = next_attempt(paths)
         log.info("collect attempt %d: %d files, %d rows already done, gpu=%s", attempt, len(files),
                  sum(len(a) for arrays in done.values() for a in arrays), gpu)

@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
+from qgate.identity import check_same, checked_stats_identity, differences, stats_identity
 from qgate.diversity import similarity_filter as filter_similar
 from qgate.report import render_report
 from qgate.scoring import (
@@ -436,10 +437,16 @@ def resolve_score(setting: str, check: dict | None, direction: str, ifd: bool) -
 # ---- the job -------------------------------------------------------------------------------------------
 
 
-def resolve_direction(setting: str, out: Path) -> tuple[str, str, dict | None]:
-    """(direction, where it came from, the self-check dict if there is one)."""
+def resolve_direction(setting: str, out: Path, identity: dict | None = None,
+                      alpha: float | None = None) -> tuple[str, str, dict | None]:
+    """(direction, where it came from, the self-check dict if there is one and it was measured on these stats
+    and this α)."""
     path = out / "selfcheck" / "selfcheck.json"
     check = json.loads(path.read_text()) if path.exists() else None
+    stale = stale_selfcheck(check, identity, alpha)
+    if stale:
+        log.warning("ignoring %s, measured on something else than this selection: %s", path, stale)
+        check = None
     if setting in DIRECTIONS:
         return setting, "config", check
     if setting != "auto":
@@ -451,6 +458,31 @@ def resolve_direction(setting: str, out: Path) -> tuple[str, str, dict | None]:
                 "that a high q means clean data; run the self-check or set selection.direction.", path)
     log.warning("!" * 100)
     return "higher", "default", check
+
+
+def stale_selfcheck(check: dict | None, identity: dict | None, alpha: float | None) -> str:
+    """Why a self-check does not speak for these stats and this α ("" when it does, or cannot tell)."""
+    if check is None:
+        return ""
+    found = []
+    if identity is not None and check.get("identity") is not None:
+        found += differences(identity, check["identity"])
+    if alpha is not None and check.get("alpha") is not None and abs(float(check["alpha"]) - alpha) > 1e-9:
+        found.append(f"alpha: {check['alpha']} there, {alpha} here")
+    return "; ".join(found)
+
+
+def run_identity_of(config, dirs: list[Path], specs: list[dict]) -> dict | None:
+    """The identity of the stats selected from: one for every stats directory, and the run's own gates'."""
+    found = [(d, stats_identity(spec["schema"])) for d, spec in zip(dirs, specs)]
+    found = [(d, i) for d, i in found if i is not None]
+    if not found:
+        return None
+    first_dir, identity = found[0]
+    for other_dir, other in found[1:]:
+        check_same({k: v for k, v in identity.items() if k != "stats_sha256"}, other, f"the stats in {other_dir}",
+                   f"they cannot be selected together with those of {first_dir}")
+    return checked_stats_identity(first_dir, config.gates or run_paths(config.out)["gates"])
 
 
 def _selected_mask(scores: dict, k: int) -> np.ndarray:
@@ -519,7 +551,8 @@ def run(config) -> Path:
         dirs = stats_dirs(config)
         specs = [alpha_spec(d, float(s.alpha)) for d in dirs]
         _check_compatible(dirs, specs)
-        direction = resolve_direction(str(s.direction), out["out"])
+        identity = run_identity_of(config, dirs, specs)
+        direction = resolve_direction(str(s.direction), out["out"], identity, float(s.alpha))
         score = resolve_score(str(s.score), direction[2], direction[0], has_ifd(specs))
         stats = global_stats(dirs, specs)
         n, n_report = stats.n, int(s.report_samples)
@@ -543,6 +576,7 @@ def run(config) -> Path:
         n_selected, best, worst = write_selected(sorted_by_score(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
                                                  out["selection"] / "selected_data.jsonl", n_report)
         summary = _selection_stats(config, dirs, specs, stats, direction, score, scores, k, n_selected)
+        summary["identity"] = identity
         (out["selection"] / "selection_stats.json").write_text(json.dumps(summary, indent=2))
         _report(out["selection"] / "report.html", config, summary, scores, stats, best, worst)
         log.info("selected %d of %d rows (%.1f%%, direction %s, score %s, threshold %s=%.6g) into %s", k, n,

@@ -31,6 +31,7 @@ from qgate import selfcheck
 from qgate.data import read_jsonl
 from qgate.encoding import encode_row
 from qgate.gate import read_gate_metadata
+from qgate.identity import checked_stats_identity
 from qgate.models import load_tokenizer
 from qgate.scoring import LayerStats
 from ray_jobs.common import (
@@ -151,6 +152,8 @@ def run(config: DictConfig) -> dict:
     init_ray(config)
     out = run_paths(config.out)["out"] / "selfcheck"
     with stage_log(config.out, "selfcheck"):
+        paths = run_paths(config.out)
+        identity = checked_stats_identity(paths["stats"], config.gates or paths["gates"])  # same gates
         seen_rows, kinds_warmed = warmup_rows(config), warmup_kinds(config)
         heldout, seen = selfcheck.split_kinds(list(config.selfcheck.kinds), kinds_warmed)
         originals = sample_rows(config, seen_rows)
@@ -158,6 +161,7 @@ def run(config: DictConfig) -> dict:
         corpus, references = corpus_reference(config)
         check = measure(config, score_rows(config, rows), kinds_warmed, corpus, references)
         check["warmup_rows_left_out"] = len(seen_rows)
+        check.update(identity=identity, alpha=float(config.selection.alpha))  # what select compares
         out.mkdir(parents=True, exist_ok=True)
         (out / "selfcheck.json").write_text(json.dumps(check, indent=2))
         line = selfcheck.summary_line(check)

@@ -9,7 +9,8 @@ with `loss.negatives_weight > 0`, one corrupted copy of each (`warmup.negative_k
 their copies) chosen by the step alone, so the same seed and global batch give the same gates on 1 or N workers.
 
 Checkpoints (gates, optimizer, step, metric history, RNG state) go to `out/warmup/`. Running again with the same
-`out` resumes from the latest one, as does the attempt Ray Train restarts after a worker failure
+`out` resumes from the latest one (refused when the model, gate, loss, encoding or optimizer settings differ from
+`out/warmup/settings.json`), as does the attempt Ray Train restarts after a worker failure
 (`warmup.max_failures`). Outputs: `out/gates/` (gates.safetensors + gates.json + warmup_rows.jsonl, the rows
 warmed up on) and `out/warmup/metrics.jsonl`.
 
@@ -299,6 +300,23 @@ def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
     }
 
 
+def check_checkpoints(config: DictConfig) -> None:
+    """Refuse to resume checkpoints made under another base model, gate, loss, encoding or optimizer setting, or
+    past `warmup.steps`; record the settings beside them (`out/warmup/settings.json`)."""
+    from qgate.identity import check_resume, model_identity
+
+    w, folder = config.warmup, run_paths(config.out)["checkpoints"]
+    steps = [int(p.parent.name.rsplit("_", 1)[-1]) for p in folder.glob("step_*/" + CHECKPOINT_GATES)]
+    if steps and max(steps) > w.steps:
+        raise ValueError(f"{folder} holds a checkpoint at step {max(steps)}, past warmup.steps={w.steps}: use a "
+                         "new out directory for fewer steps")
+    optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
+    settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
+                "seed": config.seed, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
+                "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}
+    check_resume(folder / "settings.json", settings, bool(steps), f"the warmup checkpoints in {folder}")
+
+
 def gate_kwargs(config: DictConfig) -> dict:
     return {**as_dict(config.gate), "seed": config.seed}
 
@@ -345,6 +363,7 @@ def run(config: DictConfig) -> Path:
         raise ValueError(f"warmup.steps must be at least 1, got {config.warmup.steps}")
     init_ray(config)
     with stage_log(config.out, "warmup"):
+        check_checkpoints(config)
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         counts = Counter()
         rows = sample_rows(config, counts)
