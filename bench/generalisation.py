@@ -1,0 +1,237 @@
+"""Does q recognise noise it was never trained on, on text it was never tuned on? The leave-kinds-out benchmark.
+
+    nice -n 10 python bench/generalisation.py --cache /tmp/gen.json --out docs/experiments/generalisation.md
+    python bench/generalisation.py --model tiny-qwen3 --quick      # a smoke run in a minute
+
+Corpora: the demo's Python docs (qgate/demo_corpus.py), Debian man pages and numpy/scipy/pandas numpydoc
+docstrings (qgate/text_sources.py; man pages need `apt-get install man-db manpages` with /usr/share/man not
+excluded by dpkg). Each corpus has a frozen test split: the rows whose sha1 of the response text falls in the
+lowest 30% of the hash space (`qgate.text_sources.in_test_split`), the first `--test-rows` of them in hash order.
+No recipe choice was made on them; warmup rows come from the rest, sampled afresh for every seed.
+
+Protocol: the registered corruption kinds are rotated into `--folds` groups, each mixing fluent kinds (wrong or
+swapped answers, echoes, refusals, cuts) and format kinds (shuffles, noise, residue, loops). Per fold and seed,
+fresh gates of the product's recipe (probe, contrast + evidence + summary, BCE on corrupted copies, α 0) warm up
+with `qgate.training.train_step` on copies of the other kinds only, then score the test originals and copies:
+two thirds of the originals get a copy of a left-out kind (the headline), one third a copy of a warmup kind
+(reported apart). Every AUROC has a stratified-bootstrap 95% interval. Baselines (response PPL, IFD) come from
+the same forward passes; `q+IFD` is the product's rank blend. A run starts no new fold after --budget-min
+minutes; rerun the same command with the same --cache to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from demo_rows import clean_rows, encoded
+from planted_noise import ALPHAS, Splits, Variant, attach, copies_of, score, warm_up, with_labels
+from results import command_line, table
+
+from qgate.corruption import CORRUPTIONS
+from qgate.models import load_model, load_tokenizer
+from qgate.scoring import auroc, blend_q_ifd, quality_scores, sorted_reference
+from qgate.selfcheck import auroc_interval
+from qgate.text_sources import in_test_split, source_rows
+
+CORPORA = ("python_docs", "man_pages", "numpydoc")
+# fluent and format kinds interleaved, so that every fold of kinds[i::folds] holds both
+ROTATION = ("fluent_wrong", "word_shuffle", "response_swap", "char_noise", "instruction_echo", "gibberish",
+            "truncate", "scraped_residue", "refusal_boilerplate", "repetition_loop", "language_mix", "wrong_format")
+RECIPE = Variant("probe", "linear", negatives=True, init="open", alpha=0.0, quality_weight=0.0, contrast=True,
+                 evidence=True, summary=True)
+SCORERS = ("q", "q+IFD", "IFD", "response PPL")
+
+
+def kinds_in_rotation() -> list[str]:
+    """ROTATION, then any other registered kind (new kinds join the rotation at the end)."""
+    return list(ROTATION) + sorted(set(CORRUPTIONS) - set(ROTATION))
+
+
+def folds(n: int) -> list[list[str]]:
+    kinds = kinds_in_rotation()
+    return [kinds[i::n] for i in range(n)]
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+
+
+def _hash(row: dict) -> bytes:
+    return hashlib.sha1(row["messages"][-1]["content"].encode()).digest()
+
+
+def corpus_rows(name: str, n_pool: int) -> list[dict]:
+    rows = clean_rows(n_pool, seed=0) if name == "python_docs" else source_rows(name, n_pool, seed=0)
+    return [{**r, "id": f"{name}/{r['id']}", "dataset": name} for r in rows]
+
+
+def frozen_split(rows: list[dict], n_test: int) -> tuple[list[dict], list[dict]]:
+    """(the first `n_test` test rows in hash order, every train row)."""
+    test = sorted((r for r in rows if in_test_split(r)), key=_hash)[:n_test]
+    return test, [r for r in rows if not in_test_split(r)]
+
+
+def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str], seed: int) -> list[dict]:
+    """Originals, copies of left-out kinds for two thirds of them, of warmup kinds for the rest."""
+    cut = round(2 * len(test) / 3)
+    copies = copies_of(test[:cut], left_out, seed) + copies_of(test[cut:], warm_kinds, seed)
+    rows = with_labels(test, clean=True) + with_labels(copies, clean=False)
+    return [{**r, "left_out": r["corruption"] in left_out} for r in rows]
+
+
+# ---- one fold ------------------------------------------------------------------------------------
+
+
+def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], seed: int, args) -> dict:
+    """Warm fresh gates on every other kind, score the frozen test rows; per-row scores and labels."""
+    warm_kinds = [k for k in kinds_in_rotation() if k not in left_out]
+    rng = random.Random(seed)
+    train = [r for name in CORPORA for r in rng.sample(pools[name], min(args.train_rows, len(pools[name])))]
+    enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)  # noqa: E731
+    warm = with_labels(enc(train), clean=True)
+    copies = {c["source_id"]: c for c in with_labels(enc(copies_of(train, warm_kinds, seed)), clean=False)}
+    rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
+    start = time.perf_counter()
+    gates = attach(model, RECIPE, seed)
+    try:
+        warm_up(model, tokenizer.pad_token_id, Splits(rng.sample(warm, len(warm)), copies, rows), RECIPE,
+                args.steps, args)
+        stats = score(model, tokenizer, gates, rows, True, args)
+    finally:
+        gates.remove()
+    S = np.asarray([s["S"][ALPHAS.index(0.0)] for s in stats], dtype=np.float64)  # [N, L]
+    return {"q": quality_scores(S).tolist(), "ifd": [s["ifd"] for s in stats],
+            "response_nll": [s["response_nll"] for s in stats], "is_clean": [r["is_clean"] for r in rows],
+            "kind": [r["corruption"] for r in rows], "left_out": [r["left_out"] for r in rows],
+            "corpus": [r["dataset"] for r in rows], "left_out_kinds": left_out, "seconds": time.perf_counter() - start}
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+def scorer_values(result: dict) -> dict[str, np.ndarray]:
+    """Each scorer, higher = clean. q in the direction its own fold's originals-vs-warmup-copies support."""
+    q = np.asarray(result["q"])
+    ifd = np.array([np.nan if v is None else v for v in result["ifd"]], dtype=np.float64)
+    clean, left = np.asarray(result["is_clean"]), np.asarray(result["left_out"])
+    seen = (clean == 1) | ~left
+    higher = auroc(q[seen], clean[seen]) >= 0.5  # decided on warmup kinds only: the left-out ones stay unseen
+    blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
+    return {"q": q if higher else -q, "q+IFD": blend, "IFD": -ifd, "response PPL": -np.asarray(result["response_nll"])}
+
+
+def pooled(results: list[dict]) -> dict[str, np.ndarray]:
+    """Rows of several fold results side by side (a row's originals appear once per fold)."""
+    parts = [{**{k: np.asarray(v) for k, v in r.items() if isinstance(v, list) and k != "left_out_kinds"},
+              **{f"score:{name}": v for name, v in scorer_values(r).items()}} for r in results]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def cell(scores: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> str:
+    keep = keep & np.isfinite(scores)
+    if len(set(labels[keep].tolist())) < 2:
+        return "–"
+    interval = auroc_interval(scores[keep], labels[keep], n=400)
+    return f"{auroc(scores[keep], labels[keep]):.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def headline(rows: dict) -> str:
+    """Left-out kinds, per kind and per corpus, then warmup kinds apart: AUROC [95% interval] of each scorer."""
+    clean, kind, corpus = rows["is_clean"], rows["kind"], rows["corpus"]
+    left, originals = rows["left_out"] & (clean == 0), clean == 1
+    lines = []
+    for name in CORPORA + ("all",):
+        in_corpus = np.ones_like(clean, dtype=bool) if name == "all" else corpus == name
+        lines.append([f"**{name}**, left-out kinds"] + [cell(rows[f"score:{s}"], clean, in_corpus & (originals | left))
+                                                       for s in SCORERS])
+        lines.append([f"{name}, warmup kinds"] + [cell(rows[f"score:{s}"], clean,
+                                                       in_corpus & (originals | ((clean == 0) & ~rows["left_out"])))
+                                                  for s in SCORERS])
+    for k in kinds_in_rotation():
+        n = int((left & (kind == k)).sum())
+        lines.append([f"left out: {k} ({n})"] + [cell(rows[f"score:{s}"], clean, originals | (left & (kind == k)))
+                                                 for s in SCORERS])
+    return table(["rows", *SCORERS], lines)
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--test-rows", type=int, default=36, help="frozen test originals per corpus")
+    parser.add_argument("--train-rows", type=int, default=64, help="warmup originals per corpus, fresh per seed")
+    parser.add_argument("--pool-rows", type=int, default=600, help="rows read per corpus before the split")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--autocast", default="none")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget-min", type=float, default=45.0)
+    parser.add_argument("--cache", help="JSON of finished folds; rerun the same command to go on")
+    parser.add_argument("--out", help="write the report (markdown) here")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.test_rows, args.train_rows, args.pool_rows, args.steps, args.max_length = 12, 8, 120, 2, 64
+    return args
+
+
+SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "steps", "batch_size", "lr", "folds",
+            "autocast")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, started = parse(argv), time.perf_counter()
+    torch.set_num_threads(args.threads)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+    cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")
+    pools, tests = {}, {}
+    for name in CORPORA:
+        tests[name], pools[name] = frozen_split(corpus_rows(name, args.pool_rows), args.test_rows)
+        print(f"{name}: {len(tests[name])} test rows, {len(pools[name])} train rows", flush=True)
+    for seed in args.seeds:
+        for i, left_out in enumerate(folds(args.folds)):
+            key = f"{seed}/{i}"
+            if key in cache["folds"]:
+                continue
+            if time.perf_counter() - started > 60 * args.budget_min:
+                print(f"budget spent: fold {key} and later not run; rerun to go on", flush=True)
+                break
+            cache["folds"][key] = run_fold(model, tokenizer, pools, tests, left_out, seed, args)
+            print(f"fold {key} (left out {', '.join(left_out)}): {cache['folds'][key]['seconds']:.0f} s", flush=True)
+            if args.cache:
+                Path(args.cache).write_text(json.dumps(cache))
+    report(args, cache)
+
+
+def report(args, cache: dict) -> None:
+    done = list(cache["folds"].values())
+    if not done:
+        return
+    body = (f"Command: `{command_line()}`  \n{len(done)} fold runs ({', '.join(sorted(cache['folds']))}; "
+            f"seed/fold), {sum(r['seconds'] for r in done) / 60:.0f} min.  \nFolds (left-out kinds): "
+            + "; ".join(", ".join(f) for f in folds(args.folds)) + "\n\n" + headline(pooled(done)) + "\n")
+    print(body)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(body) if not Path(args.out).exists() else None
+        Path(args.out).with_suffix(".latest.md").write_text(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
