@@ -56,6 +56,7 @@ from ray_jobs.common import (
     stage_log,
     use_gpu,
 )
+from ray_jobs.progress import count_input_rows, progress_bar
 
 log = logging.getLogger("qgate.collect")
 
@@ -423,16 +424,20 @@ def run(config) -> Path:
         done = {src: shards_done.get(src, []) + rejects_done.get(src, []) for src in {*shards_done, *rejects_done}}
         done = done_by_path(done, paths["stats"], files)
         attempt = next_attempt(paths)
-        log.info("collect attempt %d: %d files, %d rows already done, gpu=%s", attempt, len(files),
-                 sum(len(a) for arrays in done.values() for a in arrays), gpu)
+        n_done = sum(len(a) for arrays in done.values() for a in arrays)
+        log.info("collect attempt %d: %d files, %d rows already done, gpu=%s", attempt, len(files), n_done, gpu)
+        n_input = count_input_rows(files)
         start = time.time()
         writer = ShardWriter(paths["stats"] / f"attempt-{attempt}", paths["rejects"] / f"attempt-{attempt}.jsonl",
                              stats_schema(bool(config.collect.raw)), int(config.collect.shard_rows))
+        bar = progress_bar(config, None if n_input is None else max(n_input - n_done, 0), "collect")
         try:
             for batch in build_pipeline(config, files, done, gates_dir, gpu).iter_batches(batch_format="pyarrow",
                                                                                           batch_size=None):
                 writer.add(batch)
+                bar.update(batch.num_rows)
         finally:
+            bar.close()
             writer.close()
         _summaries(paths, attempt, writer, time.time() - start, (n_scored_before, reasons_before))
     return paths["stats"]

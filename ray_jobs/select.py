@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
 from qgate.identity import check_same, checked_stats_identity, differences, stats_identity
@@ -66,6 +67,7 @@ from qgate.scoring import (
 )
 from qgate.selfcheck import better_score
 from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log
+from ray_jobs.progress import progress_bar
 
 log = logging.getLogger("qgate.select")
 
@@ -245,7 +247,7 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
 
 
 def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected: np.ndarray | None = None,
-                 keep_score: bool = False) -> dict:
+                 keep_score: bool = False, bar: tqdm | None = None) -> dict:
     """Stream rows sorted by (score, dataset, id) into `scores.parquet` with rank and selected; keep q and datasets.
 
     `selected` [N] (in sorted order) replaces `rank < k`; the (dataset, id) keys it marks are then kept as well
@@ -256,8 +258,9 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected
                         ("rank", pa.int64()), ("selected", pa.bool_()), ("ppl", pa.float64()),
                         ("response_nll", pa.float64()), ("ifd", pa.float64()), ("n_tokens", pa.int32())])
     q_parts, score_parts, code_parts, id_parts, names, cuts, offset = [], [], [], [], {}, {}, 0
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(path, schema) as writer, bar or tqdm(disable=True) as bar:
         for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(batch.num_rows)
             rank = np.arange(offset, offset + batch.num_rows)
             flags = rank < k if selected is None else selected[offset:offset + batch.num_rows]
             table = batch.append_column("rank", pa.array(rank)).append_column("selected", pa.array(flags))
@@ -568,7 +571,7 @@ def run(config) -> Path:
         if s.strategy == "top_k":
             scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
             scores = write_scores(sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION), scores_path, k,
-                                  n_worst, n, keep_score=ranking is not None)
+                                  n_worst, n, keep_score=ranking is not None, bar=progress_bar(config, n, "select"))
         else:
             scores = diverse_scores(config, dirs, specs, kwargs, higher, n, k, scores_path, n_worst)
         cuts = {**scores["cuts"], "higher": higher, "ids": scores.get("selected_ids")}

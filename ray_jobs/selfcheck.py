@@ -43,6 +43,7 @@ from ray_jobs.common import (
     stage_log,
     use_gpu,
 )
+from ray_jobs.progress import gather
 
 log = logging.getLogger("qgate.selfcheck")
 
@@ -117,7 +118,7 @@ def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
     chunks = [chunk for chunk in chunks if len(chunk)]
     futures = [score_chunk.options(**options).remote(as_dict(config), gates_dir, [encoded[i] for i in chunk], gpu)
                for chunk in chunks]
-    stats = [s for part in ray.get(futures) for s in part]
+    stats = [s for part in gather(config, futures, "selfcheck", [len(c) for c in chunks]) for s in part]
     return [{**row, **s} for row, s in zip([r for r in encoded], stats)]
 
 

@@ -150,7 +150,9 @@ def train_loop(cfg: dict) -> dict | None:
     if rank == 0 and state["start_step"]:
         log.info("resuming from step %d", state["start_step"])
     autocast = autocast_dtype(cfg["autocast"], device.type)
-    window, clock = [], time.perf_counter()
+    if rank == 0:
+        log.info("warmup worker ready: %d steps to go on %s", cfg["steps"] - state["step"], device)
+    window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
     for step in range(state["step"] + 1, cfg["steps"] + 1):
         _maybe_fail(cfg, rank, step)
         window.append(objective_step(objective, optimizer, _batch(shard, step, cfg), device, autocast))
@@ -161,7 +163,32 @@ def train_loop(cfg: dict) -> dict | None:
             state["history"].append(metrics)
             _report(metrics, state, gates, optimizer, rank, save)
             window, clock = [], time.perf_counter()
+            ticker.said()
+        elif rank == 0 and ticker.due():
+            log.info(ticker.line(step, window[-1]))
     return state if rank == 0 else None
+
+
+class ProgressTicker:
+    """Rank 0's own progress line between the collective reports: after the first step, then every `seconds`,
+    so a slow run is never silent (no collective: the ranks need not agree on when)."""
+
+    def __init__(self, steps: int, start_step: int, seconds: float = 20.0):
+        self.steps, self.start_step, self.seconds = steps, start_step, seconds
+        self.started = self.last = time.perf_counter()
+        self.first = True
+
+    def due(self) -> bool:
+        return self.first or time.perf_counter() - self.last >= self.seconds
+
+    def said(self) -> None:
+        self.last, self.first = time.perf_counter(), False
+
+    def line(self, step: int, parts: dict) -> str:
+        self.said()
+        rate = (step - self.start_step) / max(self.last - self.started, 1e-9)
+        losses = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "ce", "quality", "negatives") if k in parts)
+        return f"step {step}/{self.steps} {losses} {rate:.2f} steps/s eta {(self.steps - step) / rate:.0f} s"
 
 
 def _training_parts(cfg: dict):
@@ -366,12 +393,15 @@ def run(config: DictConfig) -> Path:
         check_checkpoints(config)
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         counts = Counter()
+        log.info("sampling warmup rows from %s", config.data)
         rows = sample_rows(config, counts)
         items = encode_items(config, tokenizer, rows, counts)
         log.info("warmup rows: %s", dict(sorted(counts.items())))
         if not items:
             raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
         shards = [ray.put(s) for s in shard_items(items, config.warmup.batch_size, config.warmup.workers)]
+        log.info("starting Ray Train: %d worker(s), %d steps of %d originals each (the workers load the model "
+                 "first, then log progress)", config.warmup.workers, config.warmup.steps, config.warmup.batch_size)
         result = trainer(config, loop_config(config, shards, tokenizer.pad_token_id)).fit()
         state = result.return_value
         log.info("warmup done: steps %d (this run from step %d), final %s",
