@@ -7,6 +7,8 @@
 The run directory holds `config.yaml` (resolved), `logs/<stage>.log`, `gates/`, `stats/`, `rejects/`,
 `selfcheck/` and `selection/` (scores.parquet, selected_data.jsonl, selection_stats.json, report.html).
 Every stage resumes: re-running the same command continues where a killed run stopped.
+The run stops before select when the self-check fails on kinds warmup never used, its whole 95% interval under
+`selfcheck.min_auroc` (`strict=false` selects regardless; a verdict below the threshold within its interval warns).
 """
 
 from __future__ import annotations
