@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from qgate.config import load_config
+from qgate.config import as_dict, changes_refused, load_config, save_config
 from qgate.models import autocast_dtype
 
 
@@ -23,3 +25,67 @@ def test_autocast_auto_is_bf16_on_cuda_only():
     assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("auto", "cuda:1") is torch.bfloat16
     assert autocast_dtype("auto", "cpu") is None and autocast_dtype("none", "cuda") is None
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+
+
+def test_shipped_yaml_loads_from_inside_the_package():
+    import qgate
+    from qgate.config import DEFAULTS, config_path
+
+    package = Path(qgate.__file__).parent
+    assert DEFAULTS.parent == package / "configs" and config_path("demo.yaml").is_file()
+    demo = load_config([], config_path("demo.yaml"))
+    assert demo.encoding.max_length == 256 and demo.autocast == "bf16"
+
+
+def test_the_recorded_config_layers_between_defaults_and_the_command_line(tmp_path):
+    recorded = tmp_path / "config.yaml"
+    save_config(load_config(["max_length=256", "steps=4", "selection.percentage=0.5"]), recorded)
+    recorded.write_text(recorded.read_text() + "a_key_qgate_no_longer_has: 1\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("warmup:\n  steps: 7\n")
+    config = load_config(["selection.percentage=0.2"], overlay, recorded)
+    assert (config.encoding.max_length, config.warmup.steps, config.selection.percentage) == (256, 7, 0.2)
+
+
+ALL = {"warmup", "gates", "stats", "selfcheck", "selection"}
+
+
+@pytest.mark.parametrize("key, old, new, existing, stages, refused", [
+    ("encoding.max_length", 256, 512, ALL, ["collect"], "gates/, selection/, selfcheck/, stats/, warmup/"),
+    ("warmup.steps", 2, 3, {"warmup", "gates"}, ["warmup"], None),  # warmup continues and writes the gates anew
+    ("warmup.steps", 2, 3, {"warmup", "gates", "stats"}, ["warmup"], "stats/"),
+    ("warmup.lr", 0.01, 0.02, {"warmup"}, ["warmup"], "warmup/"),  # its checkpoints were made with the old lr
+    ("collect.alphas", [0.0], [1.0], {"warmup", "gates"}, ["collect"], None),
+    ("collect.alphas", [0.0], [1.0], {"warmup", "gates", "stats"}, ["collect"], "stats/"),
+    ("selection.percentage", 0.3, 0.2, ALL, ["select"], None),
+    ("selection.percentage", 0.3, 0.2, ALL, ["collect"], "selection/"),
+    ("selfcheck.rows", 300, 64, ALL, ["selfcheck", "select"], None),
+    ("gates", None, "/elsewhere", {"warmup", "gates", "stats"}, ["collect"], "stats/"),
+    ("data", "/mnt/a", "/mnt/b", ALL, ["collect"], None),  # moved data resumes by file content
+    ("serve.port", 8000, 9000, ALL, [], None),
+    ("collect.actors", 2, 8, ALL, ["collect"], None),
+])
+def test_a_changed_setting_is_refused_where_it_shapes_outputs_already_there(key, old, new, existing, stages,
+                                                                              refused):
+    recorded, changed = as_dict(load_config([f"{key}={old}"])), as_dict(load_config([f"{key}={new}"]))
+    lines = changes_refused(recorded, changed, existing, stages)
+    if refused is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"{key} changed") and f"but {refused} " in lines[0]
+
+
+def test_a_stage_starts_from_the_runs_config_and_records_what_it_may(tmp_path):
+    from ray_jobs.common import config_from_argv, record_config
+
+    out = tmp_path / "run"
+    record_config(load_config([f"out={out}", "max_length=256", "autocast=bf16"]), ["warmup"])
+    (out / "stats").mkdir()
+    (out / "stats" / "_schema.json").write_text("{}")
+    config = config_from_argv([f"out={out}", "selection.percentage=0.2"])
+    record_config(config, ["select"])
+    again = load_config(recorded=out / "config.yaml")
+    assert (again.encoding.max_length, again.autocast, again.selection.percentage) == (256, "bf16", 0.2)
+    with pytest.raises(ValueError, match=r"encoding\.max_length changed from 256 to 512, but stats/ was made"):
+        record_config(config_from_argv([f"out={out}", "max_length=512"]), ["collect"])
+    assert load_config(recorded=out / "config.yaml").encoding.max_length == 256
