@@ -120,10 +120,14 @@ def _svg(element_id: str, parts: list[str]) -> str:
 def direction_banner(check: dict) -> str:
     """Verdict of the direction self-check: does a high q pick the clean rows of the user's own data?"""
     passed = bool(check.get("passed"))
-    verdict = "passed" if passed else "FAILED"
+    verdict = check.get("verdict", "passed" if passed else "failed").upper().replace("_", " ")
     blend = check.get("blend")
     blend_text = f", q+IFD blend AUROC {_fmt(blend.get('auroc'))}, verdict on {check.get('score')}" if blend else ""
-    line = (f"Direction self-check {verdict}: AUROC {_fmt(check.get('auroc'))}{blend_text} "
+    interval = check.get("interval")
+    blend_text += f" (95% interval {_fmt(interval[0])}-{_fmt(interval[1])})" if interval else ""
+    kinds = check.get("heldout_kinds")
+    on = f" on kinds warmup never used ({', '.join(kinds)})" if kinds else ""
+    line = (f"Direction self-check {verdict}{on}: AUROC {_fmt(check.get('auroc'))}{blend_text} "
             f"(threshold {_fmt(check.get('min_auroc', check.get('threshold')))}, "
             f"direction: {check.get('direction')} q = clean)")
     banner = f'<div class="banner {"pass" if passed else "fail"}">{_esc(line)}</div>'
