@@ -130,6 +130,14 @@ def _reflow(block: str) -> str:
     return "\n".join(lines)
 
 
+def shortened(text: str, max_words: int) -> str:
+    """The first sentences of `text` within `max_words` words; the first sentence whatever its length."""
+    if len(text.split()) <= max_words:
+        return text
+    first_paragraph = text.split("\n\n")[0]
+    return _first_sentences(first_paragraph, max_words) or re.split(r"(?<=[.!?])\s+", first_paragraph)[0]
+
+
 def _first_sentences(paragraph: str, budget: int) -> str:
     kept, n_words = [], 0
     for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
@@ -346,11 +354,17 @@ def split_heldout(rows: list[DemoRow], fraction: float, seed: int) -> tuple[list
 
 
 def build_demo_corpus(out_dir: str, n_rows: int = 1200, seed: int = 0, noise_fraction: float = 0.0,
-                      noise_kinds=None, heldout_fraction: float = 0.0) -> dict:
-    """Write the corpus under `out_dir` (see the module docstring); returns paths and counts."""
+                      noise_kinds=None, heldout_fraction: float = 0.0, max_words: int | None = None) -> dict:
+    """Write the corpus under `out_dir` (see the module docstring); returns paths and counts.
+
+    `max_words` shortens every answer to its first sentences within that many words (at least one sentence), so
+    a small machine scores shorter rows; clean answers still end where a sentence ends.
+    """
     grouped = available_rows(seed)
     counts = allocate({name: len(rows) for name, rows in grouped.items()}, n_rows)
     rows = [r for name, group in grouped.items() for r in group[: counts[name]]]
+    if max_words:
+        rows = [replace(r, response=shortened(r.response, max_words)) for r in rows]
     rows, heldout = split_heldout(rows, heldout_fraction, seed)
     kinds = noise_kinds or corruption.DEFAULT_WARMUP_KINDS + corruption.DEFAULT_HELDOUT_KINDS
     rows, planted = plant_noise(rows, noise_fraction, kinds, seed) if noise_fraction > 0 else (rows, {})
