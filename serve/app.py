@@ -11,15 +11,19 @@ Routes: `POST /v1/score` {"samples": [...]} (1..serve.max_samples rows in any lo
 `GET /healthz`, OpenAPI at `/docs`. Concurrent requests are batched into one forward pass (`@serve.batch`);
 each response says in `batch_size` how many requests shared its batch.
 
-Errors: a malformed body is 422; too many samples or characters is 413; with `QGATE_API_TOKEN` set, a missing
-or wrong `Authorization: Bearer <token>` is 401; a full queue (`serve.max_queued_requests`) is 503. A sample
-the loader or encoder rejects is not an HTTP error: its result carries `error: {reason, detail}`.
+Errors: a malformed body is 422 (400 when it is not JSON at all); too many samples or characters is 413; a body
+not complete within `serve.body_timeout_s` is 408; with a token set (`serve.token_file` or `QGATE_API_TOKEN`),
+a missing or wrong `Authorization: Bearer <token>` is 401; a full queue (`serve.max_queued_requests`) is 503.
+The token, the byte cap and the deadline are checked before the body is read or parsed (`serve.guard`). A
+sample the loader or encoder rejects is not an HTTP error: its result carries `error: {reason, detail}`.
+
+Closed by default: a replica refuses to start on a non-loopback HTTP address without a token unless
+`serve.allow_open=true` (see docs/security.md).
 """
 
 # No `from __future__ import annotations` here: Serve's class-based view rebuilds the route signatures, and
 # FastAPI then sees the body model as a string annotation and asks for a query parameter named `body`.
 import asyncio
-import hmac
 import os
 import signal
 import sys
@@ -27,16 +31,18 @@ import time
 from typing import Any
 
 import ray
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.metrics import Counter
 
 from ray_jobs.common import gpus_available, init_ray, setup_logging
+from serve.guard import TOKEN_ENV, GuardSettings, RequestGuard, check_exposure, read_token
 from serve.scoring import CorpusScorer, run_config, scorer_settings
 
-TOKEN_ENV = "QGATE_API_TOKEN"
-BODY_BYTES_PER_CHAR = 8  # generous bound on JSON bytes per text character (escapes, UTF-8), for the early 413
+BODY_BYTES_PER_CHAR = 8  # generous bound on JSON bytes per text character (escapes, UTF-8), for the byte cap
 EXAMPLES = [
     {"id": "ex-1", "messages": [{"role": "user", "content": "What is 2 + 2?"},
                                 {"role": "assistant", "content": "2 + 2 = 4."}]},
@@ -45,6 +51,14 @@ EXAMPLES = [
 ]
 
 api = FastAPI(title="qgate scoring", version="1", description=__doc__.split("\n\n")[0])
+api.add_middleware(RequestGuard, settings=lambda: _service().guard)
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with where and why, without echoing the input: it may be huge, or a NaN that JSON cannot write."""
+    errors = [{key: error[key] for key in ("loc", "msg", "type") if key in error} for error in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": errors})
 
 
 class ScoreRequest(BaseModel):
@@ -88,41 +102,43 @@ class ScoreResponse(BaseModel):
 
 
 # ---- request guards ------------------------------------------------------------------------------
+# (Defined before the deployment class: Serve pickles the class, with the globals it sees, where it is decorated.)
 
 
 def _service() -> "ScoringService":
     return serve.get_replica_context().servable_object
 
 
-def check_token(expected: str | None, authorization: str | None) -> None:
-    """401 unless `authorization` is `Bearer <expected>`; no token configured means an open endpoint."""
-    if not expected:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+def http_host() -> str:
+    """The address Serve's HTTP proxies listen on, as the Serve controller holds it."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return ray.get(controller.get_http_config.remote()).host
 
 
-def require_token(authorization: str | None = Header(default=None)) -> None:
-    check_token(_service().api_token, authorization)
+def max_body_bytes(max_chars: int) -> int:
+    """The byte cap of a request body: far above any JSON body within `max_chars` characters of text."""
+    return BODY_BYTES_PER_CHAR * max_chars + 65536
 
 
-def limit_body(content_length: int | None = Header(default=None)) -> None:
-    """413 before parsing a body far larger than any request within the limits could be."""
-    max_bytes = BODY_BYTES_PER_CHAR * _service().limits["max_chars"] + 65536
-    if content_length is not None and content_length > max_bytes:
-        raise HTTPException(413, f"request body of {content_length} bytes is over the limit of {max_bytes}")
+def strings_in(value):
+    """Every string inside a JSON value, keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def text_chars(value) -> int:
-    """Characters of all strings inside a JSON value."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(text_chars(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(text_chars(v) for v in value)
-    return 0
+    """Characters of all strings inside a JSON value (keys too), without recursion: nesting depth is the client's."""
+    return sum(len(text) for text in strings_in(value))
 
 
 def check_limits(samples: list[dict], max_samples: int, max_chars: int) -> None:
@@ -147,9 +163,13 @@ def split(items: list, sizes: list[int]) -> list[list]:
 class ScoringService:
     """One replica: the run's model and gates loaded once; routes are thin adapters over `CorpusScorer`."""
 
-    def __init__(self, scorer: dict, limits: dict, batching: dict, api_token: str | None = None):
+    def __init__(self, scorer: dict, limits: dict, batching: dict, access: dict, api_token: str | None = None):
+        token = read_token(api_token, access["token_file"])
+        check_exposure(http_host(), token, access["allow_open"])
+        self.guard = GuardSettings(token=token, max_body_bytes=max_body_bytes(limits["max_chars"]),
+                                   body_timeout_s=access["body_timeout_s"])
         self.scorer = CorpusScorer(**scorer)
-        self.limits, self.batching, self.api_token = limits, batching, api_token
+        self.limits, self.batching = limits, batching
         self.score_batch.set_max_batch_size(batching["max_batch_size"])
         self.score_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
         self.served = {"batches": 0, "requests": 0, "samples": 0}
@@ -161,13 +181,16 @@ class ScoringService:
     def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/info", dependencies=[Depends(require_token)])
+    @api.get("/v1/info")
     def info(self) -> dict:
-        return {**self.scorer.info(), "limits": self.limits, "batching": self.batching,
+        limits = {**self.limits, "max_body_bytes": self.guard.max_body_bytes,
+                  "body_timeout_s": self.guard.body_timeout_s}
+        return {**self.scorer.info(), "limits": limits, "batching": self.batching,
+                "auth": "bearer" if self.guard.token else "open",
                 "replica": serve.get_replica_context().replica_tag, "served": dict(self.served),
                 "uptime_s": round(time.time() - self.started, 1)}
 
-    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(require_token), Depends(limit_body)])
+    @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> dict:
         check_limits(body.samples, **self.limits)
         results, batch_size = await self.score_batch(body.samples)
@@ -212,12 +235,18 @@ def deployment_options(cfg, gpu: bool) -> dict:
 
 
 def app_from_config(config, api_token: str | None = None):
-    """The bound Serve application of a run config (see `serve.scoring.run_config`)."""
+    """The bound Serve application of a run config (see `serve.scoring.run_config`).
+
+    The token: `api_token` if given ("" = open), else this process's `QGATE_API_TOKEN`; without either, each
+    replica reads `serve.token_file` or its own `QGATE_API_TOKEN` (node environment or Ray runtime env).
+    """
     gpu, cfg = wants_gpu(config), config.serve
     return ScoringService.options(**deployment_options(cfg, gpu)).bind(
         scorer={**scorer_settings(config), "device": "cuda" if gpu else "cpu"},
         limits={"max_samples": cfg.max_samples, "max_chars": cfg.max_chars},
         batching={"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        access={"token_file": cfg.token_file, "allow_open": bool(cfg.allow_open),
+                "body_timeout_s": float(cfg.body_timeout_s)},
         api_token=api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None,
     )
 
@@ -234,8 +263,10 @@ def build_app(args: dict):
 
 def start(config, name: str = "qgate", api_token: str | None = None) -> str:
     """Start Serve on `serve.host:serve.port` with the app of `config`; returns its URL."""
-    init_ray(config)
     cfg = config.serve
+    token = read_token(api_token if api_token is not None else os.environ.get(TOKEN_ENV), cfg.token_file)
+    check_exposure(cfg.host, token, bool(cfg.allow_open))  # fail before Ray and the model start
+    init_ray(config)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app_from_config(config, api_token), name=name, route_prefix=cfg.route_prefix)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

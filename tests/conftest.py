@@ -46,3 +46,52 @@ def ray_local():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+# ---- a finished tiny run, for the HTTP tests -----------------------------------------------------
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "python", "list", "string", "function",
+         "returns", "value", "example"]
+TINY_RUN = ["model=tiny-qwen3", "encoding.max_length=48", "collect.actors=1", "collect.ifd=true",
+            "selection.direction=higher", "selfcheck.enabled=false", "serve.num_cpus=0.5"]
+
+
+def corpus_text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def corpus_rows(n: int = 24) -> list[dict]:
+    """All three loader forms, varied lengths; a few rows longer than `encoding.max_length` (truncated)."""
+    rows = []
+    for i in range(n):
+        question, answer = corpus_text(i, 3 + i % 5), corpus_text(i + 1, 4 + (i * 5) % 40)
+        if i % 3 == 0:
+            rows.append({"id": f"r{i:02d}", "messages": [{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": answer}]})
+        elif i % 3 == 1:
+            rows.append({"id": f"r{i:02d}", "instruction": question, "input": "", "output": answer})
+        else:
+            rows.append({"id": f"r{i:02d}", "prompt": question, "completion": answer})
+    return rows
+
+
+def finished_run(root):
+    """A run directory under `root` that `qgate serve` can serve: tiny gates, collect (with IFD) and select over
+    `corpus_rows()`. Needs a running Ray. Returns the run's config."""
+    from qgate.config import load_config, save_config
+    from qgate.data import write_jsonl
+    from qgate.gate import attach_gates, save_gates
+    from qgate.models import model_identity
+    from qgate.tiny import tiny_model
+    from ray_jobs import collect, select
+    from ray_jobs.common import run_paths
+
+    write_jsonl(str(root / "data.jsonl"), corpus_rows())
+    config = load_config([*TINY_RUN, f"out={root / 'run'}", f"data={root / 'data.jsonl'}"])
+    paths = run_paths(config.out)
+    save_config(config, paths["config"])
+    gates = attach_gates(tiny_model("tiny-qwen3"), init_std=0.5, bias=True, init_bias=0.0, seed=1)
+    save_gates(gates, paths["gates"], metadata=model_identity("tiny-qwen3"))
+    collect.run(config)
+    select.run(config)
+    return config

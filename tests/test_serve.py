@@ -18,14 +18,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import corpus_rows, corpus_text, finished_run
 from ray import serve
 
-from qgate.config import load_config, save_config
-from qgate.data import write_jsonl
-from qgate.gate import attach_gates, save_gates
-from qgate.models import model_identity
-from qgate.tiny import tiny_model
-from ray_jobs import collect, select
+from qgate.config import load_config
+from ray_jobs import select
 from ray_jobs.common import run_paths
 from serve.app import app_from_config, build_app
 from serve.scoring import CorpusScorer, is_selected, rank_in_corpus, run_config, scorer_settings
@@ -34,36 +31,13 @@ pytestmark = pytest.mark.timeout(300)  # the first test also pays for collect, s
 
 TOKEN = "test-token-1234"
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "python", "list", "string", "function",
-         "returns", "value", "example"]
-
-
-def _text(i: int, n: int) -> str:
-    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-def corpus_rows(n: int = 24) -> list[dict]:
-    """All three loader forms, varied lengths; a few rows longer than `encoding.max_length` (truncated)."""
-    rows = []
-    for i in range(n):
-        question, answer = _text(i, 3 + i % 5), _text(i + 1, 4 + (i * 5) % 40)
-        if i % 3 == 0:
-            rows.append({"id": f"r{i:02d}", "messages": [{"role": "user", "content": question},
-                                                        {"role": "assistant", "content": answer}]})
-        elif i % 3 == 1:
-            rows.append({"id": f"r{i:02d}", "instruction": question, "input": "", "output": answer})
-        else:
-            rows.append({"id": f"r{i:02d}", "prompt": question, "completion": answer})
-    return rows
 
 
 # ---- the batch path ------------------------------------------------------------------------------
 
 
 def batch_q(config) -> dict[str, float]:
-    """q per id from collect + select on the run's corpus."""
-    collect.run(config)
-    select.run(config)
+    """q per id from the run's selection."""
     table = pq.read_table(run_paths(config.out)["selection"] / "scores.parquet", columns=["id", "q"])
     return dict(zip(table.column("id").to_pylist(), table.column("q").to_pylist()))
 
@@ -71,15 +45,7 @@ def batch_q(config) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local):
     """A run directory with tiny gates, its corpus stats (with IFD) and batch q: (config, {id: q})."""
-    root = tmp_path_factory.mktemp("serve")
-    write_jsonl(str(root / "data.jsonl"), corpus_rows())
-    config = load_config(["model=tiny-qwen3", f"out={root / 'run'}", f"data={root / 'data.jsonl'}",
-                          "encoding.max_length=48", "collect.actors=1", "collect.ifd=true",
-                          "selection.direction=higher", "selfcheck.enabled=false", "serve.num_cpus=0.5"])
-    paths = run_paths(config.out)
-    save_config(config, paths["config"])
-    gates = attach_gates(tiny_model("tiny-qwen3"), init_std=0.5, bias=True, init_bias=0.0, seed=1)
-    save_gates(gates, paths["gates"], metadata=model_identity("tiny-qwen3"))
+    config = finished_run(tmp_path_factory.mktemp("serve"))
     return config, batch_q(config)
 
 
@@ -247,7 +213,7 @@ def test_token_is_required_when_set(client):
 
 
 def test_full_queue_answers_503(url):
-    heavy = {"samples": [{"prompt": _text(i, 20), "completion": _text(i + 1, 200)} for i in range(32)]}
+    heavy = {"samples": [{"prompt": corpus_text(i, 20), "completion": corpus_text(i + 1, 200)} for i in range(32)]}
     statuses: list[int] = []
     for _ in range(5):  # bursts until the queue overflows; a handful is plenty
         responses = post_concurrently(f"{url}/guarded", [heavy] * 12, {"Authorization": f"Bearer {TOKEN}"})
