@@ -261,7 +261,8 @@ def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
                              summary) for _ in layers]
-    gates = [g.to(device=reference.device, dtype=reference.dtype) for g in gates]
+    # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
+    gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
     model.qgate_gates = gate_set
     return gate_set

@@ -103,3 +103,18 @@ def test_gates_refuse_a_different_model(tmp_path):
     wider = AutoModelForCausalLM.from_config(tiny_config().__class__(**{**tiny_config().to_dict(), "hidden_size": 32}))
     with pytest.raises(ValueError, match="hidden size"):
         load_gates(wider, tmp_path)
+
+
+def test_gates_stay_float32_on_a_bf16_backbone():
+    """A bf16 model's gates and their Adam state are float32; their logits come out float32."""
+    model = tiny_model("tiny-qwen3").to(torch.bfloat16)
+    gates = attach_gates(model, mode="probe", contrast=False)
+    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
+    assert {p.dtype for p in gates.parameters()} == {torch.float32}
+    model(input_ids=IDS)
+    logits = gates.logits()  # [B, L, T]
+    gates.clear()
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    logits.sigmoid().mean().backward()
+    optimizer.step()
+    assert all(state["exp_avg"].dtype == torch.float32 for state in optimizer.state.values())
