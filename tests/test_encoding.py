@@ -187,3 +187,19 @@ def test_smollm2_response_mask_with_its_default_system_prompt():
     assert [tok.decode(run) for run in masked_runs(enc)] == ["hello", messages[3]["content"]]
     alone = encode_response_only(tok, messages, max_length=2048)
     assert [tok.decode(run) for run in masked_runs(alone)] == [messages[3]["content"]]
+
+
+def test_kept_positions_keep_the_response_first():
+    import random
+
+    from qgate.encoding import kept_positions
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n, max_length = rng.randint(1, 300), rng.randint(2, 120)
+        start = rng.randint(1, n - 1) if n > 1 else 0
+        keep = kept_positions(n, start, rng.randint(0, start), max_length)
+        assert len(keep) == min(n, max_length) and keep == sorted(set(keep)) and keep[0] == 0
+        response = [i for i in keep if i >= start]
+        assert response == list(range(start, start + len(response)))  # the response's head, unbroken
+        assert len(response) >= min(n - start, max_length // 2)  # at least half of max_length, or all of it
