@@ -62,19 +62,21 @@ def quality_loss(good_ratio: torch.Tensor, mask: torch.Tensor, quality_loss_type
     raise ValueError(f"quality_loss_type must be one of {LOSS_TYPES}, got {quality_loss_type!r}")
 
 
-def token_weights(nll: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+def token_weights(nll: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0, eps: float = 1e-8,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w_t = ppl_t^α / (Σ_u ppl_u^α + eps) over masked tokens, in log space. [B, T] -> [B, T]"""
-    log_w = torch.where(mask.bool(), alpha * nll.float(), torch.full_like(nll.float(), -torch.inf))
+    log_w = torch.where(mask.bool(), alpha * nll.to(dtype), torch.full_like(nll, -torch.inf, dtype=dtype))
     top = log_w.max(dim=1, keepdim=True).values.clamp_min(-1e30)  # [B, 1]
     unnorm = torch.exp(log_w - top)
     return unnorm / (unnorm.sum(dim=1, keepdim=True) + eps * torch.exp(-top))
 
 
 def sample_gate_scores(gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor,
-                       alpha: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
-    """S_il = Σ_t w_it · sigmoid(g_ilt), the per-layer sample score that selection ranks. -> [B, L]"""
-    weights = token_weights(nll.detach(), mask, alpha, eps)  # [B, T]
-    return (torch.sigmoid(gate_logits.float()) * weights.unsqueeze(1)).sum(-1)
+                       alpha: float = 1.0, eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """S_il = Σ_t w_it · sigmoid(g_ilt), the per-layer sample score that selection ranks (`qgate.scoring.layer_scores`
+    in torch, over a batch). [B, L, T] -> [B, L]"""
+    weights = token_weights(nll.detach(), mask, alpha, eps, dtype)  # [B, T]
+    return (torch.sigmoid(gate_logits.to(dtype)) * weights.unsqueeze(1)).sum(-1)
 
 
 def negatives_loss(gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor, is_clean: torch.Tensor,

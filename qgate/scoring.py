@@ -78,15 +78,6 @@ def layer_scores(gate_logits, nll, alpha: float = 1.0, eps: float = 1e-8) -> np.
     return _sigmoid(g) @ token_weights(nll, alpha, eps)  # [L]
 
 
-def layer_scores_multi(gate_logits, nll, alphas, eps: float = 1e-8) -> np.ndarray:
-    """`layer_scores` for several alphas at once, sharing the sigmoid; returns [A, L]."""
-    g = _as_float_array(gate_logits, 2, "gate_logits")  # [L, T]
-    nll = _as_float_array(nll, 1, "nll")  # [T]
-    _check_gate_shape(g, nll)
-    weights = np.stack([token_weights(nll, a, eps) for a in np.atleast_1d(alphas)])  # [A, T]
-    return weights @ _sigmoid(g).T  # [A, L]
-
-
 # --- 3. corpus statistics and the one-step mapping --------------------------------------------------------
 
 
@@ -282,10 +273,9 @@ def blend_q_ifd(q, ifd, q_reference, ifd_reference, higher: bool = True) -> np.n
 
 
 def auroc(scores, labels) -> float:
-    """Area under the ROC curve of `scores` for binary `labels` (1 = positive), ties counted half.
+    """Area under the ROC curve of `scores` for binary `labels` (1 = positive), ties counted half (scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
 
-    Rank-based (Mann–Whitney U): the probability that a random positive outscores a random negative.
-    """
     scores = _as_float_array(scores, 1, "scores")  # [N]
     labels = np.asarray(labels)
     if labels.shape != scores.shape:
@@ -294,15 +284,9 @@ def auroc(scores, labels) -> float:
         raise ValueError("scores contain NaN")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("labels must be 0 or 1")
-    positive = labels.astype(bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if labels.min() == labels.max():
         raise ValueError("auroc needs both positive and negative labels")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # [U], 1-based average rank of each distinct value
-    ranks = mean_rank[inverse.reshape(-1)]  # [N]
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(labels.astype(int), scores))
 
 
 def percentile_of(q_values_sorted, q):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from qgate.gate import GateSet
+from qgate.losses import sample_gate_scores
 
 STATS_VERSION = 1
 
@@ -68,16 +69,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def layer_scores_batch(gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor,
                        alphas: list[float], eps: float) -> torch.Tensor:
     """S for each α, as `qgate.scoring.layer_scores` on the masked tokens. [B, L, T] -> [B, A, L] float64"""
-    good = torch.sigmoid(gate_logits.double())  # [B, L, T]
-    maskb = mask.bool()
-    out = []
-    for alpha in alphas:
-        log_w = torch.where(maskb, alpha * nll.double(), torch.full_like(nll, -math.inf, dtype=torch.float64))
-        top = log_w.max(dim=1, keepdim=True).values  # [B, 1]
-        unnorm = torch.exp(log_w - top)
-        weights = unnorm / (unnorm.sum(1, keepdim=True) + eps * torch.exp(-top))  # [B, T]
-        out.append((good * weights.unsqueeze(1)).sum(-1))  # [B, L]
-    return torch.stack(out, dim=1)
+    return torch.stack([sample_gate_scores(gate_logits, nll, mask, alpha, eps, torch.float64) for alpha in alphas],
+                       dim=1)
 
 
 class Scorer:

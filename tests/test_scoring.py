@@ -12,7 +12,6 @@ from qgate.scoring import (
     auroc,
     blend_q_ifd,
     layer_scores,
-    layer_scores_multi,
     one_step_mapping,
     percentile_of,
     percentile_ranks,
@@ -96,13 +95,22 @@ def test_token_weights_stable_for_large_nll(alpha):
     assert w[3] / w[2] == pytest.approx(math.exp(alpha), rel=1e-9)
 
 
-def test_multi_alpha_matches_single():
+def test_the_torch_s_of_several_alphas_matches_the_numpy_reference():
+    """`qgate.stats.layer_scores_batch` (collect, serve, the self-check) against `layer_scores` per α and row."""
+    import torch
+
+    from qgate.stats import layer_scores_batch
+
     rng = np.random.default_rng(1)
-    g, nll = rng.normal(size=(4, 9)), rng.uniform(0, 4, size=9)
-    multi = layer_scores_multi(g, nll, [0.0, 1.0, 2.5])
-    assert multi.shape == (3, 4)
-    for row, a in zip(multi, [0.0, 1.0, 2.5]):
-        np.testing.assert_allclose(row, layer_scores(g, nll, a), rtol=1e-14)
+    g, nll = rng.normal(size=(2, 4, 9)), rng.uniform(0, 4, size=(2, 9))
+    mask = np.array([[0] + [1] * 8, [0, 1, 1, 1, 1, 1, 0, 0, 0]])
+    multi = layer_scores_batch(torch.from_numpy(g), torch.from_numpy(nll), torch.from_numpy(mask),
+                               [0.0, 1.0, 2.5], 1e-8).numpy()  # [B, A, L]
+    assert multi.shape == (2, 3, 4)
+    for i in range(2):
+        keep = mask[i].astype(bool)
+        for row, a in zip(multi[i], [0.0, 1.0, 2.5]):
+            np.testing.assert_allclose(row, layer_scores(g[i][:, keep], nll[i][keep], a), rtol=1e-12)
 
 
 def test_layer_scores_extreme_logits():
