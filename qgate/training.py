@@ -84,17 +84,9 @@ def outputs_depend_on_gates(gates) -> bool:
 
 def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                cfg: WarmupLossConfig, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Forward, backward, step; returns the loss parts."""
-    model.train()
+    """Forward, backward, step of a gated model; returns the loss parts (`objective_step` without DDP)."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        total, parts = warmup_loss(model, batch, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
-    parts["loss"] = total.item()
-    return parts
+    return objective_step(WarmupObjective(model, cfg), optimizer, batch, device, autocast_dtype)
 
 
 class WarmupObjective(nn.Module):
