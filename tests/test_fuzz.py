@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fuzz_corpus import MB, build_fuzz_corpus
 
 from qgate.data import iter_file_rows, read_jsonl, reject_record
-from fuzz_corpus import MB, build_fuzz_corpus
 
 GOOD = json.dumps({"prompt": "Name a colour.", "completion": "Blue is a colour."})
 
@@ -42,11 +42,12 @@ def test_deeply_nested_brackets_are_a_reject_in_warmups_read(tmp_path):
 
 
 def test_a_5000_digit_number_is_a_reject_in_collects_read(tmp_path):
-    from ray_jobs.collect import _file_rows
+    from ray_jobs import collect
 
     huge = GOOD[:-1] + ', "n": 1' + "0" * 5_000 + "}"
     path = write(tmp_path / "numbers.jsonl", [GOOD, huge])
-    rows = list(_file_rows({"path": path, "done": b""}, winners={}))
+    assert collect.iter_file_rows is iter_file_rows  # collect's read tasks call the one reader
+    rows = list(collect.iter_file_rows(path))
     assert [r["reason"] for r in rows] == ["", "bad_json"]
     assert "digits" in rows[1]["detail"] and rows[1]["record"].startswith('{"prompt"')
 
@@ -195,6 +196,15 @@ def test_fuzz_corpus_through_the_pipeline(ray_local, tmp_path, capsys):
     selected = read_jsonl(out / "selection" / "selected_data.jsonl")
     assert len(selected) == stats["k"] == math.ceil(0.25 * len(scores))
     assert len({(r["dataset"], r["id"]) for r in selected}) == len(selected)
+    from serve.scoring import CorpusScorer  # serve reads and scores a sample as collect does
+
+    served = CorpusScorer.from_run_dir(out).score([
+        {"prompt": "Say \ud800 hi", "completion": "Hi."},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+                      {"role": "assistant", "content": "Blue."}]},
+        {"prompt": "word " * 5_000, "completion": "Done."}])
+    assert served[0]["error"]["reason"] == "bad_unicode" and served[0]["q"] is None
+    assert served[1]["error"] is None and served[2]["error"] is None and served[2]["truncated"]
     reasons = Counter(seen.values())
     with capsys.disabled():
         print(f"\nfuzz: {len(seen)} lines of {len({k for k, _ in expected.values()}) + 2} kinds in {seconds:.0f} s: "
