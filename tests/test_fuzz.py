@@ -144,6 +144,19 @@ def test_rows_without_tokens_keep_their_own_reason(scorer_parts):
     assert out[0] == {"reason": "empty_content", "detail": "x"} and len(out[1]["S"][0]) == 2
 
 
+def test_ties_and_the_kth_cut_are_ordered_by_dataset_and_id():
+    import numpy as np
+
+    from ray_jobs.select import _before, row_keys
+
+    table = pa.table({"dataset": ["a", "b", "b", "a"], "id": ["1", "1", "0", "2"]})
+    score = np.array([0.5, 0.5, 0.5, 0.4])  # [4]; equal scores in the order (a, 1), (b, 0), (b, 1)
+    assert _before(score, table, (0.5, "b", "0"), higher=True, inclusive=True).tolist() == [True, False, True, False]
+    assert _before(score, table, (0.5, "b", "0"), higher=True, inclusive=False).tolist() == [True, False, False, False]
+    colon = pa.table({"dataset": ["a:b", "a"], "id": ["c", "b:c"]})
+    assert len(set(row_keys(colon).to_pylist())) == 2 and len(set(row_keys(table).to_pylist())) == 4
+
+
 # ---- the fuzz corpus through the real pipeline -------------------------------------------------------------
 
 
