@@ -176,8 +176,12 @@ class Scorer:
         else:
             alone_mask = alone["alone_mask"].to(alone_nll.device)
         alone_mean = iter(masked_mean(alone_nll, alone_mask).tolist())
-        return [float(conditioned_nll[i]) / max(next(alone_mean), 1e-8) if r.get("ifd_input_ids") else None
-                for i, r in enumerate(rows)]
+        out = []
+        for i, r in enumerate(rows):
+            alone_value = next(alone_mean) if r.get("ifd_input_ids") else None
+            defined = alone_value is not None and any(r.get("response_mask") or [])  # no response tokens: no IFD
+            out.append(float(conditioned_nll[i]) / max(alone_value, 1e-8) if defined else None)
+        return out
 
     def _raw(self, gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> dict:
         keep = mask.bool()
