@@ -97,17 +97,16 @@ def iter_file_rows(path: str) -> Iterator[dict]:
 
 
 def _iter_jsonl(path: str) -> Iterator[dict]:
+    utf16 = _starts_with_utf16_bom(path)
     with fsspec.open(path, "rb", compression="infer") as f:
-        if _starts_with_utf16_bom(f):
-            f = io.TextIOWrapper(f, encoding="utf-16", newline="\n")
-        for row, raw in enumerate(f):
+        lines = io.TextIOWrapper(f, encoding="utf-16", newline="\n") if utf16 else f
+        for row, raw in enumerate(lines):
             yield parse_line(raw, path, row)
 
 
-def _starts_with_utf16_bom(f) -> bool:
-    head = f.read(2)
-    f.seek(0)
-    return head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+def _starts_with_utf16_bom(path: str) -> bool:
+    with fsspec.open(path, "rb", compression="infer") as f:  # opened apart: not every stream can seek back
+        return f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def parse_line(raw: bytes | str, source: str, row: int) -> dict:
