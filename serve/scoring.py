@@ -2,8 +2,6 @@
 
 `CorpusScorer` refuses a run whose selection was made from other gates, another base model or another encoding
 than it is given (`identity` in selection_stats.json, qgate/identity.py).
-`CorpusScorer` refuses a run whose selection was made from other gates, another base model or another encoding
-than it is given (`identity` in selection_stats.json, qgate/identity.py).
 `CorpusScorer` loads the run's base model and gates once, the corpus's a/b/μ, α, eps, tau, threshold, direction
 and score from `selection/selection_stats.json`, and the corpus's sorted scores from `selection/scores.parquet`.
 `score(samples)` then does for a handful of samples what collect + select do for the corpus:
@@ -31,7 +29,6 @@ from qgate.config import load_config
 from qgate.data import normalize
 from qgate.encoding import encode_row
 from qgate.gate import build_gated_model, read_gate_metadata
-from qgate.identity import check_same, identity_of
 from qgate.identity import check_same, identity_of
 from qgate.models import autocast_dtype
 from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
@@ -133,9 +130,6 @@ class CorpusScorer:
         self.model_name, self.gates_dir, self.run_dir = model, gates_dir, run_dir
         self.max_length, self.score_on = max_length, score_on
         self.stats, self.corpus_scores = load_corpus(run_dir)
-        check_same(identity_of(model, gates_dir, dtype, autocast, max_length, score_on), self.stats.get("identity"),
-                   f"the selection in {run_dir}", "serve it with the gates and settings it was selected with "
-                   "(its config.yaml), or select again")
         check_same(identity_of(model, gates_dir, dtype, autocast, max_length, score_on), self.stats.get("identity"),
                    f"the selection in {run_dir}", "serve it with the gates and settings it was selected with "
                    "(its config.yaml), or select again")
