@@ -47,7 +47,7 @@ ROTATION = ("fluent_wrong", "word_shuffle", "response_swap", "char_noise", "inst
             "truncate", "scraped_residue", "refusal_boilerplate", "repetition_loop", "language_mix", "wrong_format")
 RECIPE = Variant("probe", "linear", negatives=True, init="open", alpha=0.0, quality_weight=0.0, contrast=True,
                  evidence=True, summary=True)
-SCORERS = ("q", "q+IFD", "IFD", "response PPL")
+SCORERS = ("q", "q+IFD", "q+IFD+PPL", "IFD", "response PPL")
 
 
 def kinds_in_rotation() -> list[str]:
@@ -86,6 +86,14 @@ def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str]
     return [{**r, "left_out": r["corruption"] in left_out} for r in rows]
 
 
+def composed_copies(rows: list[dict], kinds: list[str], seed: int) -> list[dict]:
+    """One copy per row; every other one has a second kind applied on top of the first (more diverse negatives)."""
+    first = copies_of(rows, kinds, seed)
+    twice = copies_of([{**c, "id": c["source_id"]} for c in first[::2]], kinds[1:] + kinds[:1], seed + 7)
+    by_source = {c["source_id"]: c for c in first} | {c["source_id"]: c for c in twice}
+    return list(by_source.values())
+
+
 # ---- one fold ------------------------------------------------------------------------------------
 
 
@@ -96,7 +104,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     train = [r for name in CORPORA for r in rng.sample(pools[name], min(args.train_rows, len(pools[name])))]
     enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)  # noqa: E731
     warm = with_labels(enc(train), clean=True)
-    copies = {c["source_id"]: c for c in with_labels(enc(copies_of(train, warm_kinds, seed)), clean=False)}
+    made = composed_copies(train, warm_kinds, seed) if args.compose else copies_of(train, warm_kinds, seed)
+    copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
     start = time.perf_counter()
     gates = attach(model, RECIPE, seed)
@@ -124,7 +133,16 @@ def scorer_values(result: dict) -> dict[str, np.ndarray]:
     seen = (clean == 1) | ~left
     higher = auroc(q[seen], clean[seen]) >= 0.5  # decided on warmup kinds only: the left-out ones stay unseen
     blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
-    return {"q": q if higher else -q, "q+IFD": blend, "IFD": -ifd, "response PPL": -np.asarray(result["response_nll"])}
+    ppl = -np.asarray(result["response_nll"], dtype=np.float64)
+    return {"q": q if higher else -q, "q+IFD": blend, "q+IFD+PPL": rank_mean([q if higher else -q, -ifd, ppl]),
+            "IFD": -ifd, "response PPL": ppl}
+
+
+def rank_mean(scores: list[np.ndarray]) -> np.ndarray:
+    """Mean of each score's percentile rank within the rows (higher = clean); a missing score ranks 0.5."""
+    ranks = [np.where(np.isnan(v), 0.5, np.argsort(np.argsort(np.nan_to_num(v, nan=0.0))) / max(len(v) - 1, 1))
+             for v in scores]
+    return np.mean(ranks, axis=0)
 
 
 def pooled(results: list[dict]) -> dict[str, np.ndarray]:
@@ -182,6 +200,8 @@ def parse(argv):
     parser.add_argument("--budget-min", type=float, default=45.0)
     parser.add_argument("--cache", help="JSON of finished folds; rerun the same command to go on")
     parser.add_argument("--out", help="write the report (markdown) here")
+    parser.add_argument("--compose", action="store_true",
+                        help="half the warmup copies carry two kinds, one applied on the other")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -190,7 +210,7 @@ def parse(argv):
 
 
 SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "steps", "batch_size", "lr", "folds",
-            "autocast")
+            "autocast", "compose")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,9 @@
 - `numpydoc`: docstrings of numpy, scipy and pandas in numpydoc form. Questions: what a function does (summary
   and extended summary), what a parameter means (its type line and text), what it returns (Returns section).
 
-    from qgate.text_sources import source_rows, test_split
+    from qgate.text_sources import source_rows, split_by_hash
     rows = source_rows("man_pages", n=300, seed=0)        # LESS rows {dataset, id, messages, reason}
-    test, train = test_split(rows)                        # frozen by a hash of the response text
+    test, train = split_by_hash(rows)                        # frozen by a hash of the response text
 
 Every traversal is sorted and every choice seeded, so one install and seed give the same rows.
 """
@@ -253,7 +253,7 @@ def in_test_split(row: dict, share: float = TEST_SHARE) -> bool:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") < share * 2 ** 64
 
 
-def test_split(rows: list[dict], share: float = TEST_SHARE) -> tuple[list[dict], list[dict]]:
+def split_by_hash(rows: list[dict], share: float = TEST_SHARE) -> tuple[list[dict], list[dict]]:
     """(test, train) rows, by `in_test_split`: the same row falls on the same side in every run and seed."""
     test = [r for r in rows if in_test_split(r, share)]
     return test, [r for r in rows if not in_test_split(r, share)]
