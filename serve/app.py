@@ -24,6 +24,7 @@ Closed by default: a replica refuses to start on a non-loopback HTTP address wit
 # No `from __future__ import annotations` here: Serve's class-based view rebuilds the route signatures, and
 # FastAPI then sees the body model as a string annotation and asks for a query parameter named `body`.
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -282,16 +283,32 @@ def main(argv: list[str] | None = None) -> None:
     if not out:
         raise SystemExit("set the run directory: out=DIR")
     setup_logging()
-    url = start(run_config(out, [arg for arg in argv if not arg.startswith("out=")]))
-    print(f"qgate scoring at {url}/v1/score  (docs: {url}/docs)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop`, `kill`: shut down like Ctrl-C
+    config = run_config(out, [arg for arg in argv if not arg.startswith("out=")])
+    joined = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
+        url = start(config)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, `kill`: like Ctrl-C
+        print(f"qgate scoring at {url}/v1/score  (docs: {url}/docs)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
-    finally:
+        print("qgate serve: stopping", flush=True)
+    except BaseException:
+        stop(joined)
+        raise
+    stop(joined)
+    os._exit(0)  # done: the interpreter's own teardown of Ray's native threads would take seconds more
+
+
+def stop(joined: bool) -> None:
+    """On a cluster this process joined, shut Serve down there; a Ray this process started goes whole, at once
+    (Serve's graceful shutdown waits for every replica and proxy to drain: tens of seconds on a busy machine)."""
+    if joined:
         serve.shutdown()
+    ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
