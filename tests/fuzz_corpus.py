@@ -122,7 +122,7 @@ KINDS = {
 ONCE = {  # kinds too slow to repeat: one line each
     "response_1mb": lambda rng: (json.dumps(chat(("user", "Repeat the list."),
                                                  ("assistant", "one two three four. " * (MB // 20)))), ""),
-    "prompt_1mb": lambda rng: (json.dumps({"prompt": "word " * (MB // 5), "completion": "Done."}), ""),
+    "id_1mb": lambda rng: (json.dumps(less(rng, id="i" * MB)), ""),
 }
 
 
