@@ -32,8 +32,10 @@ that fails alone is rejected as `scoring_error`, one whose NLL or S is not finit
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qgate.data import iter_file_rows, list_input_files, reject_record
+from qgate.data import iter_file_rows, list_input_files
 from qgate.encoding import encode_row
 from qgate.identity import check_same, file_keys, run_identity
 from ray_jobs.common import (
@@ -57,11 +59,22 @@ from ray_jobs.common import (
     use_gpu,
 )
 from ray_jobs.progress import count_input_rows, progress_bar
+from ray_jobs.shards import (
+    ROW_BITS,
+    check_rejects,
+    check_shards,
+    remove_unreported,
+    write_batch,
+    written_keys,
+)
 
 log = logging.getLogger("qgate.collect")
 
 SCHEMA_FILE, SUMMARY_FILE, REJECTS_SUMMARY_FILE = "_schema.json", "_collect_summary.json", "_rejects_summary.json"
 FILES_FILE = "_files.json"  # {input path: content key} of every file rows were read from
+INDEX_DIR = "_collect_index"  # an attempt's verdicts per input file (rows to skip, repeated ids); removed after
+MAX_PARTITIONS = 64  # hash partitions of the judging pass
+ROW_MASK = (1 << ROW_BITS) - 1
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                         ("messages", pa.string()), ("record", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string())])
@@ -88,38 +101,84 @@ def stats_schema(raw: bool) -> pa.Schema:
 # ---- reading and tokenizing (CPU tasks) ----------------------------------------------------------------
 
 
-def _file_ids(item: dict) -> Iterator[dict]:
-    """(dataset, id) of the good rows of one file, keyed by position, for the duplicate pass."""
+def _file_keys(item: dict) -> Iterator[dict]:
+    """(dataset, id, position) of every row of one file, for the judging pass."""
     for row in iter_file_rows(item["path"]):
-        if not row["reason"]:
-            yield {"dataset": row["dataset"], "id": row["id"], "key": (item["file_index"] << 32) | row["row"]}
+        yield {"dataset": row["dataset"], "id": row["id"], "pos": (item["file_index"] << ROW_BITS) | row["row"],
+               "good": not row["reason"], "done": False}
 
 
-def duplicate_winners(items, files: list[str]) -> dict[tuple[str, str], str]:
-    """`{(dataset, id): "source:row"}` of the first occurrence of every (dataset, id) that appears more than once.
+def judge_partition(block: pa.Table, files: list[str]) -> pa.Table:
+    """The verdicts of one hash partition of keys (every row of a (dataset, id) lands in the same one): rows
+    already written (`skip`) and repeated (dataset, id) after their first good occurrence (`first`)."""
+    done = block["done"].to_numpy(zero_copy_only=False)
+    written = block["pos"].to_numpy()[done]  # [D]
+    rows = block.filter(pc.invert(block["done"]))
+    good = rows.filter(rows["good"])
+    firsts = good.group_by(["dataset", "id"]).aggregate([("pos", "min"), ("pos", "count")])
+    firsts = firsts.filter(pc.greater(firsts["pos_count"], 1)).drop_columns(["pos_count"])
+    repeated = good.join(firsts, keys=["dataset", "id"]).select(["pos", "pos_min"])
+    repeated = repeated.filter(pc.not_equal(repeated["pos"], repeated["pos_min"]))
+    first = dict(zip(repeated["pos"].to_pylist(), repeated["pos_min"].to_pylist()))
+    pos = rows["pos"].to_numpy()
+    skip = np.isin(pos, written)
+    keep = np.flatnonzero(skip | np.isin(pos, list(first)))
+    return pa.table({"file_index": (pos[keep] >> ROW_BITS).astype(np.int64),
+                     "row": (pos[keep] & ROW_MASK).astype(np.int64), "skip": skip[keep],
+                     "first": [_position(first[p], files) if p in first else "" for p in pos[keep].tolist()]})
 
-    One extra read of the input that keeps only ids; the driver groups them (about 50 bytes per row, briefly).
-    """
-    batches = list(items.flat_map(_file_ids).iter_batches(batch_format="pyarrow", batch_size=None))
-    if not batches:
-        return {}
-    counts = pa.concat_tables(batches).group_by(["dataset", "id"]).aggregate([("key", "count"), ("key", "min")])
-    repeated = counts.filter(pc.greater(counts["key_count"], 1))
-    return {(row["dataset"], row["id"]): f"{files[row['key_min'] >> 32]}:{row['key_min'] & 0xFFFFFFFF}"
-            for row in repeated.to_pylist()}
+
+def _position(pos: int, files: list[str]) -> str:
+    return f"{files[pos >> ROW_BITS]}:{pos & ROW_MASK}"
 
 
-def _file_rows(item: dict, winners: dict[tuple[str, str], str]) -> Iterator[dict]:
+def write_verdicts(files: list[str], file_index: dict[str, int], written: list[str], index_dir: Path,
+                   partitions: int) -> None:
+    """The judging pass: every row's key and the keys of rows written before, hash-partitioned by (dataset, id) on
+    the workers; the verdicts land in `index_dir/file_index=<i>/` for the readers of file i."""
+    import ray
+
+    keys = ray.data.from_items([{"path": p, "file_index": i} for i, p in enumerate(files)],
+                               override_num_blocks=max(len(files), 1)).flat_map(_file_keys, num_cpus=READ_CPUS)
+    if written:
+        done = ray.data.from_items([{"path": p} for p in written], override_num_blocks=len(written))
+        keys = keys.union(done.flat_map(written_keys, fn_kwargs={"file_index": file_index}, num_cpus=READ_CPUS))
+    verdicts = keys.repartition(partitions, keys=["dataset", "id"]).map_batches(
+        judge_partition, batch_size=None, batch_format="pyarrow", fn_kwargs={"files": files}, num_cpus=READ_CPUS)
+    verdicts.write_parquet(str(index_dir), partition_cols=["file_index"])
+
+
+def read_verdicts(index_dir: str, file_index: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows of one file to skip (sorted) and the repeated ones with their first occurrence."""
+    folder = Path(index_dir) / f"file_index={file_index}"
+    parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return np.zeros(0, dtype=np.int64), {}
+    table = pa.concat_tables([pq.read_table(p, columns=["row", "skip", "first"]) for p in parts])
+    skip = np.sort(table["row"].to_numpy()[table["skip"].to_numpy(zero_copy_only=False)])
+    repeated = table.filter(pc.not_equal(table["first"], ""))
+    return skip, dict(zip(repeated["row"].to_pylist(), repeated["first"].to_pylist()))
+
+
+def _file_rows(item: dict, index_dir: str) -> Iterator[dict]:
     """Rows of one file not written yet; messages as JSON text so every block has the same columns."""
-    done = set(np.frombuffer(item["done"], dtype=np.int64).tolist())
+    skip, first = read_verdicts(index_dir, item["file_index"])
     for row in iter_file_rows(item["path"]):
-        if row["row"] in done:
+        at = np.searchsorted(skip, row["row"])
+        if at < len(skip) and skip[at] == row["row"]:
             continue
-        first = winners.get((row["dataset"], row["id"]))
-        if not row["reason"] and first is not None and first != f"{row['source']}:{row['row']}":
-            row.update(reason="duplicate_id",
-                       detail=f"id {row['id']!r} of dataset {row['dataset']!r} already used at {first}")
+        if not row["reason"] and row["row"] in first:
+            row.update(reason="duplicate_id", detail=f"id {row['id']!r} of dataset {row['dataset']!r} already "
+                                                     f"used at {first[row['row']]}")
         yield {**row, "messages": json.dumps(row["messages"], ensure_ascii=False)}
+
+
+def read_files(items: pa.Table, index_dir: str, block_rows: int) -> Iterator[pa.Table]:
+    """The rows of a batch of files, in tables of `block_rows` (`ROW_SCHEMA`)."""
+    for item in items.to_pylist():
+        rows = _file_rows(item, index_dir)
+        while chunk := list(itertools.islice(rows, block_rows)):
+            yield pa.Table.from_pylist(chunk, schema=ROW_SCHEMA)
 
 
 @functools.lru_cache(maxsize=2)
@@ -150,14 +209,10 @@ class ScoreBatch:
                  device: str = "cpu",
                  alphas=(1.0,), eps: float = 1e-8, max_batch_tokens: int = 8192, ifd: bool = False,
                  raw: bool = False, trust_remote_code: bool = False):
-        from qgate.gate import build_gated_model
-        from qgate.models import autocast_dtype
-        from qgate.stats import Scorer
+        from qgate.stats import load_scorer
 
-        model, tokenizer, gates = build_gated_model(model_name, gates_dir=gates_dir, dtype=dtype, device=device,
-                                                    trust_remote_code=trust_remote_code)
-        self.scorer = Scorer(model, tokenizer, gates, alphas=alphas, eps=eps, max_batch_tokens=max_batch_tokens,
-                             ifd=ifd, raw=raw, autocast_dtype=autocast_dtype(autocast, device))
+        self.scorer = load_scorer(model_name, gates_dir, dtype, autocast, device, trust_remote_code, alphas=alphas,
+                                  eps=eps, max_batch_tokens=max_batch_tokens, ifd=ifd, raw=raw)
         self.schema = _with_reason(stats_schema(raw))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -188,104 +243,19 @@ def _with_reason(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
 
 
-# ---- the driver's writer -------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Writes scored rows into Parquet shards of about `shard_rows` rows and rejects into one JSONL file."""
-
-    def __init__(self, shard_dir: Path, rejects_path: Path, schema: pa.Schema, shard_rows: int):
-        self.shard_dir, self.schema, self.shard_rows = shard_dir, schema, shard_rows
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        rejects_path.parent.mkdir(parents=True, exist_ok=True)
-        self.rejects = rejects_path.open("a", encoding="utf-8")
-        self.buffer: list[pa.Table] = []
-        self.n_shards = self.n_scored = self.n_tokens = 0
-        self.reasons: Counter = Counter()
-
-    def add(self, batch: pa.Table) -> None:
-        good = pc.equal(batch["reason"], "")
-        self._add_rejects(batch.filter(pc.invert(good)))
-        scored = batch.filter(good).select(self.schema.names)
-        self.n_scored += scored.num_rows
-        self.n_tokens += int(pc.sum(scored["n_tokens"]).as_py() or 0)
-        self.buffer.append(scored)
-        if sum(t.num_rows for t in self.buffer) >= self.shard_rows:
-            self._flush()
-
-    def _add_rejects(self, rejected: pa.Table) -> None:
-        for row in rejected.to_pylist():
-            self.rejects.write(json.dumps(reject_record(row), ensure_ascii=False) + "\n")
-            self.reasons[row["reason"]] += 1
-        self.rejects.flush()
-
-    def _flush(self) -> None:
-        table = pa.concat_tables(self.buffer).cast(self.schema) if self.buffer else None
-        self.buffer = []
-        if table is None or table.num_rows == 0:
-            return
-        path = self.shard_dir / f"part-{self.n_shards:05d}.parquet"
-        pq.write_table(table, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-        self.n_shards += 1
-
-    def close(self) -> None:
-        self._flush()
-        self.rejects.close()
-
-
 # ---- what earlier attempts wrote -----------------------------------------------------------------------
 
 
-def scan_shards(stats_dir: Path) -> tuple[dict[str, list[np.ndarray]], int]:
-    """Rows per source file in readable shards, and their count; deletes shards that do not open."""
-    done: dict[str, list[np.ndarray]] = {}
-    total = 0
-    for leftover in stats_dir.glob("attempt-*/*.tmp"):
-        leftover.unlink()
-    for path in sorted(stats_dir.glob("attempt-*/*.parquet")):
-        try:
-            table = pq.read_table(path, columns=["source", "row"])
-        except (OSError, pa.ArrowException) as err:
-            log.warning("deleting %s, a partial shard of a killed run (its rows are redone): %s", path, err)
-            path.unlink()
-            continue
-        total += table.num_rows
-        for group in table.group_by("source").aggregate([("row", "list")]).to_pylist():
-            done.setdefault(group["source"], []).append(np.asarray(group["row_list"], dtype=np.int64))
-    return done, total
-
-
-def scan_rejects(rejects_dir: Path) -> tuple[dict[str, list[np.ndarray]], Counter]:
-    """Rows per source file in rejects files, and counts per reason; a torn last line is cut off."""
-    done: dict[str, list[int]] = {}
-    reasons: Counter = Counter()
-    for path in sorted(rejects_dir.glob("attempt-*.jsonl")):
-        _cut_torn_line(path)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            done.setdefault(row["source"], []).append(row["row"])
-            reasons[row["reason"]] += 1
-    return {source: [np.asarray(rows, dtype=np.int64)] for source, rows in done.items()}, reasons
-
-
-def _cut_torn_line(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
-
-
-def done_by_path(done: dict[str, list[np.ndarray]], stats_dir: Path, files: list[str]) -> dict[str, list]:
-    """Rows done per input file now, matched by file content (`qgate.identity.file_key`) rather than by path, so
-    data moved to another mount resumes; `_files.json` keeps the key of every path rows were read from."""
+def file_positions(stats_dir: Path, files: list[str]) -> dict[str, int]:
+    """`{source path: index in files}` of every path rows were read from whose file is an input file now, matched
+    by file content (`qgate.identity.file_key`) rather than by path, so data moved to another mount resumes;
+    `_files.json` keeps the key of every path rows were read from."""
     manifest = stats_dir / FILES_FILE
     keys = {**(json.loads(manifest.read_text()) if manifest.exists() else {}), **file_keys(files)}
     stats_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(keys, indent=1))
-    by_key: dict[str, list[np.ndarray]] = {}
-    for source, rows in done.items():
-        by_key.setdefault(keys.get(source, source), []).extend(rows)
-    return {path: by_key[keys[path]] for path in files if keys[path] in by_key}
+    index_of_key = {keys[path]: i for i, path in enumerate(files)}
+    return {source: index_of_key[key] for source, key in keys.items() if key in index_of_key}
 
 
 def next_attempt(paths: dict[str, Path]) -> int:
@@ -332,12 +302,6 @@ def _gates_dir(config, paths) -> Path:
 READ_CPUS = 0.25  # per file-reading task: JSON parsing, no model
 
 
-def _file_items(files: list[str], done: dict[str, list[np.ndarray]]) -> list[dict]:
-    empty = np.zeros(0, dtype=np.int64)
-    return [{"path": path, "file_index": i, "done": np.concatenate(done.get(path, [empty])).tobytes()}
-            for i, path in enumerate(files)]
-
-
 def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
     c = config.collect
     return {"model_name": config.model, "gates_dir": str(gates_dir), "dtype": config.dtype,
@@ -346,16 +310,19 @@ def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
             "trust_remote_code": bool(config.trust_remote_code)}
 
 
-def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: bool):
-    """The Ray dataset of scored rows and rejects that the driver writes out."""
+def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attempt: int, gates_dir: Path,
+                   gpu: bool):
+    """The Ray dataset of write summaries: rows read, spread over the pool, scored, and written by the workers."""
     import ray
 
     from qgate.gate import reads_contrast
 
     c = config.collect
-    # One file per read task: files are the unit of parallelism and of resume bookkeeping.
-    items = ray.data.from_items(_file_items(files, done), override_num_blocks=max(len(files), 1))
-    rows = items.flat_map(_file_rows, fn_kwargs={"winners": duplicate_winners(items, files)}, num_cpus=READ_CPUS)
+    items = ray.data.from_items([{"path": p, "file_index": i} for i, p in enumerate(files)],
+                                override_num_blocks=max(len(files), 1))
+    rows = items.map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                             fn_kwargs={"index_dir": str(index_dir), "block_rows": int(c.batch_rows)})
+    rows = spread(rows, int(c.batch_rows))
     if c.max_rows:
         rows = rows.limit(int(c.max_rows))
     # On CPU the tokenizing step asks for what an actor holds, so Ray fuses it into the actors; with GPUs it
@@ -367,9 +334,32 @@ def build_pipeline(config, files: list[str], done: dict, gates_dir: Path, gpu: b
                    "score_on": config.encoding.score_on, "ifd": bool(c.ifd) or reads_contrast(gates_dir),
                    "trust_remote_code": bool(config.trust_remote_code)},
         **({} if gpu else resources))
-    return encoded.map_batches(
+    scored = encoded.map_batches(
         ScoreBatch, fn_constructor_kwargs=_scorer_args(config, gates_dir, gpu), batch_format="pyarrow",
-        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=int(c.actors)), **resources)
+        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=pool_size(c, gpu)), **resources)
+    return scored.map_batches(
+        write_batch, batch_format="pyarrow", batch_size=int(c.shard_rows), num_cpus=READ_CPUS,
+        fn_kwargs={"stats_dir": str(paths["stats"]), "rejects_dir": str(paths["rejects"]), "attempt": attempt,
+                   "schema": stats_schema(bool(c.raw)), "shard_bytes": int(c.shard_bytes)})
+
+
+def spread(rows, block_rows: int):
+    """`rows` in blocks of `block_rows`, so every actor of the pool gets rows whatever the file layout: a file is read
+    by one task, whose output is one block until it grows large (a one-file corpus would feed one actor)."""
+    cut = rows.repartition(target_num_rows_per_block=block_rows)
+    # Ray gives the cut a CPU of its own, which a pool holding the CPUs never leaves it, and fuses it only into a
+    # task that asks for the same: ask for the reader's share, so it runs inside the reading task.
+    object.__setattr__(cut._logical_plan.dag, "ray_remote_args", {"num_cpus": READ_CPUS})
+    return cut
+
+
+def pool_size(c, gpu: bool) -> int:
+    """`collect.actors`, or with `auto` one actor per GPU of the cluster when GPUs are used, else 2."""
+    import ray
+
+    if c.actors != "auto":
+        return int(c.actors)
+    return max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 2
 
 
 def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
@@ -391,17 +381,39 @@ def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
     return {"num_cpus": per_actor}
 
 
-def _summaries(paths, attempt: int, writer: ShardWriter, seconds: float, before: tuple[int, Counter]) -> dict:
-    rejected = sum(writer.reasons.values())
-    this = {"attempt": attempt, "rows_in": writer.n_scored + rejected, "scored": writer.n_scored,
-            "rejected": rejected, "tokens": writer.n_tokens, "seconds": round(seconds, 3),
-            "rows_per_s": (writer.n_scored + rejected) / max(seconds, 1e-9),
-            "tokens_per_s": writer.n_tokens / max(seconds, 1e-9)}
-    reasons = before[1] + writer.reasons
+class Tally:
+    """What the write tasks reported, once per name (a task Ray ran again reports its files again)."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+        self.rows = self.scored = self.tokens = 0
+        self.reasons: Counter = Counter()
+
+    def add(self, summaries: pa.Table) -> int:
+        """Count the new reports; returns their rows."""
+        new = 0
+        for report in summaries.to_pylist():
+            if report["name"] in self.names:
+                continue
+            self.names.add(report["name"])
+            self.scored += report["scored"]
+            self.tokens += report["tokens"]
+            self.reasons.update(json.loads(report["reasons"]))
+            new += report["rows"]
+        self.rows += new
+        return new
+
+
+def _summaries(paths, attempt: int, tally: Tally, seconds: float, before: tuple[int, Counter]) -> dict:
+    rejected = sum(tally.reasons.values())
+    this = {"attempt": attempt, "rows_in": tally.rows, "scored": tally.scored, "rejected": rejected,
+            "tokens": tally.tokens, "seconds": round(seconds, 3), "rows_per_s": tally.rows / max(seconds, 1e-9),
+            "tokens_per_s": tally.tokens / max(seconds, 1e-9)}
+    reasons = before[1] + tally.reasons
     path = paths["stats"] / SUMMARY_FILE
     attempts = json.loads(path.read_text())["attempts"] if path.exists() else []
     summary = {**this, "attempts": attempts + [this],
-               "total": {"scored": before[0] + writer.n_scored, "rejected": sum(reasons.values())}}
+               "total": {"scored": before[0] + tally.scored, "rejected": sum(reasons.values())}}
     path.write_text(json.dumps(summary, indent=2))
     (paths["stats"] / REJECTS_SUMMARY_FILE).write_text(json.dumps(dict(sorted(reasons.items())), indent=2))
     log.info("collect attempt %d: %d rows (%d scored, %d rejected) in %.1f s: %.1f rows/s, %.0f tokens/s; "
@@ -412,6 +424,8 @@ def _summaries(paths, attempt: int, writer: ShardWriter, seconds: float, before:
 
 def run(config) -> Path:
     """Score every input row not scored or rejected yet; returns the stats directory."""
+    import ray
+
     paths = run_paths(config.out)
     with stage_log(config.out, "collect"):
         record_config(config, ["collect"])
@@ -419,27 +433,28 @@ def run(config) -> Path:
         gpu, gates_dir = use_gpu(config), _gates_dir(config, paths)
         write_schema(config, paths["stats"], gates_dir)
         files = list_input_files(config.data)
-        shards_done, n_scored_before = scan_shards(paths["stats"])
-        rejects_done, reasons_before = scan_rejects(paths["rejects"])
-        done = {src: shards_done.get(src, []) + rejects_done.get(src, []) for src in {*shards_done, *rejects_done}}
-        done = done_by_path(done, paths["stats"], files)
+        shards, n_scored_before = check_shards(paths["stats"])
+        paths["rejects"].mkdir(parents=True, exist_ok=True)
+        rejects, reasons_before = check_rejects(paths["rejects"])
         attempt = next_attempt(paths)
-        n_done = sum(len(a) for arrays in done.values() for a in arrays)
-        log.info("collect attempt %d: %d files, %d rows already done, gpu=%s", attempt, len(files), n_done, gpu)
+        n_done = n_scored_before + sum(reasons_before.values())
+        log.info("collect attempt %d: %d files, %d rows already written, gpu=%s", attempt, len(files), n_done, gpu)
+        index_dir = paths["out"] / INDEX_DIR / f"attempt-{attempt}"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        partitions = max(1, min(MAX_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
+        write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions)
         n_input = count_input_rows(files)
-        start = time.time()
-        writer = ShardWriter(paths["stats"] / f"attempt-{attempt}", paths["rejects"] / f"attempt-{attempt}.jsonl",
-                             stats_schema(bool(config.collect.raw)), int(config.collect.shard_rows))
+        start, tally = time.time(), Tally()
         bar = progress_bar(config, None if n_input is None else max(n_input - n_done, 0), "collect")
         try:
-            for batch in build_pipeline(config, files, done, gates_dir, gpu).iter_batches(batch_format="pyarrow",
-                                                                                          batch_size=None):
-                writer.add(batch)
-                bar.update(batch.num_rows)
+            pipeline = build_pipeline(config, files, index_dir, paths, attempt, gates_dir, gpu)
+            for summaries in pipeline.iter_batches(batch_format="pyarrow", batch_size=None):
+                bar.update(tally.add(summaries))
         finally:
             bar.close()
-            writer.close()
-        _summaries(paths, attempt, writer, time.time() - start, (n_scored_before, reasons_before))
+        remove_unreported(paths["stats"], paths["rejects"], attempt, tally.names)
+        shutil.rmtree(paths["out"] / INDEX_DIR, ignore_errors=True)
+        _summaries(paths, attempt, tally, time.time() - start, (n_scored_before, reasons_before))
     return paths["stats"]
 
 
