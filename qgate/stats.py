@@ -80,7 +80,7 @@ class Scorer:
                  max_batch_tokens: int = 8192, ifd: bool = False, raw: bool = False,
                  autocast_dtype: torch.dtype | None = None):
         self.model, self.gates, self.alphas, self.eps = model.eval(), gates, [float(a) for a in alphas], eps
-        self.pad_id = tokenizer.pad_token_id
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
         self.max_batch_tokens, self.ifd, self.raw = max_batch_tokens, ifd, raw
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
@@ -199,6 +199,18 @@ def finite_or_reason(stats: dict) -> dict:
     if stats["ifd"] is not None and not math.isfinite(stats["ifd"]):
         stats["ifd"] = None
     return stats
+
+
+def load_scorer(model: str, gates_dir: str, dtype: str = "float32", autocast: str = "auto", device: str = "cpu",
+                trust_remote_code: bool = False, **scorer_args) -> Scorer:
+    """The base model with its saved gates, in a Scorer: the one construction behind collect, the self-check and
+    serve. `scorer_args`: alphas, eps, max_batch_tokens, ifd, raw."""
+    from qgate.gate import build_gated_model
+    from qgate.models import autocast_dtype
+
+    net, tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
+                                              trust_remote_code=trust_remote_code)
+    return Scorer(net, tokenizer, gates, autocast_dtype=autocast_dtype(autocast, device), **scorer_args)
 
 
 def decode_raw(row: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:

@@ -92,15 +92,12 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
 @ray.remote
 def score_chunk(config: dict, gates_dir: str, rows: list[dict], gpu: bool) -> list[dict]:
     """Loads the gated model once per chunk and scores encoded rows."""
-    from qgate.gate import build_gated_model
-    from qgate.models import autocast_dtype
-    from qgate.stats import Scorer
+    from qgate.stats import load_scorer
 
-    device = "cuda" if gpu else "cpu"
-    model, tokenizer, gates = build_gated_model(config["model"], gates_dir, dtype=config["dtype"], device=device)
-    scorer = Scorer(model, tokenizer, gates, alphas=[config["selection"]["alpha"]], eps=config["collect"]["eps"],
-                    max_batch_tokens=config["collect"]["max_batch_tokens"], ifd=config["collect"]["ifd"],
-                    autocast_dtype=autocast_dtype(config["autocast"], device))
+    scorer = load_scorer(config["model"], gates_dir, config["dtype"], config["autocast"], "cuda" if gpu else "cpu",
+                         config["trust_remote_code"], alphas=[config["selection"]["alpha"]],
+                         eps=config["collect"]["eps"], max_batch_tokens=config["collect"]["max_batch_tokens"],
+                         ifd=config["collect"]["ifd"])
     return scorer.score(rows)
 
 

@@ -28,11 +28,10 @@ import pyarrow.parquet as pq
 from qgate.config import load_config
 from qgate.data import normalize
 from qgate.encoding import encode_row
-from qgate.gate import build_gated_model, read_gate_metadata
+from qgate.gate import read_gate_metadata
 from qgate.identity import check_same, identity_of
-from qgate.models import autocast_dtype
 from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
-from qgate.stats import Scorer
+from qgate.stats import load_scorer
 from ray_jobs.common import run_paths
 
 SOURCE = "request"  # the `source` of request samples: generated ids and the default dataset derive from it
@@ -135,11 +134,10 @@ class CorpusScorer:
                    "(its config.yaml), or select again")
         self.layer_stats = layer_stats(self.stats)
         self.reference = load_reference(run_dir, self.stats)
-        net, self.tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
-                                                       trust_remote_code=trust_remote_code)
-        self.scorer = Scorer(net, self.tokenizer, gates, alphas=[float(self.stats["alpha"])], eps=scorer_eps,
-                             max_batch_tokens=max_batch_tokens, ifd=self.reference is not None,
-                             autocast_dtype=autocast_dtype(autocast, device))
+        self.scorer = load_scorer(model, gates_dir, dtype, autocast, device, trust_remote_code,
+                                  alphas=[float(self.stats["alpha"])], eps=scorer_eps,
+                                  max_batch_tokens=max_batch_tokens, ifd=self.reference is not None)
+        self.tokenizer = self.scorer.tokenizer
         self._lock = threading.Lock()  # the gates keep the logits of the last forward: one pass at a time
 
     @classmethod
