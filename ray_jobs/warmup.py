@@ -65,11 +65,18 @@ CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
 def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
     """The seeded `warmup_fraction` of the good rows (at most `max_rows`), in a seeded order.
 
-    One pass keeps the `max_rows` rows of smallest seeded hash, so the sample does not depend on file order.
+    Keeps the rows of smallest seeded hash among those read, so the sample does not depend on file order. Reading
+    stops once `max_rows / warmup_fraction` good rows are read (the fraction then asks for `max_rows` or more), so
+    its time does not grow with the corpus: a corpus up to that size is read whole and sampled exactly; a larger one
+    is read file by file in a seeded order, and its sample comes from the files read first, the last of them from
+    its head (a bias towards those files; `warmup_rows.jsonl` beside the gates lists the rows).
     """
     heap, n_good = [], 0
     limit = float("inf") if config.warmup.max_rows is None else config.warmup.max_rows
-    for path in list_input_files(config.data):
+    enough = limit / max(config.warmup.warmup_fraction, 1e-9)
+    files = sorted(list_input_files(config.data), key=lambda path: _seeded(config.seed, path))
+    for path in files:
+        counts["files_read"] += 1
         for row in iter_file_rows(path):
             counts["read"] += 1
             if row["reason"]:
@@ -81,9 +88,17 @@ def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
                 heapq.heappush(heap, item)
             elif item[0] > heap[0][0]:
                 heapq.heapreplace(heap, item)
+            if n_good >= enough:
+                break
+        if n_good >= enough:
+            break
     k = min(len(heap), max(1, round(config.warmup.warmup_fraction * n_good)))
     counts.update(good=n_good, sampled=k)
     return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))[:k]]
+
+
+def _seeded(seed: int, text: str) -> bytes:
+    return hashlib.sha1(f"{seed}\0{text}".encode()).digest()
 
 
 def _sample_key(seed: int, row: dict) -> int:
