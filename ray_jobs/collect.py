@@ -8,20 +8,28 @@ Tiny CPU run (seconds; untrained gates on the toy model, any JSONL/Parquet rows)
     python -m ray_jobs.collect data=corpus.jsonl model=tiny-qwen3 gates=runs/tiny/gates out=runs/tiny \
         use_gpu=false collect.actors=1 collect.ifd=false
 
-Pipeline: files -> rows (CPU tasks, one file per task) -> tokens (CPU tasks) -> stats (an actor pool, the model
-loaded once per actor) -> the driver, which writes every output file. So the run directory only has to be on the
-driver's disk (the head node of a cluster), and a shard appears whole: written under a temporary name, then renamed.
+Pipeline: a judging pass (every row's (dataset, id) and position, and those of the rows written before,
+hash-partitioned by (dataset, id) on the workers: the verdicts say which rows to skip and which repeat an id) ->
+files -> rows (CPU tasks, one file per task, cut into blocks of `collect.batch_rows` so every actor gets rows
+whatever the file layout) -> tokens (CPU tasks) -> stats (an actor pool, the model loaded once per actor) ->
+write tasks that write the shards and rejects themselves (ray_jobs/shards.py) and send the driver one summary row
+each. So the driver's memory does not grow with the corpus, and the run directory must be on storage every node
+sees (the cluster's shared filesystem).
 
 Written under `out/`:
-    stats/attempt-<n>/part-<m>.parquet  one row per scored sample, columns of `stats_schema`
+    stats/attempt-<n>/part-<name>-<k>.parquet  scored samples, columns of `stats_schema`; at most `collect.shard_rows`
+                                        rows and about `collect.shard_bytes` bytes each
     stats/_schema.json                  stats version, alphas, gate layers, model, gates metadata, encoding
     stats/_collect_summary.json         rows, tokens, seconds and throughput of each attempt, and totals
     stats/_rejects_summary.json         rejected rows per reason, all attempts
-    rejects/attempt-<n>.jsonl           every rejected row with its reason (`qgate.data.reject_record`)
+    rejects/attempt-<n>-<name>.jsonl    every rejected row with its reason (`qgate.data.reject_record`)
+A file's `<name>` is a hash of its rows' (source, row) keys: a write task Ray runs again (a retry, a restarted
+actor, a lost node) writes the same names again, so every row is written once.
 
 Resumable: a re-run into the same `out` skips rows already in a shard or a rejects file (matched by the source
-file's content key, `stats/_files.json`, and row number: data moved to another path is not scored again), deletes
-shards that do not open (left by a killed run) and redoes their rows. A re-run with other gates, another base model
+file's content key, `stats/_files.json`, and row number: data moved to another path is not scored again; the match
+is a hash-partitioned anti-join on the workers, not a set on the driver), deletes shards that do not open (left by
+a killed run) and redoes their rows. A re-run with other gates, another base model
 or encoding is refused (`identity` in `_schema.json`, qgate/identity.py). Each attempt writes
 into its own files. Duplicates are judged on (dataset, id): the first occurrence (file order, then row order) is
 scored, later ones are rejected as `duplicate_id`, so every (dataset, id) is scored at most once; two datasets that
