@@ -42,7 +42,10 @@ def runs(local_ray, tmp_path_factory):
 
 
 def run_select(out: Path, *overrides: str) -> Path:
-    return select.run(load_config([f"out={out}", "use_gpu=false", f"selection.percentage={PERCENTAGE}", *overrides]))
+    """Select as `qgate select` does: from the run's recorded config, when it has one."""
+    recorded = out / "config.yaml"
+    return select.run(load_config([f"out={out}", "use_gpu=false", f"selection.percentage={PERCENTAGE}", *overrides],
+                                  recorded=recorded if recorded.exists() else None))
 
 
 def stats_S(stats_dir: Path, index: int) -> tuple[list[str], np.ndarray]:
