@@ -11,11 +11,12 @@ Routes: `POST /v1/score` {"samples": [...]} (1..serve.max_samples rows in any lo
 `GET /healthz`, OpenAPI at `/docs`. Concurrent requests are batched into one forward pass (`@serve.batch`);
 each response says in `batch_size` how many requests shared its batch.
 
-Errors: a malformed body is 422 (400 when it is not JSON at all); too many samples or characters is 413; a body
-not complete within `serve.body_timeout_s` is 408; with a token set (`serve.token_file` or `QGATE_API_TOKEN`),
-a missing or wrong `Authorization: Bearer <token>` is 401; a full queue (`serve.max_queued_requests`) is 503.
-The token, the byte cap and the deadline are checked before the body is read or parsed (`serve.guard`). A
-sample the loader or encoder rejects is not an HTTP error: its result carries `error: {reason, detail}`.
+Errors: a malformed body is 422 (400 when it cannot be decoded: not UTF-8, nested too deep); too many samples
+or characters is 413; a body not complete within `serve.body_timeout_s` is 408; with a token set
+(`serve.token_file` or `QGATE_API_TOKEN`), a missing or wrong `Authorization: Bearer <token>` is 401; a full
+queue (`serve.max_queued_requests`) is 503. The token, the byte cap and the deadline are checked before the
+body is read or parsed (`serve.guard`). A sample the loader or encoder rejects is not an HTTP error: its
+result carries `error: {reason, detail}`.
 
 Closed by default: a replica refuses to start on a non-loopback HTTP address without a token unless
 `serve.allow_open=true` (see docs/security.md).
