@@ -43,7 +43,9 @@ import functools
 import itertools
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -222,12 +224,14 @@ class ScoreBatch:
         self.scorer = load_scorer(model_name, gates_dir, dtype, autocast, device, trust_remote_code, alphas=alphas,
                                   eps=eps, max_batch_tokens=max_batch_tokens, ifd=ifd, raw=raw)
         self.schema = _with_reason(stats_schema(raw))
+        self.scorer_id = f"{socket.gethostname()}:{os.getpid()}"  # counted in the summary: actors that did work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         scored = self.score_rows([r for r in rows if not r["reason"]])
         rejected = [{key: r[key] for key in ROW_SCHEMA.names} for r in rows if r["reason"]]
-        return pa.Table.from_pylist(scored + rejected, schema=self.schema)
+        out = pa.Table.from_pylist(scored + rejected, schema=self.schema)
+        return out.append_column("scorer", pa.array([self.scorer_id] * out.num_rows, pa.string()))
 
     def score_rows(self, rows: list[dict]) -> list[dict]:
         """Stats rows (the columns of `stats_schema`) of encoded rows, in input order."""
@@ -376,7 +380,7 @@ def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
     moves). A pool larger than the cluster keeps its size: an autoscaling cluster grows to place it."""
     if gpu:
         return {"num_gpus": 1}
-    per_actor, actors = float(c.cpus_per_actor), int(c.actors)
+    per_actor, actors = float(c.cpus_per_actor), pool_size(c, gpu)
     needed = per_actor * actors
     if needed > cluster_cpus:
         log.warning("collect: %d actors x %g CPUs need %g CPUs, the cluster has %g now: waiting for it to grow",
@@ -396,6 +400,7 @@ class Tally:
         self.names: set[str] = set()
         self.rows = self.scored = self.tokens = 0
         self.reasons: Counter = Counter()
+        self.scorers: set[str] = set()
 
     def add(self, summaries: pa.Table) -> int:
         """Count the new reports; returns their rows."""
@@ -407,6 +412,7 @@ class Tally:
             self.scored += report["scored"]
             self.tokens += report["tokens"]
             self.reasons.update(json.loads(report["reasons"]))
+            self.scorers.update(json.loads(report["scorers"]))
             new += report["rows"]
         self.rows += new
         return new
@@ -416,7 +422,7 @@ def _summaries(paths, attempt: int, tally: Tally, seconds: float, before: tuple[
     rejected = sum(tally.reasons.values())
     this = {"attempt": attempt, "rows_in": tally.rows, "scored": tally.scored, "rejected": rejected,
             "tokens": tally.tokens, "seconds": round(seconds, 3), "rows_per_s": tally.rows / max(seconds, 1e-9),
-            "tokens_per_s": tally.tokens / max(seconds, 1e-9)}
+            "tokens_per_s": tally.tokens / max(seconds, 1e-9), "scoring_processes": len(tally.scorers)}
     reasons = before[1] + tally.reasons
     path = paths["stats"] / SUMMARY_FILE
     attempts = json.loads(path.read_text())["attempts"] if path.exists() else []

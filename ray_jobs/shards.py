@@ -32,7 +32,7 @@ from qgate.data import reject_record
 log = logging.getLogger("qgate.collect")
 
 SUMMARY_SCHEMA = pa.schema([("name", pa.string()), ("rows", pa.int64()), ("scored", pa.int64()),
-                            ("tokens", pa.int64()), ("reasons", pa.string())])
+                            ("tokens", pa.int64()), ("reasons", pa.string()), ("scorers", pa.string())])
 KEY_SCHEMA = pa.schema([("dataset", pa.string()), ("id", pa.string()), ("pos", pa.int64()), ("good", pa.bool_()),
                         ("done", pa.bool_())])
 ROW_BITS = 32  # a row's position: file index << ROW_BITS | row number
@@ -49,7 +49,8 @@ def batch_name(batch: pa.Table) -> str:
 
 def write_batch(batch: pa.Table, stats_dir: str, rejects_dir: str, attempt: int, schema: pa.Schema,
                 shard_bytes: int) -> pa.Table:
-    """Write a batch of scored rows and rejects; returns its one-row summary (`SUMMARY_SCHEMA`)."""
+    """Write a batch of scored rows and rejects; returns its one-row summary (`SUMMARY_SCHEMA`): counts, reasons and
+    the scoring processes (the `scorer` column) that made its rows."""
     name = batch_name(batch)
     good = pc.equal(batch["reason"], "")
     scored = batch.filter(good).select(schema.names).cast(schema)
@@ -63,8 +64,10 @@ def write_batch(batch: pa.Table, stats_dir: str, rejects_dir: str, attempt: int,
                      lambda path: Path(path).write_text(text, encoding="utf-8"))
     tokens = int(pc.sum(scored["n_tokens"]).as_py() or 0) if scored.num_rows else 0
     reasons = Counter(row["reason"] for row in rejected)
-    return pa.Table.from_pylist([{"name": name, "rows": batch.num_rows, "scored": scored.num_rows,
-                                  "tokens": tokens, "reasons": json.dumps(reasons)}], schema=SUMMARY_SCHEMA)
+    scorers = sorted(set(batch["scorer"].to_pylist())) if "scorer" in batch.column_names else []
+    return pa.Table.from_pylist([{"name": name, "rows": batch.num_rows, "scored": scored.num_rows, "tokens": tokens,
+                                  "reasons": json.dumps(reasons), "scorers": json.dumps(scorers)}],
+                                schema=SUMMARY_SCHEMA)
 
 
 def split_by_bytes(table: pa.Table, max_bytes: int) -> list[pa.Table]:

@@ -19,7 +19,7 @@ from qgate.stats import Scorer, decode_raw
 from qgate.tiny import tiny_model
 
 ray = pytest.importorskip("ray")
-from ray_jobs import collect
+from ray_jobs import collect, shards
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -181,7 +181,7 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path):
     shards[0].unlink()  # lost
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # torn: does not open
     (shards[1].parent / "part-00009.tmp").write_bytes(b"partial")
-    rejects = sorted((out / "rejects").glob("attempt-1-*.jsonl"))[0]
+    rejects = min((out / "rejects").glob("attempt-1-*.jsonl"))
     rejects.write_bytes(rejects.read_bytes()[:-10])  # last reject line torn
     settings = ("collect.alphas=[0.0,1.0]", "collect.raw=true")
     collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings, "collect.max_rows=4"))
@@ -196,3 +196,35 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path):
     summary = json.loads((out / "stats" / "_collect_summary.json").read_text())
     assert [a["attempt"] for a in summary["attempts"]] == [1, 2, 3]
     assert summary["total"] == {"scored": 38, "rejected": 5}
+
+
+def test_a_one_file_corpus_keeps_every_actor_of_the_pool_busy(run_a, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text("\n".join(_less_line(k, "one") for k in range(48)) + "\n")
+    out = tmp_path / "out"
+    collect.run(collect_config(data, run_a["gates"], out, "collect.actors=2", "collect.ifd=false"))
+    summary = json.loads((out / "stats" / "_collect_summary.json").read_text())
+    assert summary["scoring_processes"] == 2, "both actors of the pool scored rows of the one file"
+    assert output_keys(out) == input_keys(data) and summary["scored"] == 48
+
+
+def test_a_batch_written_again_replaces_its_files(tmp_path):
+    """A write task that Ray runs again (retry, lost node) writes the same files, not a second copy; shards are
+    cut by bytes; files no reported task wrote are removed."""
+    schema = pa.schema([("source", pa.string()), ("row", pa.int64()), ("n_tokens", pa.int32()),
+                        ("text", pa.string())])
+    rows = [{"source": "a.jsonl", "row": i, "n_tokens": 3, "text": "x" * 1000, "reason": "" if i % 5 else "bad",
+             "id": str(i), "dataset": "a", "detail": "d", "record": "{}"} for i in range(40)]
+    batch = pa.Table.from_pylist(rows)
+    stats, rejects = tmp_path / "stats", tmp_path / "rejects"
+    first = shards.write_batch(batch, str(stats), str(rejects), 1, schema, shard_bytes=10_000).to_pylist()[0]
+    again = shards.write_batch(batch.take(list(range(39, -1, -1))), str(stats), str(rejects), 1, schema,
+                               shard_bytes=10_000).to_pylist()[0]
+    assert first == again and (first["rows"], first["scored"], first["tokens"]) == (40, 32, 96)
+    parts = sorted((stats / "attempt-1").glob("*.parquet"))
+    assert len(parts) == 4 and all(p.stat().st_size < 20_000 for p in parts)
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == 32
+    assert len(read_rejects(tmp_path)) == 8
+    other = shards.write_batch(batch.slice(0, 10), str(stats), str(rejects), 1, schema, shard_bytes=10_000)
+    assert shards.remove_unreported(stats, rejects, 1, {first["name"]}) == 2  # its shard and its rejects
+    assert other["name"][0].as_py() != first["name"] and len(list((stats / "attempt-1").glob("*"))) == 4
