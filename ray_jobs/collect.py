@@ -83,7 +83,7 @@ log = logging.getLogger("qgate.collect")
 SCHEMA_FILE, SUMMARY_FILE, REJECTS_SUMMARY_FILE = "_schema.json", "_collect_summary.json", "_rejects_summary.json"
 FILES_FILE = "_files.json"  # {input path: content key} of every file rows were read from
 INDEX_DIR = "_collect_index"  # an attempt's verdicts per input file (rows to skip, repeated ids); removed after
-MAX_PARTITIONS = 64  # hash partitions of the judging pass
+MAX_PARTITIONS, PARTITION_ROWS = 64, 2_000_000  # hash partitions of the judging pass (`judging_partitions`)
 ROW_MASK = (1 << ROW_BITS) - 1
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                         ("messages", pa.string()), ("record", pa.string()), ("reason", pa.string()),
@@ -153,9 +153,16 @@ def write_verdicts(files: list[str], file_index: dict[str, int], written: list[s
     if written:
         done = ray.data.from_items([{"path": p} for p in written], override_num_blocks=len(written))
         keys = keys.union(done.flat_map(written_keys, fn_kwargs={"file_index": file_index}, num_cpus=READ_CPUS))
+    # Ray emits each hash partition as one block (no splitting), so a block holds every key of its (dataset, id)s.
     verdicts = keys.repartition(partitions, keys=["dataset", "id"]).map_batches(
         judge_partition, batch_size=None, batch_format="pyarrow", fn_kwargs={"files": files}, num_cpus=READ_CPUS)
     verdicts.write_parquet(str(index_dir), partition_cols=["file_index"])
+
+
+def judging_partitions(n_rows: int | None, cluster_cpus: float) -> int:
+    """Hash partitions of the judging pass: one per CPU (up to MAX_PARTITIONS), more when a partition would hold
+    more than PARTITION_ROWS keys (each is one block, ~60 bytes per key)."""
+    return max(1, min(MAX_PARTITIONS, int(cluster_cpus)), -(-(n_rows or 0) // PARTITION_ROWS))
 
 
 def read_verdicts(index_dir: str, file_index: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -455,9 +462,9 @@ def run(config) -> Path:
         log.info("collect attempt %d: %d files, %d rows already written, gpu=%s", attempt, len(files), n_done, gpu)
         index_dir = paths["out"] / INDEX_DIR / f"attempt-{attempt}"
         shutil.rmtree(index_dir, ignore_errors=True)
-        partitions = max(1, min(MAX_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
-        write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions)
         n_input = count_input_rows(files)
+        partitions = judging_partitions(n_input, ray.cluster_resources().get("CPU", 1))
+        write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions)
         start, tally = time.time(), Tally()
         bar = progress_bar(config, None if n_input is None else max(n_input - n_done, 0), "collect")
         try:
