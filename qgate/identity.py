@@ -1,7 +1,7 @@
 """What a run's outputs were made from, as content hashes, and the check that two outputs agree on it.
 
-- `gates_hash(dir)`: sha256 of `gates.safetensors` and `gates.json` (less the keys that only tell how warmup got
-  there, so a warmup that merely resumes a finished run keeps its hash);
+- `gates_hash(dir)`: sha256 of `gates.safetensors` and `gates.json`, less the keys that only record how warmup
+  got there (so a warmup that merely resumes a finished run keeps its hash);
 - `model_identity(name)`: the base model's name and a sha256 of its weight files (tiny models: their config name,
   they are built bit-identically from it; hub ids: the name, no local file to hash). A file's hash is computed
   once and cached under `$QGATE_CACHE/hashes`, keyed by path, size and mtime;
@@ -21,9 +21,11 @@ import os
 from pathlib import Path
 
 GATES_FILE, GATES_META = "gates.safetensors", "gates.json"
-# gates.json keys that record how warmup ran (resumed from which step, its last metrics, row counts), not what
-# the gates are.
-VOLATILE_GATE_KEYS = ("resumed_from", "final_metrics", "rows")
+# gates.json keys that record how warmup ran, not what the gates compute: the weights and the architecture keys
+# (mode, layers, contrast …) are hashed; a resumed warmup, a changed report interval or another machine's model
+# cache path leave the hash as it was.
+VOLATILE_GATE_KEYS = ("resumed_from", "final_metrics", "rows", "warmup", "loss", "encoding", "seed", "steps_done",
+                      "base_model_path", "qgate_version")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 CHUNK = 1 << 20
 

@@ -144,3 +144,19 @@ def test_collect_resumes_data_moved_to_another_path_without_scoring_twice(ray_lo
            for r in pq.read_table(p, columns=["dataset", "id"]).to_pylist()]
     rejects = [r for p in sorted((out / "rejects").glob("*.jsonl")) for r in read_jsonl(str(p))]
     assert len(ids) == len(set(ids)) and len(ids) + len(rejects) == N_ROWS
+
+
+def test_the_gates_hash_follows_weights_and_architecture_not_warmup_records(tmp_path):
+    from qgate.identity import gates_hash
+
+    gates = attach_gates(tiny_model("tiny-qwen3"), init_std=0.5, seed=3)
+    first = gates_hash(save_gates(gates, tmp_path / "a", {"resumed_from": 0, "warmup": {"report_every": 10}}))
+    resumed = gates_hash(save_gates(gates, tmp_path / "b", {"resumed_from": 150, "warmup": {"report_every": 5}}))
+    assert first == resumed
+    meta = json.loads((tmp_path / "b" / "gates.json").read_text())
+    meta["mode"] = {"probe": "modulate", "modulate": "probe"}[meta["mode"]]
+    (tmp_path / "b" / "gates.json").write_text(json.dumps(meta))
+    assert gates_hash(tmp_path / "b") != first
+    with __import__("torch").no_grad():
+        next(iter(gates.parameters())).add_(1e-3)
+    assert gates_hash(save_gates(gates, tmp_path / "c", {"resumed_from": 0})) != first
