@@ -202,6 +202,8 @@ def parse(argv):
     parser.add_argument("--out", help="write the report (markdown) here")
     parser.add_argument("--compose", action="store_true",
                         help="half the warmup copies carry two kinds, one applied on the other")
+    parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
+    parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for i, left_out in enumerate(folds(args.folds)):
             key = f"{seed}/{i}"
-            if key in cache["folds"]:
+            if key in cache["folds"] or (args.run_folds is not None and i not in args.run_folds):
                 continue
             if time.perf_counter() - started > 60 * args.budget_min:
                 print(f"budget spent: fold {key} and later not run; rerun to go on", flush=True)
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(args, cache: dict) -> None:
+    for path in args.merge:
+        other = json.loads(Path(path).read_text())
+        if other["settings"] == cache["settings"]:
+            cache["folds"].update(other["folds"])
     done = list(cache["folds"].values())
     if not done:
         return
