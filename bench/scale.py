@@ -71,9 +71,13 @@ def write_corpus(folder: Path, n: int) -> Path:
 def write_select_stats(stats: Path, n: int, layers: int = SELECT_LAYERS) -> None:
     """`n` synthetic stats rows with S [1][layers] in shards, and the `_schema.json` select reads."""
     stats.mkdir(parents=True, exist_ok=True)
+    write_select_shards(stats, n, layers)
     schema = {"stats_version": 1, "alphas": [0.0], "eps": 1e-8, "n_layers": layers, "gate_layers": list(range(layers)),
               "model": "synthetic", "score_on": "all", "max_length": 64, "ifd": False, "raw": False}
     (stats / "_schema.json").write_text(json.dumps(schema))
+
+
+def write_select_shards(stats: Path, n: int, layers: int) -> None:
     s_type = pa.list_(pa.list_(pa.float32()))
     for part, start in enumerate(range(0, n, SELECT_SHARD_ROWS)):
         rows = min(SELECT_SHARD_ROWS, n - start)
@@ -136,8 +140,20 @@ class Sampler(threading.Thread):
         return self.peaks[kind], kind
 
 
-def run_stage(stage: str, args: list[str], log_path: Path) -> dict:
-    """One stage as its own driver process; wall seconds, peaks and CPU seconds."""
+def run_stage(stage: str, args: list[str], log_path: Path, tries: int = 4) -> dict:
+    """One stage as its own driver process; wall seconds, peaks and CPU seconds. A start that failed because the
+    local Ray node did not come up within Ray's 30 s (a loaded machine) is tried again."""
+    for _ in range(tries - 1):
+        try:
+            return _run_stage_once(stage, args, log_path)
+        except RuntimeError:
+            if "timed out during startup" not in log_path.read_text(errors="replace"):
+                raise
+            print(f"{stage}: the local Ray node did not start in time; again", flush=True)
+    return _run_stage_once(stage, args, log_path)
+
+
+def _run_stage_once(stage: str, args: list[str], log_path: Path) -> dict:
     command = [sys.executable, "-m", "qgate.cli", stage, *args]
     start = time.time()
     with open(log_path, "w") as log:
@@ -169,8 +185,9 @@ def run_size(n: int, root: Path) -> list[dict]:
 def run_select(n: int, root: Path) -> dict:
     out = root / f"select-{n}"
     t = time.time()
-    write_select_stats(out / "stats", n)
-    print(f"wrote {n} synthetic stats rows in {time.time() - t:.0f} s", flush=True)
+    if not (out / "stats" / "_schema.json").exists():  # written last
+        write_select_stats(out / "stats", n)
+        print(f"wrote {n} synthetic stats rows in {time.time() - t:.0f} s", flush=True)
     args = [f"out={out}", "use_gpu=false", "progress=false", *STAGE_ARGS["select"]]
     result = run_stage("select", args, root / f"select-synthetic-{n}.log")
     result = {"rows": n, **result, "stage": f"select ({SELECT_LAYERS} layers, synthetic)",
