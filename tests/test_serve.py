@@ -27,7 +27,7 @@ from ray_jobs.common import run_paths
 from serve.app import app_from_config, build_app
 from serve.scoring import CorpusScorer, is_selected, rank_in_corpus, run_config, scorer_settings
 
-pytestmark = pytest.mark.timeout(300)  # the first test also pays for collect, select and Serve
+pytestmark = pytest.mark.timeout(600)  # the first test also pays for collect, select and Serve (2 busy cores)
 
 TOKEN = "test-token-1234"
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
