@@ -19,7 +19,7 @@ from qgate.gate import attach_gates, save_gates
 from qgate.identity import IdentityMismatch
 from qgate.tiny import tiny_model
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)  # the module fixture runs a whole pipeline
 
 N_ROWS = 40
 
