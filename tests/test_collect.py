@@ -198,14 +198,16 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path):
     assert summary["total"] == {"scored": 38, "rejected": 5}
 
 
+@pytest.mark.timeout(600)
 def test_a_one_file_corpus_keeps_every_actor_of_the_pool_busy(local_ray, tmp_path):
     data = tmp_path / "one.jsonl"
-    data.write_text("\n".join(_less_line(k, "one") for k in range(48)) + "\n")
+    data.write_text("\n".join(_less_line(k, "one") for k in range(400)) + "\n")
     out = tmp_path / "out"
-    collect.run(collect_config(data, make_gates(tmp_path), out, "collect.actors=2", "collect.ifd=false"))
+    collect.run(collect_config(data, make_gates(tmp_path), out, "collect.actors=2", "collect.ifd=false",
+                               "collect.shard_rows=200"))
     summary = json.loads((out / "stats" / "_collect_summary.json").read_text())
     assert summary["scoring_processes"] == 2, "both actors of the pool scored rows of the one file"
-    assert output_keys(out) == input_keys(data) and summary["scored"] == 48
+    assert output_keys(out) == input_keys(data) and summary["scored"] == 400
 
 
 def test_a_batch_written_again_replaces_its_files(tmp_path):
