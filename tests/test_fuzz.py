@@ -175,7 +175,7 @@ def outcomes(out) -> tuple[dict, Counter]:
     return seen, counts
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_fuzz_corpus_through_the_pipeline(ray_local, tmp_path, capsys):
     from qgate.config import load_config
     from ray_jobs.pipeline import run
