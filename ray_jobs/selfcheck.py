@@ -10,8 +10,9 @@ maps it) and the q + IFD blend ranked against select's reference sample. On the 
 bootstrap 95% interval (qgate/selfcheck.py). With `selfcheck.strict` the run stops when the whole interval lies
 under `selfcheck.min_auroc`; below `selfcheck.min_rows` originals or held-out copies there is no verdict.
 
-Cost: 2 × `selfcheck.rows` forward passes (and their IFD passes). With SmolLM2-135M at max_length 256 on 2 AVX2
-cores, 64 rows take about 100 s; the interval is then about ±0.08 around an AUROC of 0.85.
+Cost: 2 × `selfcheck.rows` forward passes (and their IFD passes). The demo's 56 rows at max_length 256 make 112
+scored rows of about 32k tokens over both passes: about 110 s at SmolLM2-135M's ~300 tokens/s on 2 AVX2 cores
+(float32), estimated from the token count; the interval is then about ±0.08 around an AUROC of 0.85.
 
     python -m ray_jobs.selfcheck out=runs/demo                       # after warmup and collect
     python -m ray_jobs.selfcheck out=/tmp/q model=tiny-qwen3 selfcheck.rows=20 strict=false

@@ -186,7 +186,7 @@ def test_copies_keep_their_source_and_kind():
     assert corrupt_samples(rows, KINDS, seed=3) == corrupt_samples(rows, KINDS, seed=3)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray_local, tmp_path):
     import json
 
