@@ -55,7 +55,9 @@ def test_pairs_line_up_the_final_response_token_for_token(tok):
 
 def test_pairs_of_a_truncated_row_stop_where_the_full_row_ends(tok):
     whole = encoded(tok, [chat(0)])[0]
-    cut = encoded(tok, [chat(0)], max_length=len(whole["input_ids"]) - 4)[0]
+    prompt_cut = encoded(tok, [chat(0)], max_length=len(whole["input_ids"]) - 4)[0]  # the prompt gives way first
+    assert len(response_pairs(prompt_cut)) == len(response_pairs(whole))
+    cut = encoded(tok, [chat(0)], max_length=sum(whole["response_mask"]))[0]  # now the response is cut too
     assert 0 < len(response_pairs(cut)) == sum(cut["response_mask"]) < len(response_pairs(whole))
 
 
