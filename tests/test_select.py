@@ -162,7 +162,7 @@ def test_direction_lower_from_the_selfcheck_selects_the_smallest_q(lower_from_ra
     stats = json.loads((lower_from_raw / "selection_stats.json").read_text())
     assert (stats["direction"], stats["direction_source"]) == ("lower", "selfcheck")
     assert stats["selfcheck"]["auroc"] == 0.8
-    assert "Direction self-check passed" in (lower_from_raw / "report.html").read_text()
+    assert "Direction self-check PASSED" in (lower_from_raw / "report.html").read_text()
 
 
 # ---- the q + IFD blend ---------------------------------------------------------------------------------
