@@ -23,6 +23,9 @@ COMMANDS = {
     "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
 }
 
+# The extra that installs what a command imports beyond the core (pyproject.toml's optional dependencies).
+EXTRAS = {"serve": "serve", "finetune": "finetune", "evaluate": "eval", "compare": "eval"}
+
 USAGE = "usage: qgate <command> [key=value ...]   (qgate <command> --help for details)\n\ncommands:\n"
 
 
@@ -41,11 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"qgate: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    if any(arg in ("-h", "--help") for arg in rest):
-        print(module.__doc__)
-        return 0
-    result = module.main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        if any(arg in ("-h", "--help") for arg in rest):
+            print(module.__doc__)
+            return 0
+        result = module.main(rest)
+    except ModuleNotFoundError as err:
+        if command not in EXTRAS or err.name is None or err.name.startswith(("qgate", "ray_jobs", "serve.")):
+            raise
+        print(f"qgate {command}: {err.name} is not installed; pip install 'qgate[{EXTRAS[command]}]'",
+              file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 
