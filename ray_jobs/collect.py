@@ -18,7 +18,8 @@ sees (the cluster's shared filesystem).
 
 Written under `out/`:
     stats/attempt-<n>/part-<name>-<k>.parquet  scored samples, columns of `stats_schema`; at most `collect.shard_rows`
-                                        rows and about `collect.shard_bytes` bytes each
+                                        rows and about `collect.shard_bytes` bytes each (a corpus under 20
+                                        shards is written in about 20 pieces, so the bar moves: `write_rows`)
     stats/_schema.json                  stats version, alphas, gate layers, model, gates metadata, encoding
     stats/_collect_summary.json         rows, tokens, seconds and throughput of each attempt, and totals
     stats/_rejects_summary.json         rejected rows per reason, all attempts
@@ -43,6 +44,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -319,6 +321,7 @@ def _gates_dir(config, paths) -> Path:
 
 
 READ_CPUS = 0.25  # per file-reading task: JSON parsing, no model
+PROGRESS_PIECES = 20  # write tasks of a small corpus (collect's bar moves once per finished write)
 
 
 def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
@@ -329,8 +332,16 @@ def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
             "trust_remote_code": bool(config.trust_remote_code)}
 
 
+def write_rows(shard_rows: int, batch_rows: int, n_todo: int | None) -> int:
+    """Rows per write task: `collect.shard_rows`, but a corpus smaller than `PROGRESS_PIECES` shards is written in
+    about that many pieces (never under one scoring batch each), so collect's bar moves while it scores."""
+    if n_todo is None:
+        return int(shard_rows)
+    return int(min(shard_rows, max(batch_rows, math.ceil(n_todo / PROGRESS_PIECES))))
+
+
 def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attempt: int, gates_dir: Path,
-                   gpu: bool):
+                   gpu: bool, n_todo: int | None = None):
     """The Ray dataset of write summaries: rows read, spread over the pool, scored, and written by the workers."""
     import ray
 
@@ -357,7 +368,8 @@ def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attem
         ScoreBatch, fn_constructor_kwargs=_scorer_args(config, gates_dir, gpu), batch_format="pyarrow",
         batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=pool_size(c, gpu)), **resources)
     return scored.map_batches(
-        write_batch, batch_format="pyarrow", batch_size=int(c.shard_rows), num_cpus=READ_CPUS,
+        write_batch, batch_format="pyarrow", batch_size=write_rows(c.shard_rows, c.batch_rows, n_todo),
+        num_cpus=READ_CPUS,
         fn_kwargs={"stats_dir": str(paths["stats"]), "rejects_dir": str(paths["rejects"]), "attempt": attempt,
                    "schema": stats_schema(bool(c.raw)), "shard_bytes": int(c.shard_bytes)})
 
@@ -466,9 +478,10 @@ def run(config) -> Path:
         partitions = judging_partitions(n_input, ray.cluster_resources().get("CPU", 1))
         write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions)
         start, tally = time.time(), Tally()
-        bar = progress_bar(config, None if n_input is None else max(n_input - n_done, 0), "collect")
+        n_todo = None if n_input is None else max(n_input - n_done, 0)
+        bar = progress_bar(config, n_todo, "collect")
         try:
-            pipeline = build_pipeline(config, files, index_dir, paths, attempt, gates_dir, gpu)
+            pipeline = build_pipeline(config, files, index_dir, paths, attempt, gates_dir, gpu, n_todo)
             for summaries in pipeline.iter_batches(batch_format="pyarrow", batch_size=None):
                 bar.update(tally.add(summaries))
         finally:

@@ -113,7 +113,7 @@ def _raw_layer_scores(table: pa.Table, spec: dict) -> np.ndarray:
     return np.stack(scores) if scores else np.zeros((0, spec["n_layers"]))  # [B, L]
 
 
-def _s_columns(spec: dict) -> list[str]:
+def s_columns(spec: dict) -> list[str]:
     return ["S"] if spec["index"] is not None else ["raw_gate_logits", "raw_nll"]
 
 
@@ -217,7 +217,7 @@ def _datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kw
     for path, spec in zip(dirs, specs):
         files = sorted(str(p) for p in path.rglob("*.parquet"))
         if files:
-            ds = ray.data.read_parquet(files, columns=columns + _s_columns(spec))
+            ds = ray.data.read_parquet(files, columns=columns + s_columns(spec))
             parts.append(ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec, **fn_kwargs}))
     if not parts:
         raise FileNotFoundError(f"no stats shards in {', '.join(map(str, dirs))}")

@@ -10,9 +10,9 @@ maps it) and the q + IFD blend ranked against select's reference sample. On the 
 bootstrap 95% interval (qgate/selfcheck.py). With `selfcheck.strict` the run stops when the whole interval lies
 under `selfcheck.min_auroc`; below `selfcheck.min_rows` originals or held-out copies there is no verdict.
 
-Cost: 2 × `selfcheck.rows` forward passes (and their IFD passes). The demo's 56 rows at max_length 256 make 112
-scored rows of about 32k tokens over both passes: about 110 s at SmolLM2-135M's ~300 tokens/s on 2 AVX2 cores
-(float32), estimated from the token count; the interval is then about ±0.08 around an AUROC of 0.85.
+Cost: one forward pass (and its IFD pass) per copy, `selfcheck.rows` of them: the originals bring the stats
+collect wrote for them (the stats' identity must name the same gates, and the run's config the same encoding).
+With 56 originals the interval is about ±0.08 around an AUROC of 0.85.
 
     python -m ray_jobs.selfcheck out=runs/demo                       # after warmup and collect
     python -m ray_jobs.selfcheck out=/tmp/q model=tiny-qwen3 selfcheck.rows=20 strict=false
@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 from omegaconf import DictConfig
 
@@ -49,6 +50,7 @@ from ray_jobs.progress import gather
 log = logging.getLogger("qgate.selfcheck")
 
 WARMUP_ROWS = "warmup_rows.jsonl"  # written by ray_jobs/warmup.py beside the gates
+STATS_FIELDS = ("alphas", "S", "response_nll", "ifd")  # what an original brings from collect
 
 
 class SelfCheckFailed(RuntimeError):
@@ -78,16 +80,32 @@ def warmup_kinds(config: DictConfig) -> list[str]:
 
 
 def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]:
-    """Up to `selfcheck.rows` collected rows (id, dataset, messages) that warmup never saw, seeded."""
+    """Up to `selfcheck.rows` collected rows that warmup never saw, seeded: id, dataset, messages and the stats
+    collect wrote for them (S for the selection's α, response NLL, IFD), so the originals are not scored again."""
+    from ray_jobs import select
+
     stats_dir = run_paths(config.out)["stats"]
-    ds = ray.data.read_parquet(str(stats_dir), columns=["id", "dataset", "messages"], file_extensions=["parquet"])
+    spec = select.alpha_spec(stats_dir, float(config.selection.alpha))
+    columns = ["id", "dataset", "messages", "response_nll", "ifd", *select.s_columns(spec)]
+    ds = ray.data.read_parquet(str(stats_dir), columns=columns, file_extensions=["parquet"])
     total = ds.count()
     fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
-    rows = ds.random_sample(fraction, seed=config.seed).take_all() if fraction < 1 else ds.take_all()
-    rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": ""}
-            for r in rows]
+    ds = ds.random_sample(fraction, seed=config.seed) if fraction < 1 else ds
+    rows = ds.map_batches(collected_stats, batch_format="pyarrow", fn_kwargs={"spec": spec}).take_all()
+    rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": "",
+             "alphas": [spec["alpha"]], "S": [list(r["S_alpha"])], "response_nll": r["response_nll"],
+             "ifd": r["ifd"]} for r in rows]
     return selfcheck.sample_originals(sorted(rows, key=lambda r: (r["dataset"], r["id"])), config.selfcheck.rows,
                                       config.seed, exclude)
+
+
+def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
+    """The originals' columns with S [B, L] for the spec's α in place of every α's (or the raw) S."""
+    from ray_jobs import select
+
+    S = select.batch_layer_scores(table, spec)  # [B, L]
+    kept = table.select(["id", "dataset", "messages", "response_nll", "ifd"])
+    return kept.append_column("S_alpha", pa.array(list(S), type=pa.list_(pa.float64())))
 
 
 @ray.remote
@@ -100,6 +118,10 @@ def score_chunk(config: dict, gates_dir: str, rows: list[dict], gpu: bool) -> li
                          eps=config["collect"]["eps"], max_batch_tokens=config["collect"]["max_batch_tokens"],
                          ifd=config["collect"]["ifd"])
     return scorer.score(rows)
+
+
+def without_stats(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in STATS_FIELDS}
 
 
 def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
@@ -158,9 +180,12 @@ def run(config: DictConfig) -> dict:
         seen_rows, kinds_warmed = warmup_rows(config), warmup_kinds(config)
         heldout, seen = selfcheck.split_kinds(list(config.selfcheck.kinds), kinds_warmed)
         originals = sample_rows(config, seen_rows)
-        rows = selfcheck.check_rows(originals, heldout, seen, config.selfcheck.warmup_share, config.seed)
+        rows = selfcheck.check_rows([without_stats(r) for r in originals], heldout, seen,
+                                    config.selfcheck.warmup_share, config.seed)
+        copies = score_rows(config, [r for r in rows if not r["is_clean"]])
         corpus, references = corpus_reference(config)
-        check = measure(config, score_rows(config, rows), kinds_warmed, corpus, references)
+        originals = [{**r, "is_clean": 1, "corruption": ""} for r in originals]
+        check = measure(config, originals + copies, kinds_warmed, corpus, references)
         check["warmup_rows_left_out"] = len(seen_rows)
         check.update(identity=identity, alpha=float(config.selection.alpha))  # what select compares
         out.mkdir(parents=True, exist_ok=True)

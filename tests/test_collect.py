@@ -230,3 +230,10 @@ def test_a_batch_written_again_replaces_its_files(tmp_path):
     other = shards.write_batch(batch.slice(0, 10), str(stats), str(rejects), 1, schema, shard_bytes=10_000)
     assert shards.remove_unreported(stats, rejects, 1, {first["name"]}) == 2  # its shard and its rejects
     assert other["name"][0].as_py() != first["name"] and len(list((stats / "attempt-1").glob("*"))) == 4
+
+
+def test_a_small_corpus_is_written_in_pieces_so_the_bar_moves():
+    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=400) == 64  # 7 writes, not one at the end
+    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=100_000) == 5000
+    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=10**7) == 20000  # the shard bound holds
+    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=None) == 20000

@@ -214,8 +214,13 @@ def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray
     assert len(originals) == 24 and not warm & {(r["dataset"], r["id"]) for r in originals}
     # an original scores in the self-check as select scored it: q with the corpus's a/b/μ, blend against its reference
     stats, references = job.corpus_reference(config)
-    scored = job.score_rows(config, [{**r, "is_clean": 1, "corruption": ""} for r in originals[:6]])
+    scored = job.score_rows(config, [{**job.without_stats(r), "is_clean": 1, "corruption": ""}
+                                     for r in originals[:6]])
     q = q_of(scored, config.selection.alpha, corpus=stats)
+    # the originals' collected stats, which the self-check uses instead of scoring them again, are these
+    np.testing.assert_allclose(q_of(originals[:6], config.selection.alpha, corpus=stats), q, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r["response_nll"] for r in originals[:6]], [r["response_nll"] for r in scored],
+                               rtol=1e-5)
     ifd = np.array([r["ifd"] for r in scored], dtype=np.float64)
     from qgate.selfcheck import blend_of
 
