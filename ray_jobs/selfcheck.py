@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 
@@ -87,8 +88,9 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
     stats_dir = run_paths(config.out)["stats"]
     spec = select.alpha_spec(stats_dir, float(config.selection.alpha))
     columns = ["id", "dataset", "messages", "response_nll", "ifd", *select.s_columns(spec)]
-    ds = ray.data.read_parquet(str(stats_dir), columns=columns, file_extensions=["parquet"])
-    total = ds.count()
+    files = sorted(str(f) for f in stats_dir.rglob("*.parquet"))
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # the footers, not a pass over the rows
+    ds = ray.data.read_parquet(files, columns=columns)
     fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
     ds = ds.random_sample(fraction, seed=config.seed) if fraction < 1 else ds
     rows = ds.map_batches(collected_stats, batch_format="pyarrow", fn_kwargs={"spec": spec}).take_all()

@@ -34,7 +34,7 @@ def tiny_args(data, out) -> list[str]:
             "collect.actors=1", "selfcheck.rows=10", "selection_percentage=0.25", "warmup.checkpoint_every=3"]
 
 
-def assert_complete_run(out: Path, n_rows: int, fraction: float):
+def assert_complete_run(out: Path, n_rows: int, fraction: float, selfcheck: bool = True):
     selection = out / "selection"
     stats = json.loads((selection / "selection_stats.json").read_text())
     scores = pq.read_table(selection / "scores.parquet")
@@ -44,7 +44,8 @@ def assert_complete_run(out: Path, n_rows: int, fraction: float):
     selected = read_jsonl(selection / "selected_data.jsonl")
     assert len(selected) == stats["k"] and {"dataset", "id", "scores", "messages"} <= set(selected[0])
     assert (selection / "report.html").stat().st_size > 1000
-    assert json.loads((out / "selfcheck" / "selfcheck.json").read_text())["direction"] in ("higher", "lower")
+    if selfcheck:
+        assert json.loads((out / "selfcheck" / "selfcheck.json").read_text())["direction"] in ("higher", "lower")
     assert (out / "config.yaml").exists() and (out / "logs" / "timings.json").exists()
     return stats
 
@@ -118,7 +119,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, time
 
 def stop_process_group(process: subprocess.Popen) -> None:
     """SIGTERM (Ray's --block shuts its processes down), then SIGKILL whatever of the group is left."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -139,13 +140,14 @@ def test_pipeline_under_ray_job_submit(ray_head, corpus, tmp_path):
     out = tmp_path / "run"
     for _ in range(12):  # the head's job agent registers a few seconds after its dashboard answers
         job = _ray("job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-                   "python", "-m", "ray_jobs.pipeline", *tiny_args(corpus["data_dir"], out), env=env, timeout=840)
+                   "python", "-m", "ray_jobs.pipeline", *tiny_args(corpus["data_dir"], out),
+                   "stages=[warmup,collect,select]", "selection.direction=higher", env=env, timeout=840)
         if "No available agent" not in job.stderr:
             break
         time.sleep(5.0)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
-    assert_complete_run(out, corpus["n_rows"], 0.25)
+    assert_complete_run(out, corpus["n_rows"], 0.25, selfcheck=False)  # the self-check runs in the tests above
 
 
 @pytest.mark.slow
