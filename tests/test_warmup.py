@@ -92,6 +92,18 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
     assert sorted(x for batch in batches[:3] for x in batch) == sorted(100 + i % 10 for i in range(12))  # one epoch
 
 
+def test_a_global_batch_holds_neighbours_in_length():
+    lengths = [5, 40, 12, 33, 7, 26, 19, 3]
+    items = [{"input_ids": [1] * n, "score_mask": [1] * n, "is_clean": 1.0, "negatives": []} for n in lengths]
+    items[0]["negatives"] = [{"input_ids": [1] * 30, "score_mask": [1] * 30, "is_clean": 0.0}]  # its copy is long
+    for workers in (1, 2):
+        shards = warmup.shard_items(items, 4 // workers, workers)
+        blocks = [sorted(len(item["input_ids"]) for shard in shards for item in shard[b * 4 // workers:
+                                                                                       (b + 1) * 4 // workers])
+                  for b in range(2)]
+        assert blocks == [[3, 7, 12, 19], [5, 26, 33, 40]]  # the row of 5 pads to its 30-token copy
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
