@@ -128,6 +128,15 @@ def test_batch_selection_over_two_runs_equals_selection_over_their_union(runs, s
     assert (pooled / "selected_data.jsonl").read_text() == (selected_a / "selected_data.jsonl").read_text()
 
 
+def test_the_cluster_sort_and_the_driver_sort_select_alike(runs, selected_a, tmp_path, monkeypatch):
+    """Run A fits the driver sort; the same selection through Ray Data's distributed sort is identical."""
+    monkeypatch.setattr(select, "DRIVER_SORT_ROWS", dict.fromkeys(select.DRIVER_SORT_ROWS, 0))
+    shutil.copytree(runs / "a" / "stats", tmp_path / "stats")
+    sorted_by_ray = run_select(tmp_path, "selection.direction=higher", "selection.alpha=1.0")
+    assert pq.read_table(sorted_by_ray / "scores.parquet") == pq.read_table(selected_a / "scores.parquet")
+    assert (sorted_by_ray / "selected_data.jsonl").read_text() == (selected_a / "selected_data.jsonl").read_text()
+
+
 @pytest.fixture(scope="module")
 def lower_from_raw(runs, tmp_path_factory):
     """α = 0.5 (not collected in run A: recomputed from its raw stats); direction from a self-check: lower."""
