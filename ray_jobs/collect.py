@@ -86,6 +86,7 @@ SCHEMA_FILE, SUMMARY_FILE, REJECTS_SUMMARY_FILE = "_schema.json", "_collect_summ
 FILES_FILE = "_files.json"  # {input path: content key} of every file rows were read from
 INDEX_DIR = "_collect_index"  # an attempt's verdicts per input file (rows to skip, repeated ids); removed after
 MAX_PARTITIONS, PARTITION_ROWS = 64, 2_000_000  # hash partitions of the judging pass (`judging_partitions`)
+DRIVER_JUDGE_ROWS = 100_000  # input lines up to which the judging pass runs on the driver (~100 bytes a key)
 ROW_MASK = (1 << ROW_BITS) - 1
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                         ("messages", pa.string()), ("record", pa.string()), ("reason", pa.string()),
@@ -145,11 +146,20 @@ def _position(pos: int, files: list[str]) -> str:
 
 
 def write_verdicts(files: list[str], file_index: dict[str, int], written: list[str], index_dir: Path,
-                   partitions: int) -> None:
+                   partitions: int, n_rows: int | None = None) -> None:
     """The judging pass: every row's key and the keys of rows written before, hash-partitioned by (dataset, id) on
-    the workers; the verdicts land in `index_dir/file_index=<i>/` for the readers of file i."""
+    the workers; the verdicts land in `index_dir/file_index=<i>/` for the readers of file i. An input of at most
+    `DRIVER_JUDGE_ROWS` rows is judged as one partition on the driver (a Ray Data shuffle costs ~10 s however
+    few its rows)."""
     import ray
 
+    if n_rows is not None and n_rows <= DRIVER_JUDGE_ROWS:
+        keys = [key for i, path in enumerate(files) for key in _file_keys({"path": path, "file_index": i})]
+        keys += [key for path in written for key in written_keys({"path": path}, file_index)]
+        if keys:
+            verdicts = judge_partition(pa.Table.from_pylist(keys, schema=KEY_SCHEMA), files)
+            pq.write_to_dataset(verdicts, str(index_dir), partition_cols=["file_index"])
+        return
     keys = ray.data.from_items([{"path": p, "file_index": i} for i, p in enumerate(files)],
                                override_num_blocks=max(len(files), 1)).flat_map(_file_keys, num_cpus=READ_CPUS)
     if written:
@@ -159,6 +169,10 @@ def write_verdicts(files: list[str], file_index: dict[str, int], written: list[s
     verdicts = keys.repartition(partitions, keys=["dataset", "id"]).map_batches(
         judge_partition, batch_size=None, batch_format="pyarrow", fn_kwargs={"files": files}, num_cpus=READ_CPUS)
     verdicts.write_parquet(str(index_dir), partition_cols=["file_index"])
+
+
+KEY_SCHEMA = pa.schema([("dataset", pa.string()), ("id", pa.string()), ("pos", pa.int64()), ("good", pa.bool_()),
+                        ("done", pa.bool_())])
 
 
 def judging_partitions(n_rows: int | None, cluster_cpus: float) -> int:
@@ -476,7 +490,7 @@ def run(config) -> Path:
         shutil.rmtree(index_dir, ignore_errors=True)
         n_input = count_input_rows(files)
         partitions = judging_partitions(n_input, ray.cluster_resources().get("CPU", 1))
-        write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions)
+        write_verdicts(files, file_positions(paths["stats"], files), shards + rejects, index_dir, partitions, n_input)
         start, tally = time.time(), Tally()
         n_todo = None if n_input is None else max(n_input - n_done, 0)
         bar = progress_bar(config, n_todo, "collect")

@@ -174,7 +174,8 @@ def test_raw_stats_decode_to_layers_by_scored_tokens(run_a):
         np.testing.assert_allclose(layer_scores(logits, nll, alpha=1.0), row["S"][1], atol=2e-3)
 
 
-def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path):
+def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path, monkeypatch):
+    """The first rerun judges rows on the cluster (hash partitions), the second on the driver: both resume alike."""
     out = tmp_path / "out"
     shutil.copytree(run_a["out"], out)
     shards = sorted((out / "stats").glob("attempt-1/*.parquet"))
@@ -184,7 +185,9 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path):
     rejects = min((out / "rejects").glob("attempt-1-*.jsonl"))
     rejects.write_bytes(rejects.read_bytes()[:-10])  # last reject line torn
     settings = ("collect.alphas=[0.0,1.0]", "collect.raw=true")
-    collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings, "collect.max_rows=4"))
+    with monkeypatch.context() as patched:
+        patched.setattr(collect, "DRIVER_JUDGE_ROWS", 0)
+        collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings, "collect.max_rows=4"))
     partial = output_keys(out)
     assert max(partial.values()) == 1 and sum(partial.values()) < 43
     collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings))
