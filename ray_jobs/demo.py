@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from qgate.config import config_path
 from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
+from qgate.models import resolve_model_path
 from qgate.scoring import auroc
 from ray_jobs import pipeline
 from ray_jobs.common import config_from_argv, run_paths, setup_logging
@@ -53,6 +55,10 @@ def planted_noise_grade(out: str, labels_path: str) -> dict:
 
 
 def run(config: DictConfig) -> dict:
+    # The model's first fetch and conversion (tens of seconds) runs while the corpus is built and Ray starts;
+    # warmup's own load waits for it on the cache's file lock.
+    fetch = threading.Thread(target=resolve_model_path, args=(config.model,), name="model-fetch", daemon=True)
+    fetch.start()
     corpus = build_demo_corpus(run_paths(config.out)["out"] / "corpus", n_rows=config.demo.rows, seed=config.seed,
                                noise_fraction=config.demo.noise_fraction, max_words=config.demo.max_words)
     config.data = str(corpus["data_dir"])

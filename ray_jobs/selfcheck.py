@@ -52,6 +52,7 @@ log = logging.getLogger("qgate.selfcheck")
 
 WARMUP_ROWS = "warmup_rows.jsonl"  # written by ray_jobs/warmup.py beside the gates
 STATS_FIELDS = ("alphas", "S", "response_nll", "ifd")  # what an original brings from collect
+DRIVER_SAMPLE_ROWS = 20_000  # stats rows up to which the originals are sampled on the driver (a few kB each)
 
 
 class SelfCheckFailed(RuntimeError):
@@ -82,7 +83,8 @@ def warmup_kinds(config: DictConfig) -> list[str]:
 
 def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]:
     """Up to `selfcheck.rows` collected rows that warmup never saw, seeded: id, dataset, messages and the stats
-    collect wrote for them (S for the selection's α, response NLL, IFD), so the originals are not scored again."""
+    collect wrote for them (S for the selection's α, response NLL, IFD), so the originals are not scored again.
+    Stats of at most `DRIVER_SAMPLE_ROWS` rows are sampled on the driver (a Ray Data pass costs seconds)."""
     from ray_jobs import select
 
     stats_dir = run_paths(config.out)["stats"]
@@ -90,10 +92,13 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
     columns = ["id", "dataset", "messages", "response_nll", "ifd", *select.s_columns(spec)]
     files = sorted(str(f) for f in stats_dir.rglob("*.parquet"))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # the footers, not a pass over the rows
-    ds = ray.data.read_parquet(files, columns=columns)
-    fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
-    ds = ds.random_sample(fraction, seed=config.seed) if fraction < 1 else ds
-    rows = ds.map_batches(collected_stats, batch_format="pyarrow", fn_kwargs={"spec": spec}).take_all()
+    if total <= DRIVER_SAMPLE_ROWS:
+        rows = collected_stats(pa.concat_tables([pq.read_table(f, columns=columns) for f in files]), spec).to_pylist()
+    else:
+        ds = ray.data.read_parquet(files, columns=columns)
+        fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
+        ds = ds.random_sample(fraction, seed=config.seed) if fraction < 1 else ds
+        rows = ds.map_batches(collected_stats, batch_format="pyarrow", fn_kwargs={"spec": spec}).take_all()
     rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": "",
              "alphas": [spec["alpha"]], "S": [list(r["S_alpha"])], "response_nll": r["response_nll"],
              "ifd": r["ifd"]} for r in rows]

@@ -187,7 +187,7 @@ def test_copies_keep_their_source_and_kind():
 
 
 @pytest.mark.timeout(900)
-def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray_local, tmp_path):
+def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray_local, tmp_path, monkeypatch):
     import json
 
     import pyarrow.parquet as pq
@@ -212,6 +212,13 @@ def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray
     assert check["verdict"] in ("passed", "below", "failed") and len(check["interval"]) == 2
     originals = job.sample_rows(config, warm)
     assert len(originals) == 24 and not warm & {(r["dataset"], r["id"]) for r in originals}
+    with monkeypatch.context() as patched:  # the sample of a large corpus, through Ray Data
+        patched.setattr(job, "DRIVER_SAMPLE_ROWS", 0)
+        through_ray = job.sample_rows(config, warm)
+    assert len(through_ray) == 24 and not warm & {(r["dataset"], r["id"]) for r in through_ray}
+    by_id = {r["id"]: r for r in originals}
+    assert all(r["S"] == by_id[r["id"]]["S"] and r["ifd"] == by_id[r["id"]]["ifd"]
+               for r in through_ray if r["id"] in by_id)
     # an original scores in the self-check as select scored it: q with the corpus's a/b/μ, blend against its reference
     stats, references = job.corpus_reference(config)
     scored = job.score_rows(config, [{**job.without_stats(r), "is_clean": 1, "corruption": ""}
