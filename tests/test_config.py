@@ -34,7 +34,7 @@ def test_shipped_yaml_loads_from_inside_the_package():
     package = Path(qgate.__file__).parent
     assert DEFAULTS.parent == package / "configs" and config_path("demo.yaml").is_file()
     demo = load_config([], config_path("demo.yaml"))
-    assert demo.encoding.max_length == 256 and demo.out == "runs/demo"
+    assert demo.encoding.max_length == 192 and demo.out == "runs/demo"  # the demo's value over the default 512
 
 
 def test_the_recorded_config_layers_between_defaults_and_the_command_line(tmp_path):
