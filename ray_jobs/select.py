@@ -245,14 +245,14 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
     `DRIVER_SORT_ROWS` rows, else across the cluster in partitions sized by rows, not by blocks."""
     import ray
 
-    keys = ["score", "dataset", "id"]
+    keys, descending = ["score", "dataset", "id"], [higher, False, False]
     if n_rows <= DRIVER_SORT_ROWS[rows_per_partition]:
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
-        order = pc.sort_indices(table, sort_keys=[("score", "descending" if higher else "ascending"),
-                                                  ("dataset", "ascending"), ("id", "ascending")])
+        order = pc.sort_indices(table, sort_keys=[(key, "descending" if down else "ascending")
+                                                  for key, down in zip(keys, descending)])
         return ray.data.from_arrow(table.take(order))
     ds.context.default_hash_shuffle_parallelism = max(1, math.ceil(n_rows / rows_per_partition))
-    return ds.sort(keys, descending=[higher, False, False])
+    return ds.sort(keys, descending=descending)
 
 
 # ---- the driver's streams ------------------------------------------------------------------------------
