@@ -113,6 +113,10 @@ def changes_refused(recorded: dict, new: dict, existing: set[str], stages: list[
 # ---- loading --------------------------------------------------------------------------------------------
 
 
+# Sections that take any key: options passed through to a library that validates them itself.
+OPEN_SECTIONS = ("serve.autoscaling",)
+
+
 def parse_overrides(args: list[str]) -> DictConfig:
     """`["a.b=1", "workers=2"]` -> a config; unknown keys are errors, aliases expand."""
     pairs = []
@@ -125,9 +129,12 @@ def parse_overrides(args: list[str]) -> DictConfig:
 
 
 def recorded_layer(path: str | Path, defaults: DictConfig) -> DictConfig:
-    """A run's recorded config, less keys the defaults no longer have (written by an older qgate)."""
-    def known(layer: dict, base: dict) -> dict:
-        return {k: known(v, base[k]) if isinstance(v, dict) and isinstance(base[k], dict) else v
+    """A run's recorded config, less keys the defaults no longer have (written by an older qgate); an open
+    section keeps all of its keys."""
+    def known(layer: dict, base: dict, prefix: str = "") -> dict:
+        if prefix.rstrip(".") in OPEN_SECTIONS:
+            return layer
+        return {k: known(v, base[k], f"{prefix}{k}.") if isinstance(v, dict) and isinstance(base[k], dict) else v
                 for k, v in layer.items() if k in base}
 
     recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
@@ -139,6 +146,8 @@ def load_config(args: list[str] | None = None, path: str | Path | None = None,
     """Defaults ⊕ the run's `recorded` config ⊕ optional YAML file ⊕ overrides; refuses keys the defaults lack."""
     config = OmegaConf.load(DEFAULTS)
     OmegaConf.set_struct(config, True)
+    for key in OPEN_SECTIONS:
+        OmegaConf.set_struct(OmegaConf.select(config, key), False)
     layers = [recorded_layer(recorded, config)] if recorded else []
     layers += [OmegaConf.load(path)] if path else []
     layers.append(parse_overrides(args or []))

@@ -36,8 +36,10 @@ import ray
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.serve.config import AutoscalingConfig
+from omegaconf import OmegaConf
 from ray.serve.metrics import Counter
 
 from ray_jobs.common import gpus_available, init_ray, setup_logging
@@ -230,7 +232,16 @@ def deployment_options(cfg, gpu: bool) -> dict:
         raise ValueError(f"serve.max_ongoing_requests ({max_ongoing}) < serve.max_batch_size "
                          f"({cfg.max_batch_size}): a replica would never see a full batch")
     autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-                   "target_ongoing_requests": cfg.target_ongoing_requests or cfg.max_batch_size}
+                   "target_ongoing_requests": cfg.target_ongoing_requests or cfg.max_batch_size,
+                   **OmegaConf.to_container(cfg.autoscaling)}
+    unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(f"bad configuration: serve.autoscaling has no {unknown} (Ray Serve's AutoscalingConfig "
+                         f"fields: {sorted(AutoscalingConfig.model_fields)})")
+    try:
+        AutoscalingConfig(**autoscaling)
+    except ValidationError as err:
+        raise ValueError(f"bad configuration: serve.autoscaling: {err}") from err
     actor = {"num_cpus": cfg.num_cpus, **({"num_gpus": 1} if gpu else {})}
     return {"max_ongoing_requests": max_ongoing, "max_queued_requests": cfg.max_queued_requests,
             "autoscaling_config": autoscaling, "ray_actor_options": actor}

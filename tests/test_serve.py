@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +27,7 @@ from ray import serve
 from qgate.config import load_config
 from ray_jobs import select
 from ray_jobs.common import run_paths
-from serve.app import app_from_config, build_app
+from serve.app import app_from_config, build_app, deployment_options
 from serve.scoring import CorpusScorer, is_selected, rank_in_corpus, run_config, scorer_settings
 
 pytestmark = pytest.mark.timeout(600)  # the first test also pays for collect, select and Serve (2 busy cores)
@@ -238,6 +241,82 @@ def test_concurrent_requests_share_a_batch(client, url):
     after = client.get("/v1/info").json()["served"]
     assert after["requests"] - before["requests"] == 8
     assert after["batches"] - before["batches"] < 8
+
+
+# ---- autoscaling ---------------------------------------------------------------------------------
+
+AUTOSCALED = ["serve.min_replicas=1", "serve.max_replicas=2", "serve.max_batch_size=1", "serve.max_ongoing_requests=2",
+              "serve.target_ongoing_requests=1", "serve.autoscaling.upscale_delay_s=1",
+              "serve.autoscaling.downscale_delay_s=2", "serve.autoscaling.look_back_period_s=2"]
+
+
+def running_replicas(app: str) -> int:
+    deployments = serve.status().applications[app].deployments
+    return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values())
+
+
+def wait_for(condition, timeout_s: float, every_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return condition()
+
+
+class Load(threading.Thread):
+    """`clients` loops posting one sample each, until stopped or `limit_s` passed; every status is kept."""
+
+    def __init__(self, url: str, clients: int, limit_s: float = 180.0):
+        super().__init__(daemon=True)
+        self.url, self.clients, self.limit_s = url, clients, limit_s
+        self.statuses: list[int] = []
+        self.done = threading.Event()
+
+    async def client(self, i: int) -> None:
+        sample = {"samples": [{"prompt": corpus_text(i, 10), "completion": corpus_text(i + 1, 40)}]}
+        deadline = time.monotonic() + self.limit_s
+        async with httpx.AsyncClient(base_url=self.url, timeout=TIMEOUT) as c:
+            while not self.done.is_set() and time.monotonic() < deadline:
+                self.statuses.append((await c.post("/v1/score", json=sample)).status_code)
+
+    def run(self) -> None:
+        async def all_clients():
+            await asyncio.gather(*(self.client(i) for i in range(self.clients)))
+
+        asyncio.run(all_clients())
+
+
+def test_sustained_load_adds_a_replica_and_it_goes_after(run, url):
+    """min 1, max 2 replicas: four clients keep two requests per replica in flight, a second replica starts; the
+    load drops to one client, it goes; no request fails in either change."""
+    config, _ = run
+    serve.run(app_from_config(run_config(config.out, AUTOSCALED), api_token=""), name="autoscaled",
+              route_prefix="/autoscaled")
+    try:
+        assert running_replicas("autoscaled") == 1
+        heavy = Load(f"{url}/autoscaled", clients=4)
+        heavy.start()
+        grew = wait_for(lambda: running_replicas("autoscaled") == 2, timeout_s=90)
+        heavy.done.set()
+        heavy.join()
+        light = Load(f"{url}/autoscaled", clients=1)
+        light.start()
+        shrank = grew and wait_for(lambda: running_replicas("autoscaled") == 1, timeout_s=90)
+        light.done.set()
+        light.join()
+        assert grew and shrank
+        assert heavy.statuses and light.statuses
+        assert set(heavy.statuses) == {200} and set(light.statuses) == {200}
+    finally:
+        serve.delete("autoscaled")
+
+
+@pytest.mark.parametrize("override, message", [("serve.autoscaling.upscale_dely_s=2", "has no ['upscale_dely_s']"),
+                                               ("serve.autoscaling.upscale_delay_s=-3", "greater than or equal")])
+def test_a_bad_autoscaling_option_is_refused_before_serve_starts(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        deployment_options(load_config([override]).serve, gpu=False)
 
 
 def test_serve_config_file_is_valid():
