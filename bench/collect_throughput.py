@@ -78,12 +78,12 @@ def paths(model, tokenizer, gates, rows: list[dict], args) -> dict[str, tuple]:
         run = seed_path(model, gates, rows, batches, tokenizer.pad_token_id)
         out[name] = (run, padding_share(lengths, batches))
     for tokens in args.max_batch_tokens:
-        scorer = Scorer(model, tokenizer, gates, alphas=(1.0,), max_batch_tokens=tokens)
+        scorer = Scorer(model, tokenizer, gates, alphas=(1.0,), ifd=False, max_batch_tokens=tokens)
         share = padding_share(lengths, micro_batches(lengths, tokens))
         out[f"qgate Scorer, max_batch_tokens {tokens}"] = (functools.partial(scorer.score, rows), share)
     if args.bf16:
         tokens = args.max_batch_tokens[0]
-        scorer = Scorer(model, tokenizer, gates, alphas=(1.0,), max_batch_tokens=tokens,
+        scorer = Scorer(model, tokenizer, gates, alphas=(1.0,), ifd=False, max_batch_tokens=tokens,
                         autocast_dtype=torch.bfloat16)
         share = padding_share(lengths, micro_batches(lengths, tokens))
         name = f"qgate Scorer, max_batch_tokens {tokens}, bf16 autocast"

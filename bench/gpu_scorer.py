@@ -5,7 +5,7 @@
     python bench/gpu_scorer.py --device cpu --shape tiny --rows 32 --one-by-one 8   # CPU mode (CI)
 
 Builds the model from a config with random weights (weights do not change the speed), attaches the default gates
-(`qgate/configs/qgate.yaml`: probe mode, contrast, evidence, summary) and runs `qgate.stats.Scorer.score`, the
+(`qgate/settings.py`: probe mode, contrast, evidence, summary) and runs `qgate.stats.Scorer.score`, the
 routine of collect, the self-check and serve, over synthetic rows of instruction/response lengths; it packs them
 into length-sorted micro-batches of at most `--max-batch-tokens` padded tokens as collect does. Both passes count
 (each row, and its response alone, which the contrast gates and IFD read). A forward pass costs about

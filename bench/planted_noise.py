@@ -150,7 +150,7 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 
 
 def attach(model, variant: Variant, seed: int):
-    bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {}
+    bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
                         evidence=variant.evidence, summary=variant.summary, **bias)
 

@@ -1,7 +1,8 @@
 """`qgate <command> key=value …`: one subcommand per stage, each a thin door to its Ray entrypoint.
 
-Every key of `qgate/configs/qgate.yaml` can be overridden (`gate.mode=probe`, `collect.actors=4`); short aliases
-are listed in `qgate.config.ALIASES`. `qgate <command> --help` shows the command's own docstring.
+Every setting (`qgate config` lists them, with their defaults and help; `qgate/settings.py` defines them) can be
+overridden (`gate.mode=probe`, `collect.actors=4`); short aliases are listed in `qgate.config.ALIASES`.
+`qgate <command> --help` shows the command's docstring and the settings it reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMANDS = {
     "compare": ("ray_jobs.compare", "select by the run's score, random, PPL, IFD; finetune each; evaluate; one table"),
     "serve": ("serve.app", "HTTP scoring of new samples relative to a run's corpus (Ray Serve)"),
     "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
+    "config": ("qgate.cli", "print the resolved settings with their help: qgate config [section ...] [key=value ...]"),
 }
 
 # The extra that installs what a command imports beyond the core (pyproject.toml's optional dependencies).
@@ -32,7 +34,37 @@ USAGE = "usage: qgate <command> [key=value ...]   (qgate <command> --help for de
 def usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    return USAGE + "\n".join(lines) + "\n\nconfiguration: qgate/configs/qgate.yaml (every key overridable as key=value)"
+    return USAGE + "\n".join(lines) + "\n\nsettings: `qgate config` (every key overridable as key=value)"
+
+
+def show_config(argv: list[str]) -> int:
+    """`qgate config [section ...] [key=value ...]`: the settings a run would use (with `out=DIR`, that run's
+    recorded ones under the overrides), each with its help."""
+    from pathlib import Path
+
+    from qgate.config import describe, load_config
+
+    from qgate.settings import Settings
+
+    sections = tuple(arg for arg in argv if "=" not in arg) or None
+    unknown = sorted(set(sections or ()) - {f for f in Settings.__dataclass_fields__})
+    if unknown:
+        print(f"qgate config: no section {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    overrides = [arg for arg in argv if "=" in arg]
+    out = next((arg.split("=", 1)[1] for arg in overrides if arg.startswith("out=")), None)
+    recorded = Path(out) / "config.yaml" if out and (Path(out) / "config.yaml").is_file() else None
+    print(describe(load_config(overrides, recorded=recorded), sections))
+    return 0
+
+
+def command_help(command: str, module) -> str:
+    from qgate.config import COMMAND_SECTIONS, describe, load_config
+
+    sections = COMMAND_SECTIONS.get(command)
+    if sections is None:
+        return module.__doc__ or ""
+    return f"{module.__doc__}\nsettings it reads (key=value to override):\n{describe(load_config([]), sections)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"qgate: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if command == "config":
+        return show_config(rest)
     try:
         module = importlib.import_module(COMMANDS[command][0])
         if any(arg in ("-h", "--help") for arg in rest):
-            print(module.__doc__)
+            print(command_help(command, module))
             return 0
         result = module.main(rest)
     except ModuleNotFoundError as err:

@@ -1,5 +1,6 @@
-"""Configuration: YAML defaults in the package (`qgate/configs/qgate.yaml`), then the run's own recorded
-`out/config.yaml`, then an optional `--config FILE`, then `key=value` arguments (OmegaConf).
+"""Configuration: the typed defaults of `qgate.settings.Settings`, then the run's own recorded `out/config.yaml`,
+then a shipped recipe (`recipe=seeds`: `qgate/configs/seeds.yaml`), then an optional `--config FILE`, then
+`key=value` arguments (OmegaConf, which checks every value against its setting's type).
 
 `SHAPES` says which outputs of a run directory each setting shapes; `changes_refused` refuses a changed setting
 whose outputs already exist and that the stage about to run does not rewrite (docs/run-directory.md).
@@ -7,10 +8,13 @@ whose outputs already exist and that the stage about to run does not rewrite (do
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from qgate.settings import Settings
 
 
 def config_path(name: str) -> Path:
@@ -18,7 +22,13 @@ def config_path(name: str) -> Path:
     return Path(str(resources.files("qgate").joinpath("configs", name)))
 
 
-DEFAULTS = config_path("qgate.yaml")
+def recipe_path(name: str) -> Path:
+    """The file of a shipped recipe (`seeds`, `demo`)."""
+    path = config_path(f"{name}.yaml")
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"bad configuration: no recipe {name!r}; shipped: {', '.join(shipped)}")
+    return path
 
 ALIASES = {
     "workers": "warmup.workers",
@@ -143,14 +153,18 @@ def recorded_layer(path: str | Path, defaults: DictConfig) -> DictConfig:
 
 def load_config(args: list[str] | None = None, path: str | Path | None = None,
                 recorded: str | Path | None = None) -> DictConfig:
-    """Defaults ⊕ the run's `recorded` config ⊕ optional YAML file ⊕ overrides; refuses keys the defaults lack."""
-    config = OmegaConf.load(DEFAULTS)
+    """Defaults ⊕ the run's `recorded` config ⊕ its recipe ⊕ optional YAML file ⊕ overrides; refuses keys the
+    defaults lack and values of the wrong type."""
+    config = OmegaConf.structured(Settings)
     OmegaConf.set_struct(config, True)
     for key in OPEN_SECTIONS:
         OmegaConf.set_struct(OmegaConf.select(config, key), False)
+    overrides = parse_overrides(args or [])
     layers = [recorded_layer(recorded, config)] if recorded else []
+    recipe = OmegaConf.select(overrides, "recipe") or (OmegaConf.select(layers[0], "recipe") if layers else None)
+    layers += [OmegaConf.load(recipe_path(recipe))] if recipe else []
     layers += [OmegaConf.load(path)] if path else []
-    layers.append(parse_overrides(args or []))
+    layers.append(overrides)
     for layer in layers:
         try:
             config = OmegaConf.merge(config, layer)
@@ -170,3 +184,48 @@ def save_config(config: DictConfig, path: str | Path) -> None:
 
 def as_dict(config: DictConfig) -> dict:
     return OmegaConf.to_container(config, resolve=True)
+
+
+# ---- describing ------------------------------------------------------------------------------------------
+
+TOP_LEVEL = ("recipe", "model", "data", "out", "gates", "ray_address", "seed", "dtype", "autocast", "use_gpu",
+             "trust_remote_code", "stages", "progress")
+# The sections each command reads, beside the top-level keys.
+COMMAND_SECTIONS = {
+    "demo": ("demo", "encoding", "gate", "loss", "warmup", "collect", "selfcheck", "selection"),
+    "pipeline": ("encoding", "gate", "loss", "warmup", "collect", "selfcheck", "selection"),
+    "warmup": ("encoding", "gate", "loss", "warmup"),
+    "collect": ("encoding", "collect"),
+    "selfcheck": ("encoding", "collect", "selfcheck"),
+    "select": ("selection",),
+    "finetune": ("finetune",),
+    "evaluate": ("evaluate",),
+    "compare": ("compare", "finetune", "evaluate"),
+    "serve": ("serve", "collect"),
+    "config": (),
+}
+
+
+def describe(config: DictConfig, sections: tuple[str, ...] | None = None) -> str:
+    """The configuration as YAML, each key with its help: the top-level keys and `sections` (None: all)."""
+    from qgate.settings import help_lines
+
+    values = OmegaConf.to_container(config, resolve=True)
+    out, section = [], None
+    for key, _, text in help_lines():
+        head, _, rest = key.partition(".")
+        if sections is not None and head not in (sections if rest else TOP_LEVEL):
+            continue
+        if rest and head != section:
+            out.append(f"{head}:")
+            section = head
+        value = values[head][rest] if rest else values[head]
+        out.append(f"{'  ' if rest else ''}{rest or head}: {_yaml_value(value)}" + (f"  # {text}" if text else ""))
+    return "\n".join(out)
+
+
+def _yaml_value(value) -> str:
+    """One value as inline YAML: null, true, false, numbers, strings, flow-style lists and mappings."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        return json.dumps(value)
+    return str(value)

@@ -22,15 +22,16 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
+from qgate.settings import SELFCHECK, WARMUP
+
 Messages = list[dict]
 Corruption = Callable[[Messages, random.Random, list[Messages]], "Messages | None"]
 
 CORRUPTIONS: dict[str, Corruption] = {}
 POOL_SCOPES: dict[str, str] = {}  # kind -> "corpus" (pool = every sample) or "dataset" (same dataset only)
 
-DEFAULT_WARMUP_KINDS = ("response_swap", "word_shuffle", "char_noise")
-DEFAULT_HELDOUT_KINDS = ("truncate", "repetition_loop", "gibberish", "refusal_boilerplate", "scraped_residue",
-                         "fluent_wrong", "instruction_echo")
+DEFAULT_WARMUP_KINDS = tuple(WARMUP.negative_kinds)  # what warmup shows the gates
+DEFAULT_HELDOUT_KINDS = tuple(k for k in SELFCHECK.kinds if k not in DEFAULT_WARMUP_KINDS)  # what it holds out
 
 CHAR_NOISE_RATE = 0.15
 SWAP_CANDIDATES = 16  # random pool entries drawn to find one with a different response

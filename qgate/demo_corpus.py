@@ -62,6 +62,9 @@ STDLIB_MODULES = (
     "xml.parsers.expat", "xml.sax", "xml.sax.handler", "xml.sax.saxutils", "xmlrpc.client", "zipapp",
     "zipfile", "zipimport", "zlib", "zoneinfo",
 )
+# The kinds planted in the demo corpus (its labels name them).
+DEMO_NOISE_KINDS = ("response_swap", "word_shuffle", "char_noise", "truncate", "repetition_loop", "gibberish",
+                    "refusal_boilerplate", "scraped_residue", "fluent_wrong", "instruction_echo")
 MIN_WORDS = 30  # shorter texts are skipped
 TARGET_WORDS = 100  # paragraphs are taken until the text has this many words
 MAX_WORDS = 250  # and never more than this
@@ -366,7 +369,7 @@ def build_demo_corpus(out_dir: str, n_rows: int = 1200, seed: int = 0, noise_fra
     if max_words:
         rows = [replace(r, response=shortened(r.response, max_words)) for r in rows]
     rows, heldout = split_heldout(rows, heldout_fraction, seed)
-    kinds = noise_kinds or corruption.DEFAULT_WARMUP_KINDS + corruption.DEFAULT_HELDOUT_KINDS
+    kinds = noise_kinds or DEMO_NOISE_KINDS
     rows, planted = plant_noise(rows, noise_fraction, kinds, seed) if noise_fraction > 0 else (rows, {})
     files = {name: os.path.join(out_dir, "data", f"{name}.jsonl") for name in FORMS}
     labels = os.path.join(out_dir, "labels", "labels.jsonl")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qgate
+from qgate.settings import GATE
 
 MODES = ("modulate", "probe")
 GATES_FILE = "gates.safetensors"
@@ -211,10 +212,11 @@ class GateSet:
         self.model.qgate_gates = None
 
 
-def attach_gates(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
-                 bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None,
-                 seed: int = 0, kind: str | None = None, contrast: bool | str = False,
-                 evidence: bool | str = False, summary: bool | str = False, **trash_can) -> GateSet:
+def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GATE.init_mean,
+                 init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
+                 layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
+                 contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
+                 summary: bool | str = GATE.summary, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same

@@ -10,24 +10,14 @@ value per layer (the S_il that selection ranks) and whether the sample is an ori
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from qgate.settings import LOSS
 
 LOSS_TYPES = ("linear", "beta_moment_matching", "mean_variance_regularization")
 
 
-@dataclass
-class QualityLossConfig:
-    quality_loss_type: str = "linear"  # one of LOSS_TYPES ("sigmoid" is accepted as the seeds' name for linear)
-    quality_loss_weight: float = 1.0  # w in CE + w · quality_loss
-    sample_wise_averaging: bool = True  # mean per sample, then over samples; else over all tokens
-    beta_target_mean: float = 0.5  # beta_moment_matching: target mean of good_ratio
-    beta_target_var: float = 0.05  # beta_moment_matching: target variance of good_ratio
-    w_mean: float = 1.0  # beta_moment_matching: weight of the mean term
-    w_var: float = 1.0  # beta_moment_matching: weight of the variance term
-    lambda_var: float = 0.1  # mean_variance_regularization: weight of the variance bonus
 
 
 def _values(good_ratio: torch.Tensor, mask: torch.Tensor, sample_wise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +37,11 @@ def _moments(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor,
     return mean, var
 
 
-def quality_loss(good_ratio: torch.Tensor, mask: torch.Tensor, quality_loss_type: str = "linear",
-                 sample_wise_averaging: bool = True, beta_target_mean: float = 0.5, beta_target_var: float = 0.05,
-                 w_mean: float = 1.0, w_var: float = 1.0, lambda_var: float = 0.1) -> torch.Tensor:
+def quality_loss(good_ratio: torch.Tensor, mask: torch.Tensor, quality_loss_type: str = LOSS.quality_loss_type,
+                 sample_wise_averaging: bool = LOSS.sample_wise_averaging,
+                 beta_target_mean: float = LOSS.beta_target_mean, beta_target_var: float = LOSS.beta_target_var,
+                 w_mean: float = LOSS.w_mean, w_var: float = LOSS.w_var,
+                 lambda_var: float = LOSS.lambda_var) -> torch.Tensor:
     """Unweighted quality loss (a scalar); multiply by `quality_loss_weight` to add it to CE."""
     mean, var = _moments(*_values(good_ratio, mask, sample_wise_averaging))
     kind = "linear" if quality_loss_type == "sigmoid" else quality_loss_type

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgate.gate import MODES, GateSet, find_decoder_layers
+from qgate.settings import GATE
 
 KIND = "trash_can"
 LOGIT_LIMIT = 30.0  # |g| cap: sigmoid(±30) is 0 or 1 in float32; keeps forced or -inf trash logits finite
@@ -37,11 +38,13 @@ LOSS_ON = ("ratio", "trash")
 
 @dataclass
 class TrashCanSettings:
-    train_router: bool = False  # warmup also trains the original router rows (the experts never)
-    trash_can_loss_beta: float = 5.0  # β of the Beta constraint (α = 1)
-    constraint_loss_weight: float = 0.1  # w_constraint in CE + w_constraint · L + load balancing
-    trash_can_loss_on: str = "ratio"  # ratio: on the real-expert mass (DESIGN.md) | trash: on 1 − ratio (seed code)
-    load_balancing_weight: float | None = None  # None: the model's router_aux_loss_coef
+    """The MoE part of the `gate:` settings (qgate/settings.py says what each does)."""
+
+    train_router: bool = GATE.train_router
+    trash_can_loss_beta: float = GATE.trash_can_loss_beta
+    constraint_loss_weight: float = GATE.constraint_loss_weight
+    trash_can_loss_on: str = GATE.trash_can_loss_on
+    load_balancing_weight: float | None = GATE.load_balancing_weight
 
 
 def settings_of(values: dict) -> TrashCanSettings:
@@ -259,8 +262,9 @@ def _chosen_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
     return chosen
 
 
-def attach_trash_cans(model: nn.Module, mode: str = "modulate", init_mean: float = 0.0, init_std: float = 0.02,
-                      bias: bool = False, init_bias: float = 0.0, layers: list[int] | None = None, seed: int = 0,
+def attach_trash_cans(model: nn.Module, mode: str = GATE.mode, init_mean: float = GATE.init_mean,
+                      init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
+                      layers: list[int] | None = GATE.layers, seed: int = 0,
                       **settings) -> TrashCanGateSet:
     """Add `top_k` trash-can experts to the router of each chosen MoE layer (all by default)."""
     if mode not in MODES:

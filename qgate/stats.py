@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from qgate.gate import GateSet
 from qgate.losses import sample_gate_scores
+from qgate.settings import COLLECT
 
 STATS_VERSION = 1
 
@@ -76,8 +77,8 @@ def layer_scores_batch(gate_logits: torch.Tensor, nll: torch.Tensor, mask: torch
 class Scorer:
     """Scores encoded rows with a gated model. Plain class: Ray actors and the HTTP app wrap it."""
 
-    def __init__(self, model, tokenizer, gates: GateSet, alphas=(1.0,), eps: float = 1e-8,
-                 max_batch_tokens: int = 8192, ifd: bool = False, raw: bool = False,
+    def __init__(self, model, tokenizer, gates: GateSet, alphas=tuple(COLLECT.alphas), eps: float = COLLECT.eps,
+                 max_batch_tokens: int = COLLECT.max_batch_tokens, ifd: bool = COLLECT.ifd, raw: bool = COLLECT.raw,
                  autocast_dtype: torch.dtype | None = None):
         self.model, self.gates, self.alphas, self.eps = model.eval(), gates, [float(a) for a in alphas], eps
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id

@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 from qgate.contrast import alone_batch, contrasted
-from qgate.losses import QualityLossConfig, negatives_loss, quality_loss
+from qgate.losses import negatives_loss, quality_loss
+from qgate.settings import LossSettings
 from qgate.stats import decoder_pass, masked_mean, pad, token_nll
 
 
-@dataclass
-class WarmupLossConfig(QualityLossConfig):
-    negatives_weight: float = 0.0  # weight of the BCE on originals vs corrupted copies; 0 = the seeds' losses only
-    negatives_alpha: float = 1.0  # α of the perplexity weights inside the negatives loss
+WarmupLossConfig = LossSettings  # the `loss:` settings; built without arguments: the measured recipe
+NOT_QUALITY_LOSS = ("quality_loss_weight", "negatives_weight", "negatives_alpha")  # the rest are quality_loss's
 
 
 def collate(rows: list[dict], pad_id: int, contrast: bool = False) -> dict[str, torch.Tensor]:
@@ -55,8 +54,8 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None
     gates.clear()
     mask, clean = batch["score_mask"], batch["is_clean"]
-    loss_params = {k: v for k, v in asdict(cfg).items() if k in QualityLossConfig.__dataclass_fields__}
-    weight = loss_params.pop("quality_loss_weight")
+    loss_params = {k: v for k, v in asdict(cfg).items() if k not in NOT_QUALITY_LOSS}
+    weight = cfg.quality_loss_weight
     quality = quality_loss(torch.sigmoid(logits), mask * clean.unsqueeze(1), **loss_params)
     total, parts = weight * quality, {"quality": quality.item()}
     if needs_nll:

@@ -27,14 +27,62 @@ def test_autocast_auto_is_bf16_on_cuda_only():
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
 
 
-def test_shipped_yaml_loads_from_inside_the_package():
+def test_shipped_recipes_load_from_inside_the_package():
     import qgate
-    from qgate.config import DEFAULTS, config_path
+    from qgate.config import config_path
 
     package = Path(qgate.__file__).parent
-    assert DEFAULTS.parent == package / "configs" and config_path("demo.yaml").is_file()
+    assert config_path("demo.yaml").parent == package / "configs" and config_path("demo.yaml").is_file()
     demo = load_config([], config_path("demo.yaml"))
     assert demo.encoding.max_length == 192 and demo.out == "runs/demo"  # the demo's value over the default 512
+    assert load_config(["recipe=demo"]).encoding.max_length == 192
+
+
+def test_the_seeds_recipe_is_one_key_and_the_defaults_are_the_measured_recipe():
+    seeds = load_config(["recipe=seeds", "selection.alpha=0.5"])
+    assert (seeds.gate.mode, seeds.gate.contrast, seeds.loss.quality_loss_weight, seeds.loss.negatives_weight) == \
+        ("modulate", False, 1.0, 0.0)
+    assert seeds.selection.alpha == 0.5  # the command line still wins
+    default = load_config([])
+    assert (default.gate.mode, default.loss.negatives_weight, default.selection.alpha) == ("probe", 1.0, 0.0)
+    with pytest.raises(ValueError, match="no recipe 'nope'; shipped: demo, seeds"):
+        load_config(["recipe=nope"])
+
+
+def test_a_value_of_the_wrong_type_is_refused_with_its_key():
+    with pytest.raises(ValueError, match="abc"):
+        load_config(["warmup.steps=abc"])
+    with pytest.raises(ValueError, match="mode"):
+        load_config(["gate.mod=probe"])
+    assert load_config(["serve.num_cpus=0.5"]).serve.num_cpus == 0.5
+
+
+def test_the_library_built_without_arguments_gets_the_pipeline_defaults():
+    from qgate.corruption import DEFAULT_WARMUP_KINDS
+    from qgate.gate import attach_gates
+    from qgate.stats import Scorer
+    from qgate.tiny import tiny_model, tiny_tokenizer
+    from qgate.training import WarmupLossConfig
+
+    config = load_config([])
+    gates = attach_gates(tiny_model("tiny-qwen3"))
+    assert (gates.mode, gates.contrast, gates.evidence, gates.summary) == ("probe", True, True, True)
+    assert WarmupLossConfig() == WarmupLossConfig(**config.loss)
+    scorer = Scorer(gates.model, tiny_tokenizer(), gates)
+    assert (scorer.alphas, scorer.eps, scorer.ifd) == (list(config.collect.alphas), config.collect.eps, True)
+    assert list(DEFAULT_WARMUP_KINDS) == list(config.warmup.negative_kinds)
+
+
+def test_qgate_config_prints_each_key_with_its_help(capsys):
+    from qgate.cli import main
+
+    assert main(["config", "gate", "gate.mode=modulate"]) == 0
+    shown = capsys.readouterr().out
+    assert "  mode: modulate  # probe: the gate only reads" in shown and "model: smollm2-135m-instruct" in shown
+    assert "selection:" not in shown
+    assert main(["select", "--help"]) == 0
+    assert "  percentage: 0.3  # share of the rows kept" in capsys.readouterr().out
+    assert main(["config", "nothing"]) == 2
 
 
 def test_the_recorded_config_layers_between_defaults_and_the_command_line(tmp_path):

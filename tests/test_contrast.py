@@ -32,7 +32,8 @@ def encoded(tok, rows, max_length=64):
 
 
 def contrast_gates(model, layers=None, evidence=False, summary=False):
-    gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence, summary=summary)
+    gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence, summary=summary,
+                         bias=False)
     for gate in gates.gates:  # contrast, evidence and summary weights start at 0; make them read something
         for extra in (gate.contrast, gate.evidence, gate.summary):
             if extra is not None:

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from qgate.corruption import DEFAULT_HELDOUT_KINDS, DEFAULT_WARMUP_KINDS
 from qgate.data import iter_file_rows, list_input_files
-from qgate.demo_corpus import allocate, build_demo_corpus, clean_text, main
+from qgate.demo_corpus import DEMO_NOISE_KINDS, allocate, build_demo_corpus, clean_text, main
 
 NEUTRAL_ID = re.compile(r"^[a-z_]+-\d{5}$")
 
@@ -69,7 +68,7 @@ def test_planted_noise_is_labelled_apart(noisy):
     assert {label["id"] for label in labels} == {row["id"] for row in data_rows}
     corrupt = [label for label in labels if label["label"] == "corrupt"]
     assert len(corrupt) == noisy["n_corrupt"] == round(0.2 * 1080)
-    assert {label["kind"] for label in corrupt} == set(DEFAULT_WARMUP_KINDS) | set(DEFAULT_HELDOUT_KINDS)
+    assert {label["kind"] for label in corrupt} == set(DEMO_NOISE_KINDS)
     assert all(label["kind"] is None for label in labels if label["label"] == "clean")
 
 

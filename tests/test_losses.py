@@ -80,7 +80,7 @@ def test_probe_warmup_skips_the_lm_head_and_trains_the_same_gates():
     from qgate.training import WarmupLossConfig, warmup_loss
 
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="probe", init_std=0.3)
+    gates = attach_gates(model, mode="probe", init_std=0.3, contrast=False)
     freeze_backbone(model)
     rows = toy_rows(4)
     batch = collate(rows + [{**r, "is_clean": 0.0} for r in toy_rows(4, seed=1)], pad_id=0)

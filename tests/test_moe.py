@@ -48,7 +48,7 @@ def frozen_backbone(model) -> dict[str, torch.Tensor]:
 def test_mass_forced_onto_real_experts_reproduces_the_base_model(arch, implementation, norm_topk_prob):
     model = routed_as(tiny_model(arch), implementation, norm_topk_prob)
     base = logits_of(model)
-    gates = attach_gates(model, bias=True, init_bias=0.0)
+    gates = attach_gates(model, mode="modulate", bias=True, init_bias=0.0)
     assert isinstance(gates, TrashCanGateSet) and gates.layers == [0, 1]
     assert (logits_of(model) - base).abs().max() > 1e-4  # a third of the mass goes to trash at this init
     with gates.forced(1.0):
@@ -103,8 +103,10 @@ def test_warmup_steps_keep_the_experts_bit_identical(train_router):
 
 def test_warmup_loss_adds_the_trash_can_losses():
     model = tiny_model("tiny-olmoe")
-    attach_gates(model, bias=True, init_bias=3.0, constraint_loss_weight=0.5, load_balancing_weight=0.25)
-    total, parts = warmup_loss(model, collate(toy_rows(4), pad_id=0), WarmupLossConfig(negatives_weight=0.0))
+    attach_gates(model, mode="modulate", bias=True, init_bias=3.0, constraint_loss_weight=0.5,
+                 load_balancing_weight=0.25)
+    seeds_losses = WarmupLossConfig(quality_loss_weight=1.0, negatives_weight=0.0)
+    total, parts = warmup_loss(model, collate(toy_rows(4), pad_id=0), seeds_losses)
     expected = parts["ce"] + parts["quality"] + 0.5 * parts["constraint"] + 0.25 * parts["load_balancing"]
     assert parts["constraint"] > 0 and parts["load_balancing"] > 0
     assert total.item() == pytest.approx(expected, rel=1e-5)

@@ -55,16 +55,17 @@ def venv(wheel, tmp_path_factory) -> Path:
 
 def test_the_wheel_ships_the_configs_and_every_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"qgate/configs/qgate.yaml", "qgate/configs/demo.yaml", "qgate/identity.py", "ray_jobs/collect.py",
+    assert {"qgate/configs/seeds.yaml", "qgate/configs/demo.yaml", "qgate/identity.py", "ray_jobs/collect.py",
             "serve/app.py", "qgate/tasks/python_docs_mc/python_docs_mc.yaml"} <= names
     assert not any(name.startswith(("configs/", "tests/")) for name in names)
 
 
 def test_the_installed_qgate_runs_a_tiny_pipeline_outside_the_source_tree(venv, tmp_path):
     python, qgate = venv / "bin" / "python", venv / "bin" / "qgate"
-    where = sh(python, "-c", "import qgate.config as c; print(c.__file__); print(c.DEFAULTS)", cwd=tmp_path).stdout
+    where = sh(python, "-c", "import qgate.config as c; print(c.__file__); print(c.config_path('seeds.yaml'))",
+               cwd=tmp_path).stdout
     assert all(line.startswith(str(venv)) for line in where.split()), where
-    assert "qgate/configs/qgate.yaml" in sh(qgate, "--help", cwd=tmp_path).stdout
+    assert "  mode: probe  # probe: the gate only reads" in sh(qgate, "config", "gate", cwd=tmp_path).stdout
     rows = [{"dataset": "toy", "id": str(i), "instruction": f"Say {i} in words, please.",
              "output": f"The number {i}, written out, is {'one two three four five six'.split()[i % 6]}."}
             for i in range(16)]
