@@ -408,9 +408,11 @@ def pool_size(c, gpu: bool) -> int:
 
 
 def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
-    """One GPU per actor; on CPU, `cpus_per_actor` each unless the pool fits the cluster's CPUs but would leave the
-    file readers none (a fixed pool holding every CPU starves the read tasks that feed it, and the dataset never
-    moves). A pool larger than the cluster keeps its size: an autoscaling cluster grows to place it."""
+    """One GPU per actor; on CPU, `cpus_per_actor` each unless the pool fits the cluster's CPUs but would leave no
+    room for a reading task and a writing task beside it (a fixed pool holding every CPU starves the read tasks
+    that feed it, and the dataset never moves; one that leaves room for the reader alone writes nothing until
+    the reader of a large file is done, holding every scored row in the object store meanwhile). A pool larger
+    than the cluster keeps its size: an autoscaling cluster grows to place it."""
     if gpu:
         return {"num_gpus": 1}
     per_actor, actors = float(c.cpus_per_actor), pool_size(c, gpu)
@@ -418,9 +420,10 @@ def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
     if needed > cluster_cpus:
         log.warning("collect: %d actors x %g CPUs need %g CPUs, the cluster has %g now: waiting for it to grow",
                     actors, per_actor, needed, cluster_cpus)
-    elif needed > cluster_cpus - READ_CPUS:
-        room = max((cluster_cpus - READ_CPUS) / actors, 0.05)
-        log.warning("collect: %d actors x %g CPUs leave no CPU for reading on a %g-CPU cluster; %.2f CPUs each",
+    elif needed > cluster_cpus - 2 * READ_CPUS:
+        room = max((cluster_cpus - 2 * READ_CPUS) / actors, 0.05)
+        log.warning("collect: %d actors x %g CPUs leave no CPU for reading and writing on a %g-CPU cluster; "
+                    "%.2f CPUs each",
                     actors, per_actor, cluster_cpus, room)
         per_actor = room
     return {"num_cpus": per_actor}

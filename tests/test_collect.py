@@ -118,11 +118,11 @@ def test_every_row_is_scored_or_rejected_exactly_once(run_a):
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
 
 
-def test_cpu_actors_leave_room_for_readers():
+def test_cpu_actors_leave_room_for_a_reader_and_a_writer():
     c = load_config(["collect.actors=2", "collect.cpus_per_actor=1"]).collect
     assert collect.actor_resources(c, gpu=False, cluster_cpus=8.0) == {"num_cpus": 1.0}
     squeezed = collect.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
-    assert 2 * squeezed + collect.READ_CPUS <= 2.0
+    assert 2 * squeezed + 2 * collect.READ_CPUS <= 2.0  # a reading and a writing task fit beside the pool
     assert collect.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
     # an autoscaling cluster that has one 1-CPU node now: the pool keeps whole CPUs, so it asks for more nodes
     assert collect.actor_resources(c, gpu=False, cluster_cpus=1.0) == {"num_cpus": 1.0}
