@@ -335,6 +335,9 @@ def _gates_dir(config, paths) -> Path:
 
 
 READ_CPUS = 0.25  # per file-reading task: JSON parsing, no model
+# per writing task: Parquet encoding of stats rows; less than what any other task asks, so that a writer always
+# fits in the room the pool leaves, even while readers hold the rest
+WRITE_CPUS = 0.05
 PROGRESS_PIECES = 20  # write tasks of a small corpus (collect's bar moves once per finished write)
 
 
@@ -383,7 +386,7 @@ def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attem
         batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=pool_size(c, gpu)), **resources)
     return scored.map_batches(
         write_batch, batch_format="pyarrow", batch_size=write_rows(c.shard_rows, c.batch_rows, n_todo),
-        num_cpus=READ_CPUS,
+        num_cpus=WRITE_CPUS,
         fn_kwargs={"stats_dir": str(paths["stats"]), "rejects_dir": str(paths["rejects"]), "attempt": attempt,
                    "schema": stats_schema(bool(c.raw)), "shard_bytes": int(c.shard_bytes)})
 
@@ -420,8 +423,8 @@ def actor_resources(c, gpu: bool, cluster_cpus: float) -> dict:
     if needed > cluster_cpus:
         log.warning("collect: %d actors x %g CPUs need %g CPUs, the cluster has %g now: waiting for it to grow",
                     actors, per_actor, needed, cluster_cpus)
-    elif needed > cluster_cpus - 2 * READ_CPUS:
-        room = max((cluster_cpus - 2 * READ_CPUS) / actors, 0.05)
+    elif needed > cluster_cpus - READ_CPUS - WRITE_CPUS:
+        room = max((cluster_cpus - READ_CPUS - WRITE_CPUS) / actors, 0.05)
         log.warning("collect: %d actors x %g CPUs leave no CPU for reading and writing on a %g-CPU cluster; "
                     "%.2f CPUs each",
                     actors, per_actor, cluster_cpus, room)

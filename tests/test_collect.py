@@ -122,7 +122,8 @@ def test_cpu_actors_leave_room_for_a_reader_and_a_writer():
     c = load_config(["collect.actors=2", "collect.cpus_per_actor=1"]).collect
     assert collect.actor_resources(c, gpu=False, cluster_cpus=8.0) == {"num_cpus": 1.0}
     squeezed = collect.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
-    assert 2 * squeezed + 2 * collect.READ_CPUS <= 2.0  # a reading and a writing task fit beside the pool
+    # a reading and a writing task fit beside the pool, and a second reader cannot take the writer's room
+    assert 2 * squeezed + collect.READ_CPUS + collect.WRITE_CPUS <= 2.0 < 2 * squeezed + 2 * collect.READ_CPUS
     assert collect.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
     # an autoscaling cluster that has one 1-CPU node now: the pool keeps whole CPUs, so it asks for more nodes
     assert collect.actor_resources(c, gpu=False, cluster_cpus=1.0) == {"num_cpus": 1.0}
