@@ -15,18 +15,12 @@ import bisect
 
 from jinja2.exceptions import TemplateError
 
+from qgate.messages import RowError
+
 SCORE_ON = ("all", "response")
 ENCODING_FIELDS = ("input_ids", "score_mask", "response_mask", "n_tokens", "n_scored", "truncated", "n_tokens_full")
 IFD_FIELDS = ("ifd_input_ids", "ifd_score_mask")
 RENDER_BUDGET = 4  # template renderings of conversation prefixes, in multiples of the rendered row's length
-
-
-class EncodingError(ValueError):
-    """A row that cannot be scored; `reason` is the short code written to the rejects file."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -86,7 +80,7 @@ def encode_response_only(tokenizer, messages: list[dict], max_length: int) -> di
     """The final assistant message alone, as a one-message conversation, scored on its content (for IFD)."""
     final = messages[-1] if messages else {}
     if final.get("role") != "assistant":
-        raise EncodingError("last_turn_not_assistant", "response-only encoding needs a final assistant message")
+        raise RowError("last_turn_not_assistant", "response-only encoding needs a final assistant message")
     alone = [{"role": "assistant", "content": final["content"]}]
     try:
         return encode_messages(tokenizer, alone, max_length, score_on="response")
@@ -110,7 +104,7 @@ def encode_row(tokenizer, row: dict, max_length: int, score_on: str = "all", ifd
         if ifd:
             alone = encode_response_only(tokenizer, row["messages"], max_length)
             out.update(ifd_input_ids=alone["input_ids"], ifd_score_mask=alone["score_mask"])
-    except EncodingError as err:
+    except RowError as err:
         out.update(_empty_encoding(ifd), reason=err.reason, detail=str(err))
     except TemplateError as err:
         out.update(_empty_encoding(ifd), reason="template_error", detail=f"chat template refused the row: {err}")
@@ -125,7 +119,7 @@ def encode_row(tokenizer, row: dict, max_length: int, score_on: str = "all", ifd
 
 def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
     """Character spans `[start, end)` of the assistant contents inside `text`, the rendered conversation; the last
-    one is the final response's (EncodingError when the template rewrote it beyond recognition).
+    one is the final response's (RowError when the template rewrote it beyond recognition).
 
     The search for turn i starts where the rendering of turns < i (with the generation prompt) stops
     agreeing with `text`, and never before the previous span's end, so a content that also appears
@@ -149,7 +143,7 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
             spans.append(span)
             cursor = span[1]
         elif i == final:
-            raise EncodingError("content_not_in_template",
+            raise RowError("content_not_in_template",
                                 "the final assistant content is not found verbatim in the rendered chat")
     return spans
 
@@ -199,14 +193,14 @@ def _tokenize(tokenizer, text: str, with_offsets: bool) -> tuple[list[int], list
     """Ids of already-rendered text: the template wrote any special tokens, so none are added here."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=with_offsets)
     if not enc["input_ids"]:
-        raise EncodingError("empty_after_tokenization", "the rendered conversation has no tokens")
+        raise RowError("empty_after_tokenization", "the rendered conversation has no tokens")
     return list(enc["input_ids"]), enc.get("offset_mapping")
 
 
 def _truncated(kept_ids: list[int], kept_mask: list[int], n_full: int) -> dict:
     n_scored = sum(kept_mask)
     if n_scored == 0:
-        raise EncodingError("nothing_to_score", f"no token to score among the {len(kept_ids)} kept of {n_full}")
+        raise RowError("nothing_to_score", f"no token to score among the {len(kept_ids)} kept of {n_full}")
     return {
         "input_ids": kept_ids, "score_mask": kept_mask, "n_tokens": len(kept_ids), "n_scored": n_scored,
         "truncated": n_full > len(kept_ids), "n_tokens_full": n_full,

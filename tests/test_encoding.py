@@ -8,7 +8,7 @@ import pytest
 
 from qgate.encoding import (
     ENCODING_FIELDS,
-    EncodingError,
+    RowError,
     encode_messages,
     encode_response_only,
     encode_row,
@@ -144,7 +144,7 @@ def test_content_trimmed_by_the_template_is_still_found():
 def test_empty_rendering_is_an_encoding_error():
     tok = tiny_tokenizer()
     tok.chat_template = "{{ '' }}"
-    with pytest.raises(EncodingError) as err:
+    with pytest.raises(RowError) as err:
         encode_messages(tok, SINGLE, max_length=16)
     assert err.value.reason == "empty_after_tokenization"
 
