@@ -177,6 +177,17 @@ def load_config(args: list[str] | None = None, path: str | Path | None = None,
     return config
 
 
+def scorer_config(config, gates_dir, device: str = "cpu", **overrides) -> dict:
+    """The `load_scorer` arguments of a run config (an OmegaConf config or its plain dict): how collect scores,
+    which the self-check and the scale benchmarks score the same way. `overrides` replace any of them."""
+    collect = config["collect"]
+    return {"model": config["model"], "gates_dir": str(gates_dir), "dtype": config["dtype"],
+            "autocast": config["autocast"], "device": device, "trust_remote_code": bool(config["trust_remote_code"]),
+            "alphas": [float(a) for a in collect["alphas"]], "eps": float(collect["eps"]),
+            "max_batch_tokens": int(collect["max_batch_tokens"]), "ifd": bool(collect["ifd"]),
+            "raw": bool(collect["raw"]), **overrides}
+
+
 def save_config(config: DictConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, path, resolve=True)

@@ -205,7 +205,8 @@ def finite_or_reason(stats: dict) -> dict:
 def load_scorer(model: str, gates_dir: str, dtype: str = "float32", autocast: str = "auto", device: str = "cpu",
                 trust_remote_code: bool = False, **scorer_args) -> Scorer:
     """The base model with its saved gates, in a Scorer: the one construction behind collect, the self-check and
-    serve. `scorer_args`: alphas, eps, max_batch_tokens, ifd, raw."""
+    serve. `scorer_args`: alphas, eps, max_batch_tokens, ifd, raw; `qgate.config.scorer_config` gives them all
+    from a run config."""
     from qgate.gate import build_gated_model
     from qgate.models import autocast_dtype
 

@@ -58,6 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qgate.config import scorer_config
 from qgate.data import iter_file_rows, list_input_files
 from qgate.encoding import encode_row
 from qgate.identity import check_same, file_keys, run_identity
@@ -238,14 +239,10 @@ def encode_batch(batch: pa.Table, model_name: str, max_length: int, score_on: st
 class ScoreBatch:
     """A scoring actor: loads the gated model once; `__call__` scores the good rows and passes rejects on."""
 
-    def __init__(self, model_name: str, gates_dir: str, dtype: str = "float32", autocast: str = "auto",
-                 device: str = "cpu",
-                 alphas=(1.0,), eps: float = 1e-8, max_batch_tokens: int = 8192, ifd: bool = False,
-                 raw: bool = False, trust_remote_code: bool = False):
+    def __init__(self, model: str, gates_dir: str, raw: bool = False, **scorer_args):
         from qgate.stats import load_scorer
 
-        self.scorer = load_scorer(model_name, gates_dir, dtype, autocast, device, trust_remote_code, alphas=alphas,
-                                  eps=eps, max_batch_tokens=max_batch_tokens, ifd=ifd, raw=raw)
+        self.scorer = load_scorer(model, gates_dir, raw=raw, **scorer_args)  # `qgate.config.scorer_config`
         self.schema = _with_reason(stats_schema(raw))
         self.scorer_id = f"{socket.gethostname()}:{os.getpid()}"  # counted in the summary: actors that did work
 
@@ -341,14 +338,6 @@ WRITE_CPUS = 0.05
 PROGRESS_PIECES = 20  # write tasks of a small corpus (collect's bar moves once per finished write)
 
 
-def _scorer_args(config, gates_dir: Path, gpu: bool) -> dict:
-    c = config.collect
-    return {"model_name": config.model, "gates_dir": str(gates_dir), "dtype": config.dtype,
-            "autocast": config.autocast, "device": "cuda" if gpu else "cpu", "alphas": [float(a) for a in c.alphas], "eps": float(c.eps),
-            "max_batch_tokens": int(c.max_batch_tokens), "ifd": bool(c.ifd), "raw": bool(c.raw),
-            "trust_remote_code": bool(config.trust_remote_code)}
-
-
 def write_rows(shard_rows: int, batch_rows: int, n_todo: int | None) -> int:
     """Rows per write task: `collect.shard_rows`, but a corpus smaller than `PROGRESS_PIECES` shards is written in
     about that many pieces (never under one scoring batch each), so collect's bar moves while it scores."""
@@ -382,8 +371,8 @@ def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attem
                    "trust_remote_code": bool(config.trust_remote_code)},
         **({} if gpu else resources))
     scored = encoded.map_batches(
-        ScoreBatch, fn_constructor_kwargs=_scorer_args(config, gates_dir, gpu), batch_format="pyarrow",
-        batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=pool_size(c, gpu)), **resources)
+        ScoreBatch, fn_constructor_kwargs=scorer_config(config, gates_dir, "cuda" if gpu else "cpu"),
+        batch_format="pyarrow", batch_size=int(c.batch_rows), compute=ray.data.ActorPoolStrategy(size=pool_size(c, gpu)), **resources)
     return scored.map_batches(
         write_batch, batch_format="pyarrow", batch_size=write_rows(c.shard_rows, c.batch_rows, n_todo),
         num_cpus=WRITE_CPUS,

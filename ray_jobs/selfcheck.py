@@ -118,13 +118,12 @@ def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
 @ray.remote
 def score_chunk(config: dict, gates_dir: str, rows: list[dict], gpu: bool) -> list[dict]:
     """Loads the gated model once per chunk and scores encoded rows."""
+    from qgate.config import scorer_config
     from qgate.stats import load_scorer
 
-    scorer = load_scorer(config["model"], gates_dir, config["dtype"], config["autocast"], "cuda" if gpu else "cpu",
-                         config["trust_remote_code"], alphas=[config["selection"]["alpha"]],
-                         eps=config["collect"]["eps"], max_batch_tokens=config["collect"]["max_batch_tokens"],
-                         ifd=config["collect"]["ifd"])
-    return scorer.score(rows)
+    settings = scorer_config(config, gates_dir, "cuda" if gpu else "cpu", alphas=[config["selection"]["alpha"]],
+                             raw=False)
+    return load_scorer(**settings).score(rows)
 
 
 def without_stats(row: dict) -> dict:
