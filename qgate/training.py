@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn

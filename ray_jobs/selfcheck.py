@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 
+from qgate import selection
 from qgate import selfcheck
 from qgate.data import read_jsonl
 from qgate.encoding import encode_row
@@ -85,11 +86,9 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
     """Up to `selfcheck.rows` collected rows that warmup never saw, seeded: id, dataset, messages and the stats
     collect wrote for them (S for the selection's α, response NLL, IFD), so the originals are not scored again.
     Stats of at most `DRIVER_SAMPLE_ROWS` rows are sampled on the driver (a Ray Data pass costs seconds)."""
-    from ray_jobs import select
-
     stats_dir = run_paths(config.out)["stats"]
-    spec = select.alpha_spec(stats_dir, float(config.selection.alpha))
-    columns = ["id", "dataset", "messages", "response_nll", "ifd", *select.s_columns(spec)]
+    spec = selection.alpha_spec(stats_dir, float(config.selection.alpha))
+    columns = ["id", "dataset", "messages", "response_nll", "ifd", *selection.s_columns(spec)]
     files = sorted(str(f) for f in stats_dir.rglob("*.parquet"))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # the footers, not a pass over the rows
     if total <= DRIVER_SAMPLE_ROWS:
@@ -108,9 +107,7 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
 
 def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
     """The originals' columns with S [B, L] for the spec's α in place of every α's (or the raw) S."""
-    from ray_jobs import select
-
-    S = select.batch_layer_scores(table, spec)  # [B, L]
+    S = selection.batch_layer_scores(table, spec)  # [B, L]
     kept = table.select(["id", "dataset", "messages", "response_nll", "ifd"])
     return kept.append_column("S_alpha", pa.array(list(S), type=pa.list_(pa.float64())))
 
@@ -156,9 +153,9 @@ def corpus_reference(config: DictConfig) -> tuple[LayerStats, dict | None]:
 
     s = config.selection
     dirs = select.stats_dirs(config)
-    specs = [select.alpha_spec(d, float(s.alpha)) for d in dirs]
+    specs = [selection.alpha_spec(d, float(s.alpha)) for d in dirs]
     stats = select.global_stats(dirs, specs)
-    if not select.has_ifd(specs):
+    if not selection.has_ifd(specs):
         return stats, None
     kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
     return stats, select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed))

@@ -147,7 +147,7 @@ def test_rows_without_tokens_keep_their_own_reason(scorer_parts):
 def test_ties_and_the_kth_cut_are_ordered_by_dataset_and_id():
     import numpy as np
 
-    from ray_jobs.select import _before, row_keys
+    from qgate.selection import _before, row_keys
 
     table = pa.table({"dataset": ["a", "b", "b", "a"], "id": ["1", "1", "0", "2"]})
     score = np.array([0.5, 0.5, 0.5, 0.4])  # [4]; equal scores in the order (a, 1), (b, 0), (b, 1)

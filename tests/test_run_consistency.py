@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qgate import selection
 from qgate.cli import main
 from qgate.config import load_config
 from qgate.data import read_jsonl
@@ -100,8 +101,6 @@ def test_every_stage_refuses_stats_of_gates_replaced_since(run, other_gates, tmp
 
 
 def test_a_selfcheck_of_another_alpha_or_other_gates_does_not_choose_the_direction(run, tmp_path):
-    from ray_jobs import select
-
     check = json.loads((run / "selfcheck" / "selfcheck.json").read_text())
     assert check["alpha"] == 0.0 and len(check["identity"]["gates_sha256"]) == 64
     main(["select", f"out={run}", "selection.alpha=1.0"])
@@ -110,8 +109,8 @@ def test_a_selfcheck_of_another_alpha_or_other_gates_does_not_choose_the_directi
     (tmp_path / "selfcheck").mkdir()
     (tmp_path / "selfcheck" / "selfcheck.json").write_text(json.dumps(check))
     other = {**check["identity"], "gates_sha256": "0" * 64}
-    assert select.resolve_direction("auto", tmp_path, other, 0.0)[1:] == ("default", None)
-    assert select.resolve_direction("auto", tmp_path, check["identity"], 0.0)[1] == "selfcheck"
+    assert selection.resolve_direction("auto", tmp_path, other, 0.0)[1:] == ("default", None)
+    assert selection.resolve_direction("auto", tmp_path, check["identity"], 0.0)[1] == "selfcheck"
 
 
 def test_warmup_refuses_to_resume_under_another_lr_or_past_its_steps(run):

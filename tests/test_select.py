@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_collect import collect_config, make_gates, read_stats, write_inputs
 
+from qgate import selection
 from qgate.config import load_config
 from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, sorted_reference
 
@@ -108,7 +109,7 @@ def test_selection_stats_and_report(runs, selected_a):
     assert sum(d["selected"] for d in stats["datasets"].values()) == 12
     assert stats["strategy"] == "top_k" and stats["stats_version"] >= 1 and stats["alpha_from"] == ["stored"]
     assert (stats["score"], stats["score_source"]) == ("q", "default")  # auto, and no self-check
-    assert not (selected_a / select.REFERENCE_FILE).exists()
+    assert not (selected_a / selection.REFERENCE_FILE).exists()
     page = (selected_a / "report.html").read_text()
     best = read_lines(selected_a / "selected_data.jsonl")[0]["id"]
     assert best in page and "Worst samples" in page
@@ -228,28 +229,28 @@ def test_auto_selects_the_top_k_of_the_blend_when_the_selfcheck_finds_it_better(
     stats = json.loads((blend_selected / "selection_stats.json").read_text())
     assert (stats["score"], stats["score_source"], stats["direction"]) == ("q_ifd", "selfcheck", "higher")
     assert stats["threshold"] == scores[top[-1]]["score"]
-    reference = np.load(blend_selected / select.REFERENCE_FILE)
+    reference = np.load(blend_selected / selection.REFERENCE_FILE)
     np.testing.assert_allclose(reference["q"], sorted_reference(q), rtol=1e-6)
     assert len(reference["ifd"]) == sum(1 for row in scores.values() if row["ifd"] is not None) < len(ids)
     assert "q_ifd distribution" in (blend_selected / "report.html").read_text()
 
 
 def test_auto_keeps_q_when_the_selfcheck_finds_the_blend_worse(tmp_path):
-    direction = select.resolve_direction("auto", with_selfcheck(tmp_path, q_auroc=0.8, blend_auroc=0.75))
-    assert select.resolve_score("auto", direction[2], direction[0], True) == ("q", "selfcheck")
+    direction = selection.resolve_direction("auto", with_selfcheck(tmp_path, q_auroc=0.8, blend_auroc=0.75))
+    assert selection.resolve_score("auto", direction[2], direction[0], True) == ("q", "selfcheck")
 
 
 def test_score_resolution():
     check = {"direction": "higher", "auroc": 0.7, "blend": {"auroc": 0.8}}
-    assert select.resolve_score("q", check, "higher", True) == ("q", "config")
-    assert select.resolve_score("q_ifd", None, "lower", True) == ("q_ifd", "config")
-    assert select.resolve_score("auto", check, "higher", True) == ("q_ifd", "selfcheck")
-    assert select.resolve_score("auto", check, "higher", False) == ("q", "default")  # no IFD collected
-    assert select.resolve_score("auto", check, "lower", True) == ("q", "default")  # measured the other way
-    assert select.resolve_score("auto", {"direction": "higher", "auroc": 0.7}, "higher", True) == ("q", "default")
-    assert select.resolve_score("auto", None, "higher", True) == ("q", "default")
+    assert selection.resolve_score("q", check, "higher", True) == ("q", "config")
+    assert selection.resolve_score("q_ifd", None, "lower", True) == ("q_ifd", "config")
+    assert selection.resolve_score("auto", check, "higher", True) == ("q_ifd", "selfcheck")
+    assert selection.resolve_score("auto", check, "higher", False) == ("q", "default")  # no IFD collected
+    assert selection.resolve_score("auto", check, "lower", True) == ("q", "default")  # measured the other way
+    assert selection.resolve_score("auto", {"direction": "higher", "auroc": 0.7}, "higher", True) == ("q", "default")
+    assert selection.resolve_score("auto", None, "higher", True) == ("q", "default")
     with pytest.raises(ValueError, match="collect.ifd=true"):
-        select.resolve_score("q_ifd", check, "higher", False)
+        selection.resolve_score("q_ifd", check, "higher", False)
 
 
 def test_q_ifd_without_ifd_is_an_error(runs, tmp_path):
