@@ -19,7 +19,8 @@ from qgate.stats import Scorer, decode_raw
 from qgate.tiny import tiny_model
 
 ray = pytest.importorskip("ray")
-from ray_jobs import collect, shards
+from qgate import collection, shards
+from ray_jobs import collect
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -158,11 +159,11 @@ def test_stats_equal_scorer_run_directly(run_a):
 
 
 def test_score_batch_passes_rejects_on(run_a):
-    actor = collect.ScoreBatch("tiny-qwen3", str(run_a["gates"]), alphas=[1.0])
-    tokenizer = collect._tokenizer("tiny-qwen3", False)
+    actor = collection.ScoreBatch("tiny-qwen3", str(run_a["gates"]), alphas=[1.0])
+    tokenizer = collection._tokenizer("tiny-qwen3", False)
     rows = [r for r in iter_file_rows(str(run_a["data"] / "less0.jsonl"))][14:17]  # good, bad_json, blank
     batch = pa.Table.from_pylist([{**encode_row(tokenizer, r, 64), "messages": json.dumps(r["messages"])}
-                                  for r in rows], schema=collect.ENCODED_SCHEMA)
+                                  for r in rows], schema=collection.ENCODED_SCHEMA)
     out = actor(batch).to_pylist()
     assert [r["reason"] for r in out] == ["", "bad_json", "blank_line"]
     assert np.asarray(out[0]["S"]).shape == (1, 2) and out[1]["S"] is None

@@ -42,18 +42,18 @@ def test_deeply_nested_brackets_are_a_reject_in_warmups_read(tmp_path):
 
 
 def test_a_5000_digit_number_is_a_reject_in_collects_read(tmp_path):
-    from ray_jobs import collect
+    from qgate import collection
 
     huge = GOOD[:-1] + ', "n": 1' + "0" * 5_000 + "}"
     path = write(tmp_path / "numbers.jsonl", [GOOD, huge])
-    assert collect.iter_file_rows is iter_file_rows  # collect's read tasks call the one reader
-    rows = list(collect.iter_file_rows(path))
+    assert collection.iter_file_rows is iter_file_rows  # collect's read tasks call the one reader
+    rows = list(collection.iter_file_rows(path))
     assert [r["reason"] for r in rows] == ["", "bad_json"]
     assert "digits" in rows[1]["detail"] and rows[1]["record"].startswith('{"prompt"')
 
 
 def test_a_lone_surrogate_is_a_reject_that_every_writer_accepts(tmp_path):
-    from ray_jobs.collect import ROW_SCHEMA
+    from qgate.collection import ROW_SCHEMA
 
     line = json.dumps({"prompt": "Say \ud800 hi", "completion": "Hi."})  # the text holds the escape \ud800
     rows = list(iter_file_rows(write(tmp_path / "surrogate.jsonl", [line, GOOD])))
