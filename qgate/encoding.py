@@ -16,6 +16,7 @@ import bisect
 from jinja2.exceptions import TemplateError
 
 from qgate.messages import RowError
+from qgate.settings import COLLECT, ENCODING
 
 SCORE_ON = ("all", "response")
 ENCODING_FIELDS = ("input_ids", "score_mask", "response_mask", "n_tokens", "n_scored", "truncated", "n_tokens_full")
@@ -91,7 +92,8 @@ def encode_response_only(tokenizer, messages: list[dict], max_length: int) -> di
         return {**encoded, "response_mask": encoded["score_mask"]}
 
 
-def encode_row(tokenizer, row: dict, max_length: int, score_on: str = "all", ifd: bool = False) -> dict:
+def encode_row(tokenizer, row: dict, max_length: int = ENCODING.max_length, score_on: str = ENCODING.score_on,
+               ifd: bool = COLLECT.ifd) -> dict:
     """`row` from `data.iter_file_rows` plus the encoding fields; a row that cannot be scored gets a reason.
 
     Rejected rows (in or out) carry empty encoding fields, so every row of a batch has the same columns.

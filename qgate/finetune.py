@@ -47,7 +47,7 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict
     """`{input_ids, loss_mask}` for each row that has an assistant token to learn from; drops by reason."""
     encoded, dropped = [], Counter()
     for row in rows:
-        out = encode_row(tokenizer, {"reason": "", **row}, max_length, score_on="response")
+        out = encode_row(tokenizer, {"reason": "", **row}, max_length, score_on="response", ifd=False)
         if out["reason"]:
             dropped[out["reason"]] += 1
             continue

@@ -165,7 +165,7 @@ def test_score_batch_passes_rejects_on(run_a):
     batch = pa.Table.from_pylist([{**encode_row(tokenizer, r, 64), "messages": json.dumps(r["messages"])}
                                   for r in rows], schema=collection.ENCODED_SCHEMA)
     out = actor(batch).to_pylist()
-    assert [r["reason"] for r in out] == ["", "bad_json", "blank_line"]
+    assert [r["reason"] for r in out] == ["", "bad_json", "blank_line"], out[0]["detail"]
     assert np.asarray(out[0]["S"]).shape == (1, 2) and out[1]["S"] is None
 
 

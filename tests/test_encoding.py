@@ -171,7 +171,7 @@ def test_encode_row_adds_fields_and_turns_failures_into_reasons(tok):
     short = encode_row(shouting, row_of(SINGLE), max_length=512, score_on="response", ifd=True)
     assert short["reason"] == "content_not_in_template" and short["detail"]
     assert (short["input_ids"], short["ifd_input_ids"], short["n_tokens"]) == ([], [], 0)
-    rejected = encode_row(tok, row_of([], reason="empty_messages"), max_length=512, score_on="all")
+    rejected = encode_row(tok, row_of([], reason="empty_messages"), max_length=512, score_on="all", ifd=False)
     assert rejected["reason"] == "empty_messages" and rejected["input_ids"] == []
     assert set(good) == set(short) and set(rejected) == set(good) - {"ifd_input_ids", "ifd_score_mask"}
 
