@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 
-from qgate import selection
-from qgate import selfcheck
+from qgate import selection, selfcheck
 from qgate.data import read_jsonl
 from qgate.encoding import encode_row
 from qgate.gate import read_gate_metadata
 from qgate.identity import checked_stats_identity
 from qgate.models import load_tokenizer
 from qgate.scoring import LayerStats
+from qgate.warmup_rows import WARMUP_ROWS
 from ray_jobs.common import (
     config_from_argv,
     init_ray,
@@ -51,7 +51,6 @@ from ray_jobs.progress import gather
 
 log = logging.getLogger("qgate.selfcheck")
 
-WARMUP_ROWS = "warmup_rows.jsonl"  # written by ray_jobs/warmup.py beside the gates
 STATS_FIELDS = ("alphas", "S", "response_nll", "ifd")  # what an original brings from collect
 DRIVER_SAMPLE_ROWS = 20_000  # stats rows up to which the originals are sampled on the driver (a few kB each)
 

@@ -21,7 +21,6 @@ creates the marker and raises before step k, once: it does nothing while the mar
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import logging
 import os
@@ -36,10 +35,10 @@ from omegaconf import DictConfig
 
 from qgate.config import as_dict
 from qgate.contrast import may_read_contrast
-from qgate.data import iter_file_rows, list_input_files, write_jsonl
-from qgate.encoding import encode_row
+from qgate.data import write_jsonl
 from qgate.models import autocast_dtype
 from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
+from qgate.warmup_rows import WARMUP_ROWS, encode_items, sample_rows, shard_items
 from ray_jobs.common import (
     config_from_argv,
     init_ray,
@@ -52,7 +51,6 @@ from ray_jobs.common import (
 
 log = logging.getLogger("qgate.warmup")
 
-WARMUP_ROWS = "warmup_rows.jsonl"  # beside the gates: (dataset, id) of every row they warmed up on; the self-check
 # leaves these rows out
 
 CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
@@ -62,104 +60,20 @@ CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
 # ---- driver: the rows ----------------------------------------------------------------------------
 
 
-def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
-    """The seeded `warmup_fraction` of the good rows (at most `max_rows`), in a seeded order.
-
-    Keeps the rows of smallest seeded hash among those read, so the sample does not depend on file order. Reading
-    stops once `max_rows / warmup_fraction` good rows are read (the fraction then asks for `max_rows` or more), so
-    its time does not grow with the corpus: a corpus up to that size is read whole and sampled exactly; a larger one
-    is read file by file in a seeded order, and its sample comes from the files read first, the last of them from
-    its head (a bias towards those files; `warmup_rows.jsonl` beside the gates lists the rows).
-    """
-    heap, n_good = [], 0
-    limit = float("inf") if config.warmup.max_rows is None else config.warmup.max_rows
-    enough = limit / max(config.warmup.warmup_fraction, 1e-9)
-    files = sorted(list_input_files(config.data), key=lambda path: _seeded(config.seed, path))
-    for path in files:
-        counts["files_read"] += 1
-        for row in iter_file_rows(path):
-            counts["read"] += 1
-            if row["reason"]:
-                counts[f"reject:{row['reason']}"] += 1
-                continue
-            n_good += 1
-            item = (-_sample_key(config.seed, row), n_good, row)  # a max-heap on the key
-            if len(heap) < limit:
-                heapq.heappush(heap, item)
-            elif item[0] > heap[0][0]:
-                heapq.heapreplace(heap, item)
-            if n_good >= enough:
-                break
-        if n_good >= enough:
-            break
-    k = min(len(heap), max(1, round(config.warmup.warmup_fraction * n_good)))
-    counts.update(good=n_good, sampled=k)
-    return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))[:k]]
 
 
-def _seeded(seed: int, text: str) -> bytes:
-    return hashlib.sha1(f"{seed}\0{text}".encode()).digest()
 
 
-def _sample_key(seed: int, row: dict) -> int:
-    digest = hashlib.sha1(f"{seed}\0{row['dataset']}\0{row['id']}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
-def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter) -> list[dict]:
-    """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`.
-
-    With negatives on, an original whose copy cannot be made or encoded is left out (`no_negative`), so every
-    batch holds as many copies as originals and the loss averages the same way on any number of workers.
-    """
-    encoded = [_encoded(config, tokenizer, row, counts) for row in rows]
-    kept = [(row, enc) for row, enc in zip(rows, encoded) if enc is not None]
-    if config.loss.negatives_weight <= 0:
-        return [{**enc, "negatives": []} for _, enc in kept]
-    from qgate.corruption import corrupt_samples
-
-    indexed = [{**row, "id": str(i)} for i, (row, _) in enumerate(kept)]  # ids may repeat across datasets
-    by_source = {}
-    for copy in corrupt_samples(indexed, list(config.warmup.negative_kinds), config.seed):
-        enc = _encoded(config, tokenizer, {**copy, "reason": ""}, counts, clean=0.0, prefix="negative_reject:")
-        if enc is not None:
-            by_source.setdefault(int(copy["source_id"]), []).append(enc)
-    items = [{**enc, "negatives": by_source[i]} for i, (_, enc) in enumerate(kept) if i in by_source]
-    counts["no_negative"] += len(kept) - len(items)
-    return items
 
 
-def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
-             prefix: str = "reject:") -> dict | None:
-    contrast = may_read_contrast(config.gate.contrast)  # contrast gates also read each response alone
-    out = encode_row(tokenizer, row, config.encoding.max_length, config.encoding.score_on, ifd=contrast)
-    if out["reason"]:
-        counts[prefix + out["reason"]] += 1
-        return None
-    kept = ENCODED + (CONTRAST_ENCODED if contrast else ())
-    return {**{key: out[key] for key in kept}, "is_clean": clean}
 
 
-ENCODED = ("input_ids", "score_mask")
-CONTRAST_ENCODED = ("response_mask", "ifd_input_ids", "ifd_score_mask")
 
 
-def shard_items(items: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
-    """Rank-strided shards of the items ordered by length, cycled up to a whole number of global batches.
-
-    A global batch is then a run of neighbours in length, padded to little more than its rows (random batches of
-    the demo's rows spend about a third of a forward pass on padding); `step_block` still shuffles the batches.
-    """
-    global_batch = batch_size * workers
-    n = -(-len(items) // global_batch) * global_batch
-    items = sorted(items, key=longest_sequence)
-    padded = [items[i % len(items)] for i in range(n)]
-    return [padded[rank::workers] for rank in range(workers)]
 
 
-def longest_sequence(item: dict) -> int:
-    """Tokens of the longest sequence a step pads this item's rows to: the original or one of its copies."""
-    return max(len(row["input_ids"]) for row in [item, *item["negatives"]])
 
 
 # ---- workers -------------------------------------------------------------------------------------

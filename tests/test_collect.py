@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qgate import collection, shards
 from qgate.config import load_config
 from qgate.data import iter_file_rows, list_input_files
 from qgate.encoding import encode_row
@@ -19,7 +20,6 @@ from qgate.stats import Scorer, decode_raw
 from qgate.tiny import tiny_model
 
 ray = pytest.importorskip("ray")
-from qgate import collection, shards
 from ray_jobs import collect
 
 pytestmark = pytest.mark.timeout(240)

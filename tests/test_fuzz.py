@@ -33,7 +33,7 @@ def write(path, lines: list[str]) -> str:
 
 def test_deeply_nested_brackets_are_a_reject_in_warmups_read(tmp_path):
     from qgate.config import load_config
-    from ray_jobs.warmup import sample_rows
+    from qgate.warmup_rows import sample_rows
 
     data = write(tmp_path / "nested.jsonl", [GOOD, "[" * 100_000 + "]" * 100_000, GOOD])
     counts = Counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qgate.config import load_config
-from ray_jobs.warmup import sample_rows
+from qgate.warmup_rows import sample_rows
 
 pytestmark = pytest.mark.timeout(300)
 

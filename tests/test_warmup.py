@@ -10,6 +10,7 @@ from qgate.config import load_config
 from qgate.data import read_jsonl
 from qgate.gate import EXTRA_INPUTS, attach_gates, load_gates, read_gate_metadata
 from qgate.tiny import tiny_model
+from qgate.warmup_rows import shard_items
 from ray_jobs import warmup
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,7 +83,7 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
     cfg = {"seed": 3, "pad_id": 0}
 
     def global_batch(step, workers):
-        shards = warmup.shard_items(items, 4 // workers, workers)
+        shards = shard_items(items, 4 // workers, workers)
         return sorted(warmup._batch(shard, step, {**cfg, "batch_size": 4 // workers})["input_ids"][:, 0].tolist()
                       for shard in shards)
 
@@ -97,7 +98,7 @@ def test_a_global_batch_holds_neighbours_in_length():
     items = [{"input_ids": [1] * n, "score_mask": [1] * n, "is_clean": 1.0, "negatives": []} for n in lengths]
     items[0]["negatives"] = [{"input_ids": [1] * 30, "score_mask": [1] * 30, "is_clean": 0.0}]  # its copy is long
     for workers in (1, 2):
-        shards = warmup.shard_items(items, 4 // workers, workers)
+        shards = shard_items(items, 4 // workers, workers)
         blocks = [sorted(len(item["input_ids"]) for shard in shards for item in shard[b * 4 // workers:
                                                                                        (b + 1) * 4 // workers])
                   for b in range(2)]
