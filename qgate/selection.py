@@ -21,6 +21,7 @@ from tqdm import tqdm
 from qgate.diversity import Clustering
 from qgate.identity import differences
 from qgate.report import render_report
+from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, blend_q_ifd, layer_scores, quality_scores, quantiles
 from qgate.selfcheck import better_score
 
@@ -30,7 +31,6 @@ DIRECTIONS = ("higher", "lower")
 SCORES = ("q", "q_ifd")
 SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "n_tokens"]
 LINE_COLUMNS = ["id", "dataset", "ifd", "record", "messages"]
-REFERENCE_FILE = "score_reference.npz"
 
 
 
@@ -277,7 +277,7 @@ def resolve_direction(setting: str, out: Path, identity: dict | None = None,
                       alpha: float | None = None) -> tuple[str, str, dict | None]:
     """(direction, where it came from, the self-check dict if there is one and it was measured on these stats
     and this α)."""
-    path = out / "selfcheck" / "selfcheck.json"
+    path = RunDir(out).selfcheck_result
     check = json.loads(path.read_text()) if path.exists() else None
     stale = stale_selfcheck(check, identity, alpha)
     if stale:

@@ -13,16 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qgate.config import as_dict, changes_refused, load_config, save_config
+from qgate.run_dir import RunDir
 
 log = logging.getLogger("qgate")
 
 
-def run_paths(out: str | Path) -> dict[str, Path]:
-    """The layout of a run directory."""
-    out = Path(out).resolve()
-    return {"out": out, "config": out / "config.yaml", "logs": out / "logs", "gates": out / "gates",
-            "checkpoints": out / "warmup", "stats": out / "stats", "rejects": out / "rejects",
-            "selection": out / "selection"}
+def run_paths(out: str | Path) -> RunDir:
+    """The layout of a run directory (`qgate.run_dir.RunDir`)."""
+    return RunDir(out)
 
 
 def init_ray(config: DictConfig) -> None:
@@ -104,8 +102,7 @@ def existing_outputs(out: str | Path) -> set[str]:
     paths = run_paths(out)
     found = {"warmup": any(paths["checkpoints"].glob("*/gates.safetensors")),
              "gates": (paths["gates"] / "gates.json").exists(), "stats": (paths["stats"] / "_schema.json").exists(),
-             "selfcheck": (paths["out"] / "selfcheck" / "selfcheck.json").exists(),
-             "selection": (paths["selection"] / "selection_stats.json").exists()}
+             "selfcheck": paths.selfcheck_result.exists(), "selection": paths.selection_stats.exists()}
     return {name for name, there in found.items() if there}
 
 

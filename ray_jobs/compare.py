@@ -122,7 +122,7 @@ def run(config: DictConfig, command: str = "") -> dict:
         raise ValueError("set compare.heldout=FILE: held-out rows for the response loss")
     with stage_log(config.out, "compare"):
         save_config(config, out / "config.yaml")
-        scores = pq.read_table(paths["selection"] / "scores.parquet").to_pandas()
+        scores = pq.read_table(paths.scores).to_pandas()
         direction = q_direction(scores, section.direction)
         seeds = [config.seed + i for i in range(section.seeds)]
         picked = subsets(scores, evaluate.as_list(section.strategies), section.budget, seeds, direction)

@@ -71,7 +71,7 @@ def run(config: DictConfig) -> dict:
              grade["auroc_q"],
              grade["auroc_response_ppl"], f", IFD {grade['auroc_ifd']:.3f}" if "auroc_ifd" in grade else "")
     log.info("stage wall times (s): %s", timings)
-    log.info("report: %s", run_paths(config.out)["selection"] / "report.html")
+    log.info("report: %s", run_paths(config.out).report)
     return grade
 
 

@@ -156,7 +156,7 @@ def run(config: DictConfig) -> Path:
     out = run_paths(config.out)["out"] / "finetune"
     with stage_log(config.out, "finetune"):
         save_config(config, out / "config.yaml")
-        data = config.finetune.data or str(run_paths(config.out)["selection"] / "selected_data.jsonl")
+        data = config.finetune.data or str(run_paths(config.out).selected_data)
         rows, counts = load_rows(data)
         log.info("finetune rows from %s: %s", data, dict(counts))
         if not rows:

@@ -49,7 +49,7 @@ def run(config: DictConfig) -> dict:
     (paths["logs"] / "timings.json").write_text(json.dumps(timings, indent=2))
     log.info("stage wall times (s): %s", timings)
     if "select" in config.stages:
-        log.info("report: %s", paths["selection"] / "report.html")
+        log.info("report: %s", paths.report)
     return timings
 
 

@@ -53,10 +53,10 @@ import pyarrow.compute as pc
 from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
 from qgate.diversity import similarity_filter as filter_similar
 from qgate.identity import check_same, checked_stats_identity, stats_identity
+from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, selection_count, sorted_reference
 from qgate.selection import (
     LINE_COLUMNS,
-    REFERENCE_FILE,
     SCORE_COLUMNS,
     alpha_spec,
     check_compatible,
@@ -290,10 +290,10 @@ def run_identity_of(config, dirs: list[Path], specs: list[dict]) -> dict | None:
 
 
 
-def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, selection: Path) -> dict:
+def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, run: RunDir) -> dict:
     """The reference sample of `q_ifd`, written to `score_reference.npz` for the server, with the q direction."""
     reference = score_reference(dirs, specs, kwargs, n, seed)
-    np.savez(selection / REFERENCE_FILE, **reference)
+    np.savez(run.score_reference, **reference)
     return {**reference, "higher": direction == "higher"}
 
 
@@ -316,12 +316,12 @@ def run(config) -> Path:
         k = selection_count(n, float(s.percentage))
         kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
         out["selection"].mkdir(parents=True, exist_ok=True)
-        (out["selection"] / REFERENCE_FILE).unlink(missing_ok=True)
-        ranking = (score_ranking(dirs, specs, kwargs, n, int(config.seed), direction[0], out["selection"])
+        out.score_reference.unlink(missing_ok=True)
+        ranking = (score_ranking(dirs, specs, kwargs, n, int(config.seed), direction[0], out)
                    if score[0] == "q_ifd" else None)
         kwargs["ranking"] = ranking
         higher = ranking is not None or direction[0] == "higher"  # the blend is oriented: higher = clean
-        scores_path, n_worst = out["selection"] / "scores.parquet", max(1, min(n_report, n))
+        scores_path, n_worst = out.scores, max(1, min(n_report, n))
         if s.strategy == "top_k":
             scored = _datasets(dirs, specs, SCORE_COLUMNS, score_rows, kwargs)
             scores = write_scores(sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION), scores_path, k,
@@ -331,11 +331,11 @@ def run(config) -> Path:
         cuts = {**scores["cuts"], "higher": higher, "ids": scores.get("selected_ids")}
         kept = _datasets(dirs, specs, LINE_COLUMNS, output_rows, {**kwargs, "cuts": cuts})
         n_selected, best, worst = write_selected(sorted_by_score(kept, higher, k + n_report, LINE_ROWS_PER_PARTITION),
-                                                 out["selection"] / "selected_data.jsonl", n_report)
+                                                 out.selected_data, n_report)
         summary = selection_summary(config, dirs, specs, stats, direction, score, scores, k, n_selected)
         summary["identity"] = identity
-        (out["selection"] / "selection_stats.json").write_text(json.dumps(summary, indent=2))
-        write_report(out["selection"] / "report.html", config, summary, scores, stats, best, worst)
+        out.selection_stats.write_text(json.dumps(summary, indent=2))
+        write_report(out.report, config, summary, scores, stats, best, worst)
         log.info("selected %d of %d rows (%.1f%%, direction %s, score %s, threshold %s=%.6g) into %s", k, n,
                  100 * k / n, direction[0], score[0], score[0], summary["threshold"], out["selection"])
     return out["selection"]

@@ -30,25 +30,24 @@ from qgate.data import normalize
 from qgate.encoding import encode_row
 from qgate.gate import read_gate_metadata
 from qgate.identity import check_same, identity_of
+from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
 from qgate.stats import load_scorer
-from ray_jobs.common import run_paths
 
 SOURCE = "request"  # the `source` of request samples: generated ids and the default dataset derive from it
 DIRECTIONS = ("higher", "lower")
 
 
 def corpus_files(run_dir: str | Path) -> dict[str, Path]:
-    """The files of a run that the server reads beside config.yaml and gates/ (see `ray_jobs.common.run_paths`)."""
-    paths = run_paths(run_dir)
-    return {"stats": paths["selection"] / "selection_stats.json", "scores": paths["selection"] / "scores.parquet",
-            "reference": paths["selection"] / "score_reference.npz",
-            "selfcheck": paths["out"] / "selfcheck" / "selfcheck.json"}
+    """The files of a run that the server reads beside config.yaml and gates/ (see `qgate.run_dir.RunDir`)."""
+    run = RunDir(run_dir)
+    return {"stats": run.selection_stats, "scores": run.scores, "reference": run.score_reference,
+            "selfcheck": run.selfcheck_result}
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | None = None):
     """The run's resolved config, defaults filling sections it lacks, `overrides` (key=value) on top."""
-    path = run_paths(run_dir)["config"]
+    path = RunDir(run_dir).config
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a qgate run directory?")
     return load_config([*(overrides or []), f"out={Path(run_dir).resolve()}"], recorded=path)
@@ -56,7 +55,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None):
 
 def scorer_settings(config) -> dict:
     """The flat `CorpusScorer` arguments of a run config."""
-    gates_dir = config.gates or run_paths(config.out)["gates"]
+    gates_dir = config.gates or RunDir(config.out).gates
     return {"model": config.model, "gates_dir": str(gates_dir), "run_dir": str(config.out),
             "dtype": config.dtype, "autocast": config.autocast, "max_length": config.encoding.max_length, "score_on": config.encoding.score_on,
             "scorer_eps": config.collect.eps, "max_batch_tokens": config.collect.max_batch_tokens,

@@ -137,3 +137,14 @@ def test_a_stage_starts_from_the_runs_config_and_records_what_it_may(tmp_path):
     with pytest.raises(ValueError, match=r"encoding\.max_length changed from 256 to 512, but stats/ was made"):
         record_config(config_from_argv([f"out={out}", "max_length=512"]), ["collect"])
     assert load_config(recorded=out / "config.yaml").encoding.max_length == 256
+
+
+def test_the_run_directory_names_every_folder_and_the_files_other_stages_read(tmp_path):
+    from qgate.run_dir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert run["stats"] == run.stats == (tmp_path / "r" / "stats").resolve()
+    assert run.scores.parent == run.selection and run.selfcheck_result.parent == run.selfcheck
+    assert {run[name].name for name in RunDir.FOLDERS} >= {"config.yaml", "gates", "warmup", "stats", "selection"}
+    with pytest.raises(KeyError):
+        run["nothing"]

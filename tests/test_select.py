@@ -109,7 +109,7 @@ def test_selection_stats_and_report(runs, selected_a):
     assert sum(d["selected"] for d in stats["datasets"].values()) == 12
     assert stats["strategy"] == "top_k" and stats["stats_version"] >= 1 and stats["alpha_from"] == ["stored"]
     assert (stats["score"], stats["score_source"]) == ("q", "default")  # auto, and no self-check
-    assert not (selected_a / selection.REFERENCE_FILE).exists()
+    assert not (selected_a / "score_reference.npz").exists()
     page = (selected_a / "report.html").read_text()
     best = read_lines(selected_a / "selected_data.jsonl")[0]["id"]
     assert best in page and "Worst samples" in page
@@ -229,7 +229,7 @@ def test_auto_selects_the_top_k_of_the_blend_when_the_selfcheck_finds_it_better(
     stats = json.loads((blend_selected / "selection_stats.json").read_text())
     assert (stats["score"], stats["score_source"], stats["direction"]) == ("q_ifd", "selfcheck", "higher")
     assert stats["threshold"] == scores[top[-1]]["score"]
-    reference = np.load(blend_selected / selection.REFERENCE_FILE)
+    reference = np.load(blend_selected / "score_reference.npz")
     np.testing.assert_allclose(reference["q"], sorted_reference(q), rtol=1e-6)
     assert len(reference["ifd"]) == sum(1 for row in scores.values() if row["ifd"] is not None) < len(ids)
     assert "q_ifd distribution" in (blend_selected / "report.html").read_text()
