@@ -19,10 +19,10 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    """A markdown table; floats are written with 3 significant decimals unless already strings."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table (tabulate's GitHub format); floats with 3 decimals, None as –, strings as written."""
+    from tabulate import tabulate
+
+    return tabulate([[_cell(v) for v in row] for row in rows], headers, tablefmt="github", disable_numparse=True)
 
 
 def _cell(value) -> str:

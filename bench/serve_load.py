@@ -37,6 +37,8 @@ from ray_jobs.common import run_paths
 from serve.app import app_from_config
 from serve.scoring import run_config
 
+from results import table
+
 DEMO_RUN = Path("runs/demo")
 TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 
@@ -122,17 +124,17 @@ def measure(run_dir: Path, url_root: str, max_batch_size: int, bodies: list[dict
         serve.delete(name)
 
 
-def table(results: dict[int, dict[int, dict]], clients: list[int], title: str) -> str:
+def load_table(results: dict[int, dict[int, dict]], clients: list[int], title: str) -> str:
     batched, unbatched = results[16], results[1]
-    header = ("| clients | batched req/s | unbatched req/s | batched/unbatched | batched p50 / p99 ms "
-              "| unbatched p50 / p99 ms | mean batch (batched) | errors |")
-    lines = [f"### {title}", "", header, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    headers = ["clients", "batched req/s", "unbatched req/s", "batched/unbatched", "batched p50 / p99 ms",
+               "unbatched p50 / p99 ms", "mean batch (batched)", "errors"]
+    rows = []
     for c in clients:
         b, u = batched[c], unbatched[c]
         ratio = b["rps"] / u["rps"] if u["rps"] else float("nan")
-        lines.append(f"| {c} | {b['rps']:.1f} | {u['rps']:.1f} | {ratio:.2f}x | {b['p50']:.0f} / {b['p99']:.0f} "
-                     f"| {u['p50']:.0f} / {u['p99']:.0f} | {b['batch']:.1f} | {b['errors'] + u['errors']} |")
-    return "\n".join(lines) + "\n"
+        rows.append([c, f"{b['rps']:.1f}", f"{u['rps']:.1f}", f"{ratio:.2f}x", f"{b['p50']:.0f} / {b['p99']:.0f}",
+                     f"{u['p50']:.0f} / {u['p99']:.0f}", f"{b['batch']:.1f}", b["errors"] + u["errors"]])
+    return f"### {title}\n\n{table(headers, rows)}\n"
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def benchmark(run_dir: Path, args: argparse.Namespace) -> str:
         serve.shutdown()
     title = (f"serve load: {config.model}, {k} sample(s)/request, {args.duration:g} s per point, "
              f"{'GPU' if ray.cluster_resources().get('GPU') else 'CPU'}")
-    return table(results, clients, title)
+    return load_table(results, clients, title)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,14 +190,12 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 def format_table(result: dict) -> str:
     tasks, metric = result["tasks"], result["metric"]
+    from tabulate import tabulate
+
     head = ["strategy", "seeds", "rows", "planted %", "held-out loss ↓"] + [f"{t} {metric} ↑" for t in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in result["summary"]:
-        cells = [row["strategy"], str(row["seeds"] or "–"), str(row["rows"] or "–"),
-                 _pm(row["planted_share"], 100, 1), _pm(row["heldout_loss"], 1, 4)]
-        cells += [_pm(row[task], 1, 3) for task in tasks]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[row["strategy"], str(row["seeds"] or "–"), str(row["rows"] or "–"), _pm(row["planted_share"], 100, 1),
+             _pm(row["heldout_loss"], 1, 4)] + [_pm(row[task], 1, 3) for task in tasks] for row in result["summary"]]
+    return tabulate(rows, head, tablefmt="github", disable_numparse=True)
 
 
 def _pm(value, scale: float, digits: int) -> str:
