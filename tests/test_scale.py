@@ -51,6 +51,6 @@ def test_scale_benchmark_runs_at_toy_size(tmp_path):
     scale.main(["--sizes", "300", "--budget-min", "0", "--select-rows", "20000", "--workdir", str(tmp_path / "work"),
                 "--out", str(out)])
     text = out.read_text()
-    assert "| select (28 layers, synthetic) |" in text and "skipped for the time budget: [300]" in text
+    assert "| select (28 layers, synthetic)" in text and "skipped for the time budget: [300]" in text
     selected = (tmp_path / "work" / "select-20000" / "selection" / "selected_data.jsonl").read_text().splitlines()
     assert len(selected) == 2000
