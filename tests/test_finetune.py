@@ -11,6 +11,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from qgate import comparison
 from qgate.config import load_config
 from qgate.data import read_jsonl, write_jsonl
 from qgate.finetune import (
@@ -212,9 +213,9 @@ def fake_run(root, corpus) -> None:
 def test_subsets_follow_each_strategy(tmp_path, corpus):
     fake_run(tmp_path, corpus)
     scores = pq.read_table(tmp_path / "selection" / "scores.parquet").to_pandas()
-    direction = compare.q_direction(scores)
+    direction = comparison.q_direction(scores)
     assert direction == "lower"
-    picked = compare.subsets(scores, ["qgate", "random", "response_ppl", "ifd"], 0.25, [0, 1], direction)
+    picked = comparison.subsets(scores, ["qgate", "random", "response_ppl", "ifd"], 0.25, [0, 1], direction)
     ids = {key: [i for _, i in keys] for key, keys in picked.items()}
     assert sorted(ids["qgate", 0]) == sorted(scores.loc[scores["selected"], "id"]) and len(ids["qgate", 0]) == 4
     assert ids["response_ppl", 0] == ["toy-0", "toy-1", "toy-2", "toy-3"]
@@ -228,9 +229,9 @@ def test_the_qgate_subset_follows_the_score_the_run_sorted_on(tmp_path, corpus):
     n = len(scores)
     scores["score"] = [float(i) for i in range(n)]  # a q + IFD blend, higher = clean, unlike q here
     scores["selected"] = scores["score"] >= n - 4
-    direction = compare.q_direction(scores)
+    direction = comparison.q_direction(scores)
     assert direction == "higher"
-    picked = compare.subsets(scores, ["qgate"], 0.25, [0], direction)
+    picked = comparison.subsets(scores, ["qgate"], 0.25, [0], direction)
     assert [i for _, i in picked["qgate", 0]] == [f"toy-{i}" for i in range(n - 1, n - 5, -1)]
 
 
@@ -238,10 +239,10 @@ def test_the_table_shows_mean_and_spread_over_seeds():
     base = {"strategy": "base (no finetune)", "heldout_loss": 3.0, "scores": {"t": {"acc_norm": 0.25}}}
     runs = [{"strategy": "qgate", "seed": s, "rows": 8, "planted_share": 0.0, "heldout_loss": loss,
              "scores": {"t": {"acc_norm": acc}}} for s, loss, acc in [(0, 2.0, 0.5), (1, 2.2, 0.3)]]
-    summary = compare.summarize(runs, base, ["t"], "acc_norm")
+    summary = comparison.summarize(runs, base, ["t"], "acc_norm")
     assert summary[1]["heldout_loss"] == pytest.approx((2.1, 0.141421), abs=1e-6)
     assert summary[1]["t"] == pytest.approx((0.4, 0.141421), abs=1e-6)
-    table = compare.format_table({"tasks": ["t"], "metric": "acc_norm", "summary": summary})
+    table = comparison.format_table({"tasks": ["t"], "metric": "acc_norm", "summary": summary})
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
     assert cells[2] == ["base (no finetune)", "–", "–", "–", "3.0000 ± 0.0000", "0.250 ± 0.000"]
     assert cells[3] == ["qgate", "2", "8", "0.0 ± 0.0", "2.1000 ± 0.1414", "0.400 ± 0.141"]
