@@ -2,6 +2,35 @@
 of rows already written and of repeated ids, the reading of a file's rows, tokenizing, the scoring actor's work,
 the stats schema and the run's summaries. `ray_jobs/collect.py` wires them into a Ray Data pipeline; the shards
 themselves are written by `qgate.shards`.
+
+Pipeline: a judging pass (every row's (dataset, id) and position, and those of the rows written before,
+hash-partitioned by (dataset, id) on the workers: the verdicts say which rows to skip and which repeat an id) ->
+files -> rows (CPU tasks, one file per task, cut into blocks of `collect.batch_rows` so every actor gets rows
+whatever the file layout) -> tokens (CPU tasks) -> stats (an actor pool, the model loaded once per actor) ->
+write tasks that write the shards and rejects themselves (qgate/shards.py) and send the driver one summary row
+each. So the driver's memory does not grow with the corpus, and the run directory must be on storage every node
+sees (the cluster's shared filesystem).
+
+Written under `out/`:
+    stats/attempt-<n>/part-<name>-<k>.parquet  scored samples, columns of `stats_schema`; at most `collect.shard_rows`
+                                        rows and about `collect.shard_bytes` bytes each (a corpus under 20
+                                        shards is written in about 20 pieces, so the bar moves: `write_rows`)
+    stats/_schema.json                  stats version, alphas, gate layers, model, gates metadata, encoding
+    stats/_collect_summary.json         rows, tokens, seconds and throughput of each attempt, and totals
+    stats/_rejects_summary.json         rejected rows per reason, all attempts
+    rejects/attempt-<n>-<name>.jsonl    every rejected row with its reason (`qgate.data.reject_record`)
+A file's `<name>` is a hash of its rows' (source, row) keys: a write task Ray runs again (a retry, a restarted
+actor, a lost node) writes the same names again, so every row is written once.
+
+Resumable: a re-run into the same `out` skips rows already in a shard or a rejects file (matched by the source
+file's content key, `stats/_files.json`, and row number: data moved to another path is not scored again; the match
+is a hash-partitioned anti-join on the workers, not a set on the driver), deletes shards that do not open (left by
+a killed run) and redoes their rows. A re-run with other gates, another base model
+or encoding is refused (`identity` in `_schema.json`, qgate/identity.py). Each attempt writes
+into its own files. Duplicates are judged on (dataset, id): the first occurrence (file order, then row order) is
+scored, later ones are rejected as `duplicate_id`, so every (dataset, id) is scored at most once; two datasets that
+both number their rows 0..N keep all their rows. A batch whose forward pass fails is scored again row by row: the row
+that fails alone is rejected as `scoring_error`, one whose NLL or S is not finite as `non_finite_score`.
 """
 
 from __future__ import annotations

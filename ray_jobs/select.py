@@ -7,36 +7,7 @@ Batch selection over several runs (their stats are pooled: one a/b/μ, one top k
 Tiny CPU run, after the tiny collect of `ray_jobs/collect.py`:
     python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher
 
-Three passes over the stats, vectorized per batch on CPU workers:
-1. a partial `LayerStats` per batch, merged on the driver: the corpus-wide a, b, μ;
-2. q and the score sorted on of every row, sorted by (score, dataset, id) across the cluster (ties and the k-th
-   cut are ordered by the same (dataset, id) that identifies a row); the driver streams the sorted
-   rows into `scores.parquet` and keeps q (8 bytes per row: quantiles, histogram) and a dataset code (4 bytes per row);
-3. the rows up to the k-th (score, dataset, id) and the report's worst rows, sorted again; the driver streams them into
-   `selected_data.jsonl`, best first.
-So the driver holds about 12 bytes per row (120 MB at 10^7 rows), and 9 more while it renders the report.
-A pass of at most `DRIVER_SORT_ROWS` rows is sorted on the driver instead (Arrow, well under a second), because a
-distributed sort costs about 10 s however few its rows; the order and every output are the same.
-α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
-
-`selection.score`: the score is q itself (`q`, in its direction), or (`q_ifd`) the mean of the percentile ranks of
-q (oriented: higher = clean) and of −IFD, descending (qgate.scoring.blend_q_ifd); a row without IFD gets IFD rank
-0.5. The ranks are taken against a reference sample, gathered in one more pass before pass 2: q and IFD of a
-hash-seeded sample of at most 200k rows (every row up to that: the ranks are then exact), kept sorted as float32
-in `selection/score_reference.npz` (the server ranks new samples against it). The driver then also keeps the
-score (8 more bytes per row). `auto`: `q_ifd` when the run's self-check measured the blend above q, else `q`.
-    python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher selection.score=q_ifd
-
-`selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
-k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised S for the α, fitted on a hash-seeded
-sample of at most 200k rows and assigned to every row in pass 2:
-- `cluster_round_robin`: one row per cluster per round, in score order;
-- `similarity_filter`: in score order, skip a row whose cosine similarity to a kept row of its cluster exceeds
-  `selection.similarity_threshold` (skipped rows fill up to k if too few pass).
-The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
-the sorted pass-2 rows stay materialized in the object store for a second walk, and pass 3 finds the chosen rows
-by their ids. Both strategies write the selected share per cluster into selection_stats.json and the report.
-    python -m ray_jobs.select out=runs/tiny use_gpu=false selection.strategy=cluster_round_robin selection.n_clusters=4
+How it selects (the passes, what the driver holds, the score, the strategies): `qgate/selection.py`.
 """
 
 from __future__ import annotations
