@@ -37,15 +37,36 @@ def toy_rows(n: int = 6, seed: int = 0, vocab: int = 400) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray per test module (2 CPUs), shut down after it."""
+def start_local_ray():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (2 CPUs), shut down after it."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_finished_run(tmp_path_factory):
+    """One `finished_run` for the modules that only read it (serve, serve security), built once per session under a
+    Ray of its own (a session fixture is set up before any module's `ray_local`)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray()
+    try:
+        return finished_run(tmp_path_factory.mktemp("finished"))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 # ---- a finished tiny run, for the HTTP tests -----------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import corpus_rows, corpus_text, finished_run
+from conftest import corpus_rows, corpus_text
 from ray import serve
 
 from qgate.config import load_config
@@ -46,10 +46,9 @@ def batch_q(config) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, ray_local):
+def run(shared_finished_run, ray_local):
     """A run directory with tiny gates, its corpus stats (with IFD) and batch q: (config, {id: q})."""
-    config = finished_run(tmp_path_factory.mktemp("serve"))
-    return config, batch_q(config)
+    return shared_finished_run, batch_q(shared_finished_run)
 
 
 def test_a_blend_run_ranks_new_samples_by_the_blend(run, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import corpus_rows, finished_run
+from conftest import corpus_rows
 from ray import serve
 
 from serve.app import app_from_config, start
@@ -55,8 +55,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_local) -> Path:
-    return Path(finished_run(tmp_path_factory.mktemp("secure")).out)
+def run_dir(shared_finished_run, ray_local) -> Path:
+    return Path(shared_finished_run.out)
 
 
 @pytest.fixture(scope="module")
