@@ -171,7 +171,7 @@ def test_bad_sample_gets_its_own_error(client):
 def test_info_health_and_docs(run, client):
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/info").raise_for_status().json()
-    assert info["model"] == "tiny-qwen3" and info["gates"]["mode"] == "modulate"
+    assert info["model"] == "tiny-qwen3" and info["gates"]["mode"] == "probe"  # the default gates
     assert info["corpus"]["N"] == 24 and info["corpus"]["direction"] == "higher"
     assert info["batching"]["max_batch_size"] == 8 and info["served"]["batches"] >= 0
     assert info["selfcheck"] is None
