@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qgate.config import save_config
 from qgate.comparison import format_table, planted_share, q_direction, read_labels, subsets, summarize
+from qgate.evaluation import as_list, base_model_dir
 from ray_jobs import evaluate, finetune
 from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log
 
@@ -79,9 +80,9 @@ def run(config: DictConfig, command: str = "") -> dict:
         scores = pq.read_table(paths.scores).to_pandas()
         direction = q_direction(scores, section.direction)
         seeds = [config.seed + i for i in range(section.seeds)]
-        picked = subsets(scores, evaluate.as_list(section.strategies), section.budget, seeds, direction)
+        picked = subsets(scores, as_list(section.strategies), section.budget, seeds, direction)
         rows, heldout = run_rows(config), finetune.load_rows(section.heldout)[0]
-        base = evaluate.base_model_dir(config.finetune.model or config.model, out)
+        base = base_model_dir(config.finetune.model or config.model, out)
         base_ref = evaluate.remote_scores(config, pretrained=base, **evaluate.eval_kwargs(config))
         records = [_train(config, key, keys, rows, heldout, base, out, read_labels(section.labels))
                    for key, keys in picked.items()]
@@ -114,7 +115,7 @@ def _collect(config, records: list[dict], base_ref, direction: str, n_scored: in
         record["scores"] = ray.get(record["scores"])
     base = {"strategy": "base (no finetune)", "heldout_loss": records[0]["heldout_loss_base"],
             "scores": ray.get(base_ref)}
-    tasks, metric = evaluate.as_list(config.evaluate.tasks), config.compare.metric
+    tasks, metric = as_list(config.evaluate.tasks), config.compare.metric
     return {"budget": config.compare.budget, "n_scored": n_scored, "q_direction": direction, "metric": metric,
             "tasks": tasks, "base": base, "runs": records, "summary": summarize(records, base, tasks, metric)}
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from peft import PeftModel
 
-from qgate import comparison
+from qgate import comparison, evaluation
 from qgate.config import load_config
 from qgate.data import read_jsonl, write_jsonl
 from qgate.finetune import (
@@ -25,7 +25,7 @@ from qgate.finetune import (
 )
 from qgate.tasks import build_python_docs_mc as mc
 from qgate.tiny import tiny_model, tiny_tokenizer
-from ray_jobs import compare, evaluate, finetune
+from ray_jobs import compare, finetune
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -156,7 +156,7 @@ def test_the_shipped_task_is_held_out_of_the_demo_corpus():
 
 
 def test_task_yaml_data_files_are_resolved_next_to_the_yaml(tmp_path):
-    (copy,) = evaluate.resolve_task_dirs([evaluate.LOCAL_TASKS], tmp_path)
+    (copy,) = evaluation.resolve_task_dirs([evaluation.LOCAL_TASKS], tmp_path)
     config = yaml.safe_load((copy / "python_docs_mc" / "python_docs_mc.yaml").read_text())
     assert config["dataset_kwargs"]["data_files"]["test"] == str(mc.TASK_FILE)
 
@@ -168,8 +168,8 @@ def test_lm_eval_runs_the_local_task_on_base_and_adapter(tmp_path):
     tokenizer = tiny_tokenizer()
     settings = LoraSettings(rank=4, alpha=8, lr=0.01, epochs=3, batch_size=4, max_length=64)
     train_lora(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings).save_pretrained(tmp_path / "adapter")
-    base = evaluate.base_model_dir("tiny-qwen3", tmp_path)
-    scores = evaluate.lm_eval_scores(base, ["python_docs_mc"], adapter=str(tmp_path / "adapter"), limit=8,
+    base = evaluation.base_model_dir("tiny-qwen3", tmp_path)
+    scores = evaluation.lm_eval_scores(base, ["python_docs_mc"], adapter=str(tmp_path / "adapter"), limit=8,
                                      batch_size=8, device="cpu")
     metrics = scores["python_docs_mc"]
     assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0 and "acc_stderr" in metrics
