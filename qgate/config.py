@@ -1,5 +1,5 @@
-"""Configuration: the typed defaults of `qgate.settings.Settings`, then the run's own recorded `out/config.yaml`,
-then a shipped recipe (`recipe=seeds`: `qgate/configs/seeds.yaml`), then an optional `--config FILE`, then
+"""Configuration: the typed defaults of `qgate.settings.Settings`, then a shipped recipe (`recipe=seeds`:
+`qgate/configs/seeds.yaml`), then the run's own recorded `out/config.yaml`, then an optional `--config FILE`, then
 `key=value` arguments (OmegaConf, which checks every value against its setting's type).
 
 `SHAPES` says which outputs of a run directory each setting shapes; `changes_refused` refuses a changed setting
@@ -153,18 +153,18 @@ def recorded_layer(path: str | Path, defaults: DictConfig) -> DictConfig:
 
 def load_config(args: list[str] | None = None, path: str | Path | None = None,
                 recorded: str | Path | None = None) -> DictConfig:
-    """Defaults ⊕ the run's `recorded` config ⊕ its recipe ⊕ optional YAML file ⊕ overrides; refuses keys the
+    """Defaults ⊕ the recipe ⊕ the run's `recorded` config ⊕ optional YAML file ⊕ overrides; refuses keys the
     defaults lack and values of the wrong type."""
     config = OmegaConf.structured(Settings)
     OmegaConf.set_struct(config, True)
     for key in OPEN_SECTIONS:
         OmegaConf.set_struct(OmegaConf.select(config, key), False)
     overrides = parse_overrides(args or [])
-    layers = [recorded_layer(recorded, config)] if recorded else []
-    recipe = OmegaConf.select(overrides, "recipe") or (OmegaConf.select(layers[0], "recipe") if layers else None)
-    layers += [OmegaConf.load(recipe_path(recipe))] if recipe else []
-    layers += [OmegaConf.load(path)] if path else []
-    layers.append(overrides)
+    run = [recorded_layer(recorded, config)] if recorded else []
+    recipe = OmegaConf.select(overrides, "recipe") or (OmegaConf.select(run[0], "recipe") if run else None)
+    # the recipe under the run's own record: the record already holds the recipe and what was set over it
+    layers = [OmegaConf.load(recipe_path(recipe))] if recipe else []
+    layers += run + ([OmegaConf.load(path)] if path else []) + [overrides]
     for layer in layers:
         try:
             config = OmegaConf.merge(config, layer)

@@ -148,3 +148,10 @@ def test_the_run_directory_names_every_folder_and_the_files_other_stages_read(tm
     assert {run[name].name for name in RunDir.FOLDERS} >= {"config.yaml", "gates", "warmup", "stats", "selection"}
     with pytest.raises(KeyError):
         run["nothing"]
+
+
+def test_a_recorded_run_keeps_what_was_set_over_its_recipe(tmp_path):
+    recorded = tmp_path / "config.yaml"
+    save_config(load_config(["recipe=seeds", "gate.init_bias=2.0"]), recorded)
+    later = load_config(["selection.percentage=0.2"], recorded=recorded)
+    assert (later.recipe, later.gate.mode, later.gate.init_bias) == ("seeds", "modulate", 2.0)
