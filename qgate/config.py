@@ -199,8 +199,6 @@ def as_dict(config: DictConfig) -> dict:
 
 # ---- describing ------------------------------------------------------------------------------------------
 
-TOP_LEVEL = ("recipe", "model", "data", "out", "gates", "ray_address", "seed", "dtype", "autocast", "use_gpu",
-             "trust_remote_code", "stages", "progress")
 # The sections each command reads, beside the top-level keys.
 COMMAND_SECTIONS = {
     "demo": ("demo", "encoding", "gate", "loss", "warmup", "collect", "selfcheck", "selection"),
@@ -218,14 +216,14 @@ COMMAND_SECTIONS = {
 
 
 def describe(config: DictConfig, sections: tuple[str, ...] | None = None) -> str:
-    """The configuration as YAML, each key with its help: the top-level keys and `sections` (None: all)."""
+    """The configuration as YAML, each key with its help: the top-level keys and `sections` (None: every one)."""
     from qgate.settings import help_lines
 
     values = OmegaConf.to_container(config, resolve=True)
     out, section = [], None
     for key, _, text in help_lines():
         head, _, rest = key.partition(".")
-        if sections is not None and head not in (sections if rest else TOP_LEVEL):
+        if rest and sections is not None and head not in sections:
             continue
         if rest and head != section:
             out.append(f"{head}:")

@@ -32,10 +32,10 @@ from qgate.gate import read_gate_metadata
 from qgate.identity import check_same, identity_of
 from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
+from qgate.selection import DIRECTIONS
 from qgate.stats import load_scorer
 
 SOURCE = "request"  # the `source` of request samples: generated ids and the default dataset derive from it
-DIRECTIONS = ("higher", "lower")
 
 
 def corpus_files(run_dir: str | Path) -> dict[str, Path]:
