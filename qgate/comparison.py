@@ -6,22 +6,20 @@ each subset.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from qgate.data import read_jsonl
 
-STRATEGIES = ("qgate", "random", "response_ppl", "ifd", "all")
-
-
-
+STRATEGIES = ("qgate", "random", "response_ppl", "ifd", "all", "clean")
+WHOLE = ("all", "clean")  # strategies whose rows do not depend on the budget
 
 
 def sorted_on(scores: pd.DataFrame) -> str:
     """The column the run selected by: `score` (q or the q + IFD blend), or `q` in older runs."""
     return "score" if "score" in scores.columns else "q"
-
 
 
 def q_direction(scores: pd.DataFrame, direction: str = "auto") -> str:
@@ -35,12 +33,17 @@ def q_direction(scores: pd.DataFrame, direction: str = "auto") -> str:
     return "higher" if q[selected].mean() >= q[~selected].mean() else "lower"
 
 
-
-def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: str = "higher") -> list[tuple]:
-    """(dataset, id) of the `k` rows a strategy keeps; ties and missing values (last) ordered deterministically."""
+def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: str = "higher",
+         labels: dict[tuple, bool] | None = None) -> list[tuple]:
+    """(dataset, id) of the `k` rows a strategy keeps; ties and missing values (last) ordered deterministically.
+    `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`."""
     keys = list(zip(scores["dataset"], scores["id"]))
     if strategy == "all":
         return sorted(keys)
+    if strategy == "clean":
+        if labels is None:
+            raise ValueError("the clean strategy needs compare.labels")
+        return sorted(key for key in keys if not labels.get(key, False))
     if strategy == "random":
         order = np.random.default_rng(seed).permutation(len(keys))
         return [keys[i] for i in sorted(order[:k], key=lambda i: keys[i])]
@@ -51,16 +54,22 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
     return [keys[i] for i in order[:k]]
 
 
-
-def subsets(scores: pd.DataFrame, strategies: list[str], budget: float, seeds: list[int],
-            direction: str) -> dict[tuple[str, int], list[tuple]]:
-    """`{(strategy, seed): keys}` for every strategy and seed at `ceil(budget · N)` rows."""
-    unknown = set(strategies) - set(STRATEGIES)
+def subsets(scores: pd.DataFrame, strategies: list[str], budget: float, seeds: list[int], direction: str,
+            labels: dict[tuple, bool] | None = None, curve: list[float] = (),
+            curve_strategies: list[str] = ()) -> dict[tuple[str, float | None, int], list[tuple]]:
+    """`{(strategy, budget, seed): keys}`: every strategy at `ceil(budget · N)` rows (budget None for `all` and
+    `clean`), and the `curve_strategies` at each budget of `curve` as well."""
+    unknown = (set(strategies) | set(curve_strategies)) - set(STRATEGIES)
     if unknown:
         raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
-    k = math.ceil(budget * len(scores))
-    return {(s, seed): pick(scores, s, k, seed, direction) for s in strategies for seed in seeds}
+    plan = [(s, None if s in WHOLE else budget) for s in strategies]
+    plan += [(s, b) for b in curve for s in curve_strategies if s not in WHOLE and (s, b) not in plan]
+    return {(s, b, seed): pick(scores, s, math.ceil((b or 0) * len(scores)), seed, direction, labels)
+            for s, b in plan for seed in seeds}
 
+
+def run_name(strategy: str, budget: float | None, seed: int) -> str:
+    return f"{strategy}-s{seed}" if budget is None else f"{strategy}-{budget * 100:g}pct-s{seed}"
 
 
 def planted_share(keys: list[tuple], labels: dict[tuple, bool] | None) -> float | None:
@@ -69,50 +78,143 @@ def planted_share(keys: list[tuple], labels: dict[tuple, bool] | None) -> float 
     return float(np.mean([labels.get(key, False) for key in keys]))
 
 
-
 def read_labels(path: str | None) -> dict[tuple, bool] | None:
-    """{(dataset, id): planted} from a demo corpus's labels.jsonl."""
+    """{(dataset, id): planted} from a corpus's labels.jsonl."""
     if not path:
         return None
     return {(r["dataset"], r["id"]): r["label"] != "clean" for r in read_jsonl(path)}
 
 
+# ---- the summary ---------------------------------------------------------------------------------
+
+
+def measures(record: dict, tasks: list[str], metric: str) -> dict[str, tuple[float, float]]:
+    """{measure: (value, its standard error over the evaluation items)} of one finetune (or the base model)."""
+    out = {"heldout_loss": (record["heldout_loss"], record.get("heldout_se", 0.0))}
+    if record.get("mc"):
+        p, n = record["mc"]["acc_norm"], record["mc"]["n"]
+        out["mc_acc"] = (p, math.sqrt(p * (1 - p) / n))
+    for task in tasks:
+        out[task] = (record["scores"][task][metric], record["scores"][task].get(f"{metric}_stderr") or 0.0)
+    return out
+
 
 def summarize(records: list[dict], base: dict, tasks: list[str], metric: str) -> list[dict]:
-    """One row per strategy (and the base model): mean and spread over seeds of each number."""
-    rows = [{"strategy": base["strategy"], "seeds": None, "rows": None, "planted_share": None,
-             "heldout_loss": (base["heldout_loss"], 0.0),
-             **{task: (base["scores"][task][metric], 0.0) for task in tasks}}]
-    for strategy in dict.fromkeys(r["strategy"] for r in records):
-        runs = [r for r in records if r["strategy"] == strategy]
+    """One row per (strategy, budget), the base model first: for each measure its mean over seeds, 95% interval
+    (Student's t over seeds) and standard error (over seeds and evaluation items together)."""
+    rows = [{"strategy": base["strategy"], "budget": None, "seeds": None, "rows": None, "planted_share": None,
+             **{name: _stats([value], [se]) for name, (value, se) in measures(base, tasks, metric).items()}}]
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["strategy"], record["budget"]), []).append(record)
+    for (strategy, budget), runs in groups.items():
+        per_run = [measures(r, tasks, metric) for r in runs]
         shares = [r["planted_share"] for r in runs if r["planted_share"] is not None]
-        rows.append({"strategy": strategy, "seeds": len(runs), "rows": runs[0]["rows"],
-                     "planted_share": _spread(shares) if shares else None,
-                     "heldout_loss": _spread([r["heldout_loss"] for r in runs]),
-                     **{task: _spread([r["scores"][task][metric] for r in runs]) for task in tasks}})
+        rows.append({"strategy": strategy, "budget": budget, "seeds": len(runs), "rows": runs[0]["rows"],
+                     "planted_share": float(np.mean(shares)) if shares else None,
+                     **{name: _stats([m[name][0] for m in per_run], [m[name][1] for m in per_run])
+                        for name in per_run[0]}})
     return rows
 
 
+def _stats(values: list[float], item_ses: list[float]) -> dict:
+    """Mean, 95% interval over seeds, and the standard error of the mean: the seeds' spread and the items'
+    sampling error together (conservative: the items are the same for every seed)."""
+    from scipy import stats
 
-def _spread(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation); the deviation is 0 for one value."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    n, mean = len(values), float(np.mean(values))
+    sd = float(np.std(values, ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
+    se = math.sqrt(sd ** 2 / n + float(np.mean(np.square(item_ses))))
+    return {"mean": mean, "sd": sd, "ci": (mean - half, mean + half), "se": se}
 
+
+def gaps(summary: list[dict], budget: float, measure: str, versus: list[str]) -> list[dict]:
+    """qgate at `budget` minus each of `versus` (at the same budget, or whole), in combined standard errors."""
+    rows = {(r["strategy"], r["budget"]): r for r in summary if measure in r}
+    ours = rows.get(("qgate", budget))
+    out = []
+    for strategy in versus:
+        other = rows.get((strategy, None if strategy in WHOLE else budget))
+        if ours is None or other is None:
+            continue
+        diff = ours[measure]["mean"] - other[measure]["mean"]
+        se = math.sqrt(ours[measure]["se"] ** 2 + other[measure]["se"] ** 2)
+        out.append({"measure": measure, "versus": strategy, "diff": diff, "se": se,
+                    "z": diff / se if se > 0 else float("inf") * np.sign(diff)})
+    return out
+
+
+# ---- tables and the budget curve -----------------------------------------------------------------
+
+
+def measure_names(result: dict) -> list[tuple[str, str]]:
+    """(key, column title) of the measures in the table, lower-is-better loss first."""
+    names = [("heldout_loss", "held-out loss ↓")]
+    if result.get("mc"):
+        names.append(("mc_acc", "fact MC acc_norm ↑"))
+    return names + [(task, f"{task} {result['metric']} ↑") for task in result["tasks"]]
 
 
 def format_table(result: dict) -> str:
-    tasks, metric = result["tasks"], result["metric"]
     from tabulate import tabulate
 
-    head = ["strategy", "seeds", "rows", "planted %", "held-out loss ↓"] + [f"{t} {metric} ↑" for t in tasks]
-    rows = [[row["strategy"], str(row["seeds"] or "–"), str(row["rows"] or "–"), _pm(row["planted_share"], 100, 1),
-             _pm(row["heldout_loss"], 1, 4)] + [_pm(row[task], 1, 3) for task in tasks] for row in result["summary"]]
+    names = measure_names(result)
+    head = ["strategy", "budget", "seeds", "rows", "planted %"] + [title for _, title in names]
+    rows = [[row["strategy"], "–" if row["budget"] is None else f"{row['budget']:.0%}", str(row["seeds"] or "–"),
+             str(row["rows"] or "–"), "–" if row["planted_share"] is None else f"{row['planted_share']:.1%}"]
+            + [_interval(row[key], 4 if key == "heldout_loss" else 3) for key, _ in names]
+            for row in result["summary"]]
     return tabulate(rows, head, tablefmt="github", disable_numparse=True)
 
 
+def format_gaps(gap_rows: list[dict]) -> str:
+    from tabulate import tabulate
 
-def _pm(value, scale: float, digits: int) -> str:
-    if value is None:
-        return "–"
-    mean, spread = value
-    return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
+    rows = [[g["measure"], f"qgate − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"]
+            for g in gap_rows]
+    return tabulate(rows, ["measure", "difference", "value", "combined SE", "in SEs"], tablefmt="github",
+                    disable_numparse=True)
+
+
+def _interval(stat: dict, digits: int) -> str:
+    low, high = stat["ci"]
+    if low == high:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
+    """Each measure against the budget for the strategies run at more than one budget, 95% intervals as bars,
+    whole-corpus strategies and the base model as lines; None when no strategy has two budgets."""
+    curves: dict[str, list[dict]] = {}
+    for row in result["summary"]:
+        if row["budget"] is not None:
+            curves.setdefault(row["strategy"], []).append(row)
+    curves = {s: sorted(rows, key=lambda r: r["budget"]) for s, rows in curves.items() if len(rows) > 1}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = measure_names(result)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], names):
+        for strategy, rows in curves.items():
+            x = [100 * r["budget"] for r in rows]
+            y = [r[key]["mean"] for r in rows]
+            err = [[r[key]["mean"] - r[key]["ci"][0] for r in rows], [r[key]["ci"][1] - r[key]["mean"] for r in rows]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
+        for row in result["summary"]:
+            if row["budget"] is None:
+                ax.axhline(row[key]["mean"], linestyle="--" if row["seeds"] else ":", linewidth=1,
+                           color="grey" if row["seeds"] is None else None, label=row["strategy"])
+        ax.set_xlabel("budget (% of the corpus)")
+        ax.set_title(title)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -3,7 +3,8 @@
 Rows are chat conversations (`messages`); `encode_row(score_on="response")` renders them with the
 tokenizer's chat template and marks the assistant-content tokens, which are the only ones the loss sees.
 Ray Train's worker loop (`ray_jobs/finetune.py`) passes `rank`, `world_size` and `prepare` (its
-`prepare_model`); called without them, `train_lora` trains in this process.
+`prepare_model`); called without them, `train` trains in this process. `method=full` trains every weight
+instead of LoRA's, for a small target trained from scratch (`qgate compare` on the fact corpus).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qgate.encoding import encode_row
 from qgate.models import autocast_dtype
-from qgate.stats import pad, token_nll
+from qgate.stats import decoder_pass, pad
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,6 +41,7 @@ class LoraSettings:
     seed: int = 0  # LoRA init and row order
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     autocast: str = "auto"  # matmul dtype: auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
+    method: str = "lora"  # lora: LoRA weights only | full: every weight (a small or from-scratch target)
 
 
 # ---- rows to tensors -----------------------------------------------------------------------------
@@ -70,9 +74,22 @@ class ResponseLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        nll = token_nll(self.model, input_ids, attention_mask)  # [B, T]
-        mask = loss_mask.to(nll.dtype)  # [B, T]
-        return (nll * mask).sum(), mask.sum()
+        sums, counts = masked_nll(self.model, input_ids, attention_mask, loss_mask)  # [B], [B]
+        return sums.sum(), counts.sum()
+
+
+def masked_nll(model: nn.Module, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed NLL of the tokens `loss_mask` marks and their count: [B, T] -> [B], [B] float32.
+
+    The LM head runs on the marked positions only (the answer is a small share of a chat row's tokens).
+    """
+    hidden = decoder_pass(model, input_ids, attention_mask)[:, :-1]  # [B, T-1, H]
+    marked = loss_mask[:, 1:].bool()  # [B, T-1]: token t+1 is predicted from position t
+    logits = model.get_output_embeddings()(hidden[marked]).float()  # [M, V]
+    nll = F.cross_entropy(logits, input_ids[:, 1:][marked], reduction="none")  # [M]
+    rows = marked.nonzero()[:, 0]  # [M]
+    sums = torch.zeros(input_ids.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)  # [B]
+    return sums, marked.sum(1).to(nll.dtype)
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
@@ -111,10 +128,11 @@ def epoch_batches(n_items: int, settings: LoraSettings, epoch: int, rank: int, w
     return [step[rank * settings.batch_size:(rank + 1) * settings.batch_size] for step in steps]
 
 
-def train_lora(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSettings, rank: int = 0,
-               world_size: int = 1, prepare: Callable[[nn.Module], nn.Module] | None = None,
-               on_epoch: Callable[[dict], None] | None = None):
-    """LoRA-finetune `model` on `rows`; returns the PeftModel (save it with `save_pretrained`).
+def train(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSettings, rank: int = 0,
+          world_size: int = 1, prepare: Callable[[nn.Module], nn.Module] | None = None,
+          on_epoch: Callable[[dict], None] | None = None):
+    """Finetune `model` on `rows`; returns the PeftModel (LoRA) or the model itself (full), in eval mode; save
+    either with `save_pretrained`.
 
     Every rank must get the same rows: each takes its slice of every global batch. `prepare` wraps the
     loss module for distributed training (Ray Train's `prepare_model`: device placement and DDP).
@@ -122,7 +140,9 @@ def train_lora(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSett
     items, dropped = encode_rows(tokenizer, rows, settings.max_length)
     if not items:
         raise ValueError(f"no row to finetune on: {len(rows)} rows, dropped {dict(dropped)}")
-    peft_model = add_lora(model, settings)
+    if settings.method not in ("lora", "full"):
+        raise ValueError(f"finetune method {settings.method!r}: lora | full")
+    peft_model = add_lora(model, settings) if settings.method == "lora" else model.requires_grad_(True)
     objective = prepare(ResponseLoss(peft_model)) if prepare else ResponseLoss(peft_model)
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -155,21 +175,67 @@ def _step(objective, optimizer, params, batch, device, autocast, max_grad_norm: 
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+def evaluate_model(model: nn.Module, tokenizer, heldout: list[dict], mc: list[dict] | None, max_length: int,
+                   batch_size: int = 8, autocast: str = "none") -> dict:
+    """The held-out response loss with its standard error over rows and, with `mc` items, multiple choice."""
+    nll, count = response_nll(model, tokenizer, heldout, max_length, batch_size, autocast)
+    if not count.sum():
+        raise ValueError(f"no held-out row has an assistant token within {max_length} tokens")
+    per_row = nll[count > 0] / count[count > 0]  # [rows]
+    out = {"heldout_loss": float(nll.sum() / count.sum()),
+           "heldout_se": float(per_row.std(ddof=1) / np.sqrt(len(per_row))) if len(per_row) > 1 else 0.0}
+    if mc:
+        out["mc"] = multiple_choice(model, tokenizer, mc, max_length, batch_size, autocast)
+    return out
+
+
 def heldout_loss(model: nn.Module, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8,
                  autocast: str = "none") -> float:
     """Mean NLL per assistant token over all `rows` (the held-out response loss; lower is better)."""
-    items, _ = encode_rows(tokenizer, rows, max_length)
-    if not items:
+    nll, count = response_nll(model, tokenizer, rows, max_length, batch_size, autocast)
+    if not count.sum():
         raise ValueError(f"no held-out row has an assistant token within {max_length} tokens")
-    items.sort(key=lambda i: len(i["input_ids"]))
-    loss = ResponseLoss(model).eval()
+    return float(nll.sum() / count.sum())
+
+
+def multiple_choice(model: nn.Module, tokenizer, items: list[dict], max_length: int, batch_size: int = 8,
+                    autocast: str = "none") -> dict:
+    """Accuracy on `{question, choices, label}` items, each choice scored as the answer turn of a chat: `acc` by
+    summed log-likelihood, `acc_norm` by log-likelihood per character (lm-eval's two), and `correct` per item."""
+    rows = [{"dataset": "mc", "id": f"{i}/{c}", "messages": [{"role": "user", "content": item["question"]},
+                                                             {"role": "assistant", "content": choice}]}
+            for i, item in enumerate(items) for c, choice in enumerate(item["choices"])]
+    nll, _ = response_nll(model, tokenizer, rows, max_length, batch_size, autocast)
+    out, start = {"acc": [], "acc_norm": []}, 0
+    for item in items:
+        n = len(item["choices"])
+        chars = np.array([max(len(c), 1) for c in item["choices"]], dtype=np.float64)  # [n]
+        out["acc"].append(int(np.argmin(nll[start:start + n])) == item["label"])
+        out["acc_norm"].append(int(np.argmin(nll[start:start + n] / chars)) == item["label"])
+        start += n
+    return {"acc": float(np.mean(out["acc"])), "acc_norm": float(np.mean(out["acc_norm"])), "n": len(items),
+            "correct": [int(c) for c in out["acc_norm"]]}
+
+
+@torch.inference_mode()
+def response_nll(model: nn.Module, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8,
+                 autocast: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each row's assistant tokens and their count, [N] each, in the order of `rows` (a row with
+    no assistant token within `max_length` gets 0 and 0)."""
+    model.eval()
     device = next(model.parameters()).device
     dtype = autocast_dtype(autocast, device.type)
-    total, count = 0.0, 0.0
+    nll, count = np.zeros(len(rows)), np.zeros(len(rows))
+    encoded = [(i, encode_row(tokenizer, {"reason": "", **row}, max_length, score_on="response", ifd=False))
+               for i, row in enumerate(rows)]
+    items = sorted(((i, e) for i, e in encoded if not e["reason"]), key=lambda ie: len(ie[1]["input_ids"]))
     for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size], tokenizer.pad_token_id).items()}
+        chunk = items[start:start + batch_size]
+        batch = collate([{"input_ids": e["input_ids"], "loss_mask": e["score_mask"]} for _, e in chunk],
+                        tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            s, n = loss(**batch)
-        total, count = total + float(s), count + float(n)
-    return total / count
+            sums, counts = masked_nll(model, **batch)  # [B], [B]
+        for (i, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
+            nll[i], count[i] = s, n
+    return nll, count

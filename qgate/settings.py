@@ -220,6 +220,8 @@ class FinetuneSettings:
     heldout: Optional[str] = setting(None, "optional held-out rows: their response loss before and after goes to "
                                            "out/finetune/metrics.json")
     max_failures: int = setting(1, "worker failures survived (the attempt restarts from scratch)")
+    method: str = setting("lora", "lora: LoRA weights only | full: every weight (a small or from-scratch target, "
+                                  "e.g. scratch-16m)")
 
 
 @dataclass
@@ -245,13 +247,23 @@ class CompareSettings:
 
     budget: float = setting(0.3, "share of the scored rows every subset gets")
     strategies: List[str] = setting(lambda: ["qgate", "random", "response_ppl", "ifd"],
-                                    "qgate: by q (its direction) | random | lowest response PPL | lowest IFD | all")
+                                    "qgate: by the run's score | random | lowest response PPL | lowest IFD | all | "
+                                    "clean (the rows `labels` marks clean: the ceiling)")
     seeds: int = setting(3, "finetunes per strategy, seeds seed, seed+1, …")
     direction: str = setting("auto", "q direction: auto (as the run selected) | higher | lower")
     heldout: Optional[str] = setting(None, "held-out LESS rows for the response loss (required)")
     labels: Optional[str] = setting(None, "optional labels.jsonl of planted rows: the table then shows each subset's "
                                           "planted share")
     metric: str = setting("acc_norm", "the lm-eval metric in the table")
+    mc: Optional[str] = setting(None, "optional multiple-choice items (JSONL of {question, choices, label}) scored "
+                                      "in the finetune's worker, without lm-eval (the fact corpus's facts_mc.jsonl)")
+    curve: List[float] = setting(lambda: [], "more budgets for a budget curve, e.g. [0.1,0.5]")
+    curve_strategies: List[str] = setting(lambda: ["qgate", "random"], "the strategies run at every budget of "
+                                                                       "`curve`")
+    budget_min: Optional[float] = setting(None, "start no new finetune after this many minutes (a call finishes "
+                                                "one at least); the same command again keeps the finished ones and "
+                                                "runs the rest")
+    keep_models: bool = setting(True, "keep every trained adapter (or model) under out/compare/adapters")
 
 
 @dataclass

@@ -21,36 +21,26 @@ mean ± sample standard deviation over seeds), `out/compare/compare.json` (every
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from qgate.comparison import (format_gaps, format_table, gaps, planted_share, plot_budget_curve, q_direction,
+                              read_labels, run_name, subsets, summarize)
 from qgate.config import save_config
-from qgate.comparison import format_table, planted_share, q_direction, read_labels, subsets, summarize
+from qgate.data import read_jsonl
 from qgate.evaluation import as_list, base_model_dir
 from ray_jobs import evaluate, finetune
 from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log
 
 log = logging.getLogger("qgate.compare")
-
-
-
-# ---- subsets -------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-# ---- inputs --------------------------------------------------------------------------------------
 
 
 def run_rows(config: DictConfig) -> dict[tuple, dict]:
@@ -61,16 +51,10 @@ def run_rows(config: DictConfig) -> dict[tuple, dict]:
     return {(r["dataset"], r["id"]): r for r in rows}
 
 
-
-
-
-
-# ---- the job -------------------------------------------------------------------------------------
-
-
 def run(config: DictConfig, command: str = "") -> dict:
-    """Finetune and evaluate every (strategy, seed); writes and returns the comparison."""
+    """Finetune and evaluate every (strategy, budget, seed) not already done; writes and returns the comparison."""
     init_ray(config)
+    started = time.monotonic()
     paths, section = run_paths(config.out), config.compare
     out = paths["out"] / "compare"
     if not section.heldout:
@@ -79,65 +63,123 @@ def run(config: DictConfig, command: str = "") -> dict:
         save_config(config, out / "config.yaml")
         scores = pq.read_table(paths.scores).to_pandas()
         direction = q_direction(scores, section.direction)
+        labels = read_labels(section.labels)
         seeds = [config.seed + i for i in range(section.seeds)]
-        picked = subsets(scores, as_list(section.strategies), section.budget, seeds, direction)
+        picked = subsets(scores, as_list(section.strategies), section.budget, seeds, direction, labels,
+                         [float(b) for b in as_list(section.curve)], as_list(section.curve_strategies))
         rows, heldout = run_rows(config), finetune.load_rows(section.heldout)[0]
-        base = base_model_dir(config.finetune.model or config.model, out)
-        base_ref = evaluate.remote_scores(config, pretrained=base, **evaluate.eval_kwargs(config))
-        records = [_train(config, key, keys, rows, heldout, base, out, read_labels(section.labels))
-                   for key, keys in picked.items()]
-        result = _collect(config, records, base_ref, direction, len(scores))
+        mc = read_jsonl(section.mc) if section.mc else None
+        base = base_model_dir(config.finetune.model or config.model, out) if as_list(config.evaluate.tasks) else None
+        records, skipped, trained = [], [], 0
+        for key, keys in picked.items():
+            record = _done_earlier(config, key, keys, out)
+            if record is None and trained and _spent(started, section.budget_min):
+                skipped.append(run_name(*key))
+                continue
+            if record is None:
+                record, trained = _train_and_keep(config, key, keys, rows, heldout, mc, base, out, labels), trained + 1
+            records.append(record)
+        if skipped:
+            log.warning("compare.budget_min=%s reached: %d runs not started (%s); run the same command again "
+                        "to finish them", section.budget_min, len(skipped), ", ".join(skipped))
+        result = _collect(config, records, base, direction, len(scores), bool(mc), skipped)
         _write(out, result, command)
         return result
 
 
-def _train(config, key, keys, rows, heldout, base, out: Path, labels) -> dict:
-    """One finetune; the lm-eval run of its adapter starts at once and is collected later."""
-    strategy, seed = key
+def _spent(started: float, budget_min: float | None) -> bool:
+    return bool(budget_min) and time.monotonic() - started > 60 * budget_min
+
+
+def _record_path(out: Path, key) -> Path:
+    return out / "runs" / f"{run_name(*key)}.json"
+
+
+def _fingerprint(config, keys) -> str:
+    """What a finetune's result depends on: its rows and the finetune and evaluation settings."""
+    what = [sorted(keys), OmegaConf.to_container(config.finetune), OmegaConf.to_container(config.evaluate),
+            config.compare.heldout, config.compare.mc]
+    return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()
+
+
+def _done_earlier(config, key, keys, out: Path) -> dict | None:
+    """The record an earlier call wrote for the same subset and settings, else None."""
+    path = _record_path(out, key)
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") == _fingerprint(config, keys):
+            log.info("%s: done earlier, kept", run_name(*key))
+            return record
+    return None
+
+
+def _train_and_keep(config, key, keys, rows, heldout, mc, base, out: Path, labels) -> dict:
+    record = {**_train(config, key, keys, rows, heldout, mc, base, out, labels),
+              "fingerprint": _fingerprint(config, keys)}
+    path = _record_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def _train(config, key, keys, rows, heldout, mc, base, out: Path, labels) -> dict:
+    """One finetune, evaluated in its worker; lm-eval tasks, when there are any, run here after it."""
+    import ray
+
+    strategy, budget, seed = key
     missing = [k for k in keys if k not in rows]
     if missing:
         raise ValueError(f"{len(missing)} scored rows are not in the corpus, e.g. {missing[:3]}")
-    name = f"{strategy}-s{seed}"
+    name = run_name(*key)
     log.info("finetune %s on %d rows", name, len(keys))
-    metrics = finetune.fit(config, [rows[k] for k in keys], out / "adapters" / name, out / "ray", name=name,
-                           model=base, seed=seed, heldout=heldout)
-    ref = evaluate.remote_scores(config, pretrained=base, adapter=str(out / "adapters" / name),
-                                 **evaluate.eval_kwargs(config))
-    return {"strategy": strategy, "seed": seed, "rows": len(keys), "planted_share": planted_share(keys, labels),
-            "train_loss": metrics["history"][-1]["loss"], "heldout_loss": metrics["heldout_after"],
-            "heldout_loss_base": metrics["heldout_before"], "scores": ref}
+    model_dir = out / "adapters" / name
+    metrics = finetune.fit(config, [rows[k] for k in keys], model_dir, out / "ray", name=name,
+                           model=config.finetune.model or config.model, seed=seed, heldout=heldout, mc=mc)
+    scores = {}
+    if base is not None:
+        full = config.finetune.method == "full"
+        scores = ray.get(evaluate.remote_scores(config, pretrained=str(model_dir) if full else base,
+                                                adapter=None if full else str(model_dir), **evaluate.eval_kwargs(config)))
+    if not config.compare.keep_models:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    after, before = metrics["after"], metrics["before"]
+    return {"strategy": strategy, "budget": budget, "seed": seed, "rows": len(keys),
+            "planted_share": planted_share(keys, labels), "train_loss": metrics["history"][-1]["loss"],
+            "heldout_loss": after["heldout_loss"], "heldout_se": after["heldout_se"], "mc": after.get("mc"),
+            "scores": scores, "base": {**before, "scores": None}}
 
 
-def _collect(config, records: list[dict], base_ref, direction: str, n_scored: int) -> dict:
-    import ray
-
-    for record in records:
-        record["scores"] = ray.get(record["scores"])
-    base = {"strategy": "base (no finetune)", "heldout_loss": records[0]["heldout_loss_base"],
-            "scores": ray.get(base_ref)}
+def _collect(config, records: list[dict], base: str | None, direction: str, n_scored: int, has_mc: bool,
+             skipped: list[str]) -> dict:
     tasks, metric = as_list(config.evaluate.tasks), config.compare.metric
+    if not records:
+        raise RuntimeError(f"no finetune finished within compare.budget_min={config.compare.budget_min}")
+    base_record = {"strategy": "base (no finetune)", **records[0]["base"]}
+    if base is not None:
+        import ray
+
+        base_record["scores"] = ray.get(evaluate.remote_scores(config, pretrained=base, **evaluate.eval_kwargs(config)))
+    summary = summarize(records, base_record, tasks, metric)
+    versus = [s for s in ("random", "response_ppl", "ifd", "all", "clean") if s in as_list(config.compare.strategies)]
+    measure_keys = ["heldout_loss"] + (["mc_acc"] if has_mc else []) + tasks
     return {"budget": config.compare.budget, "n_scored": n_scored, "q_direction": direction, "metric": metric,
-            "tasks": tasks, "base": base, "runs": records, "summary": summarize(records, base, tasks, metric)}
-
-
-# ---- the table -----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
+            "tasks": tasks, "mc": has_mc, "base": base_record, "runs": records, "summary": summary,
+            "gaps": [g for m in measure_keys for g in gaps(summary, config.compare.budget, m, versus)],
+            "not_run": skipped}
 
 
 def _write(out: Path, result: dict, command: str) -> None:
-    table = format_table(result)
+    table, gap_table = format_table(result), format_gaps(result["gaps"])
     header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, qgate = the run's sorted-on "
-              f"score, {result['q_direction']} first; mean ± sd over seeds\n\n")
-    (out / "compare.md").write_text((f"`{command}`\n\n" if command else "") + header + table + "\n")
+              f"score, {result['q_direction']} first; mean over seeds [95% interval, Student's t]\n\n")
+    plot = plot_budget_curve(result, out / "budget_curve.png")
+    text = ((f"`{command}`\n\n" if command else "") + header + table
+            + "\n\nqgate against the others (combined standard error: seeds and evaluation items)\n\n" + gap_table
+            + (f"\n\n![budget curve]({plot.name})" if plot else "")
+            + (f"\n\nnot run (compare.budget_min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
+    (out / "compare.md").write_text(text + "\n")
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
-    print(header + table)
+    print(header + table + "\n\n" + gap_table)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,7 +34,7 @@ from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging
 log = logging.getLogger("qgate.finetune")
 
 SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "max_length",
-                "max_grad_norm")
+                "max_grad_norm", "method")
 
 
 def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
@@ -62,20 +62,21 @@ def load_rows(spec) -> tuple[list[dict], Counter]:
 
 def train_loop(cfg: dict) -> dict | None:
     """One Ray Train worker: the model, LoRA under DDP, a report per epoch, rank 0's adapter as checkpoint."""
-    from qgate.finetune import heldout_loss, train_lora
+    from qgate.finetune import evaluate_model, train
     from qgate.models import load_model, load_tokenizer
 
     setup_logging()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     rows, heldout = ray.get(cfg["rows"]), ray.get(cfg["heldout"]) if cfg["heldout"] else None
+    mc = ray.get(cfg["mc"]) if cfg["mc"] else None
     settings = LoraSettings(**cfg["settings"])
     model = load_model(cfg["model"], dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"])
     tokenizer = load_tokenizer(cfg["model"], trust_remote_code=cfg["trust_remote_code"])
     model.to(ray.train.torch.get_device())
     state = {"history": []}
     if heldout and rank == 0:
-        state["heldout_before"] = heldout_loss(model, tokenizer, heldout, settings.max_length, autocast=settings.autocast)
+        state["before"] = evaluate_model(model, tokenizer, heldout, mc, settings.max_length, autocast=settings.autocast)
 
     def on_epoch(metrics: dict) -> None:
         metrics["loss"] = _mean_over_workers(metrics["loss"])
@@ -85,10 +86,11 @@ def train_loop(cfg: dict) -> dict | None:
                      metrics["steps"])
         ray.train.report({k: v for k, v in metrics.items() if k != "dropped"})
 
-    peft_model = train_lora(model, tokenizer, rows, settings, rank=rank, world_size=world,
-                            prepare=ray.train.torch.prepare_model, on_epoch=on_epoch)
+    peft_model = train(model, tokenizer, rows, settings, rank=rank, world_size=world,
+                       prepare=ray.train.torch.prepare_model, on_epoch=on_epoch)
     if heldout and rank == 0:
-        state["heldout_after"] = heldout_loss(peft_model, tokenizer, heldout, settings.max_length, autocast=settings.autocast)
+        state["after"] = evaluate_model(peft_model, tokenizer, heldout, mc, settings.max_length,
+                                        autocast=settings.autocast)
     _report_adapter(peft_model, state, rank)
     return state if rank == 0 else None
 
@@ -109,22 +111,25 @@ def _report_adapter(peft_model, state: dict, rank: int) -> None:
         if rank == 0:
             peft_model.save_pretrained(tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"done": 1, **{k: v for k, v in state.items() if k.startswith("heldout")}},
-                         checkpoint=checkpoint, checkpoint_dir_name="adapter")
+        ray.train.report({"done": 1}, checkpoint=checkpoint, checkpoint_dir_name="adapter")
 
 
 # ---- driver --------------------------------------------------------------------------------------
 
 
 def fit(config: DictConfig, rows: list[dict], adapter_dir: str | Path, storage: str | Path, name: str = "finetune",
-        model: str | None = None, seed: int | None = None, heldout: list[dict] | None = None) -> dict:
-    """Train one adapter on `rows` with Ray Train and copy it to `adapter_dir`; returns the rank-0 metrics."""
+        model: str | None = None, seed: int | None = None, heldout: list[dict] | None = None,
+        mc: list[dict] | None = None) -> dict:
+    """Train one adapter (or, with `finetune.method=full`, a whole model) on `rows` with Ray Train and copy it to
+    `adapter_dir`; returns the rank-0 metrics: per-epoch history and, with `heldout` (and `mc` items), the
+    evaluation `before` and `after`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = Path(storage).resolve()
     shutil.rmtree(storage / name, ignore_errors=True)  # a stale run there would be resumed
     loop_cfg = {"rows": ray.put(rows), "heldout": ray.put(heldout) if heldout else None,
+                "mc": ray.put(mc) if mc else None,
                 "model": model or config.finetune.model or config.model, "dtype": config.dtype,
                 "trust_remote_code": config.trust_remote_code, "settings": vars(settings_of(config, seed))}
     gpu = use_gpu(config)
@@ -169,9 +174,9 @@ def run(config: DictConfig) -> Path:
 
 
 def _heldout_line(metrics: dict) -> str:
-    if "heldout_after" not in metrics:
+    if "after" not in metrics:
         return ""
-    return f"; held-out response loss {metrics['heldout_before']:.4f} -> {metrics['heldout_after']:.4f}"
+    return f"; held-out response loss {metrics['before']['heldout_loss']:.4f} -> {metrics['after']['heldout_loss']:.4f}"
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -9,6 +9,7 @@ import pytest
 import ray
 import torch
 import yaml
+from omegaconf import OmegaConf
 from peft import PeftModel
 
 from qgate import comparison, evaluation
@@ -21,7 +22,7 @@ from qgate.finetune import (
     encode_rows,
     epoch_batches,
     heldout_loss,
-    train_lora,
+    train,
 )
 from qgate.tasks import build_python_docs_mc as mc
 from qgate.tiny import tiny_model, tiny_tokenizer
@@ -103,12 +104,12 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
     assert len(epoch) == 12 and set(epoch) == set(range(10))  # every row, two again to fill the last batch
 
 
-def test_train_lora_saves_an_adapter_that_loads_and_changes_outputs(tmp_path):
+def test_train_saves_an_adapter_that_loads_and_changes_outputs(tmp_path):
     tokenizer = tiny_tokenizer()
     settings = LoraSettings(rank=4, alpha=8, lr=0.01, epochs=3, batch_size=4, max_length=64, seed=0)
     before = heldout_loss(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), 64)
     history = []
-    trained = train_lora(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings, on_epoch=history.append)
+    trained = train(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings, on_epoch=history.append)
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[0]["rows"] == len(TOPICS)
     assert heldout_loss(trained, tokenizer, toy_rows(), 64) < before - 0.5
     trained.save_pretrained(tmp_path / "adapter")
@@ -126,7 +127,7 @@ def test_bf16_autocast_trains_and_scores_like_float32():
                                                  "finetune.lr=0.01", "finetune.epochs=3", "finetune.batch_size=4",
                                                  "finetune.max_length=64"]))
     assert settings.autocast == "bf16"
-    trained = train_lora(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings)
+    trained = train(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings)
     assert heldout_loss(trained, tokenizer, toy_rows(), 64, autocast="bf16") < plain - 0.5
 
 
@@ -167,7 +168,7 @@ def test_lm_eval_runs_the_local_task_on_base_and_adapter(tmp_path):
 
     tokenizer = tiny_tokenizer()
     settings = LoraSettings(rank=4, alpha=8, lr=0.01, epochs=3, batch_size=4, max_length=64)
-    train_lora(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings).save_pretrained(tmp_path / "adapter")
+    train(tiny_model("tiny-qwen3"), tokenizer, toy_rows(), settings).save_pretrained(tmp_path / "adapter")
     base = evaluation.base_model_dir("tiny-qwen3", tmp_path)
     scores = evaluation.lm_eval_scores(base, ["python_docs_mc"], adapter=str(tmp_path / "adapter"), limit=8,
                                      batch_size=8, device="cpu")
@@ -193,7 +194,8 @@ def test_ray_finetune_writes_a_peft_adapter(ray_local, corpus, tmp_path):
     metrics = json.loads((tmp_path / "run" / "finetune" / "metrics.json").read_text())
     assert metrics["rows"] == {"read": len(TOPICS) + 1, "reject:empty_messages": 1}
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert metrics["heldout_after"] < metrics["heldout_before"]
+    assert metrics["after"]["heldout_loss"] < metrics["before"]["heldout_loss"]
+    assert metrics["after"]["heldout_se"] > 0
 
 
 def fake_run(root, corpus) -> None:
@@ -216,7 +218,7 @@ def test_subsets_follow_each_strategy(tmp_path, corpus):
     direction = comparison.q_direction(scores)
     assert direction == "lower"
     picked = comparison.subsets(scores, ["qgate", "random", "response_ppl", "ifd"], 0.25, [0, 1], direction)
-    ids = {key: [i for _, i in keys] for key, keys in picked.items()}
+    ids = {(strategy, seed): [i for _, i in keys] for (strategy, _, seed), keys in picked.items()}
     assert sorted(ids["qgate", 0]) == sorted(scores.loc[scores["selected"], "id"]) and len(ids["qgate", 0]) == 4
     assert ids["response_ppl", 0] == ["toy-0", "toy-1", "toy-2", "toy-3"]
     assert ids["ifd", 0] == ["toy-15", "toy-14", "toy-13", "toy-12"]
@@ -232,36 +234,105 @@ def test_the_qgate_subset_follows_the_score_the_run_sorted_on(tmp_path, corpus):
     direction = comparison.q_direction(scores)
     assert direction == "higher"
     picked = comparison.subsets(scores, ["qgate"], 0.25, [0], direction)
-    assert [i for _, i in picked["qgate", 0]] == [f"toy-{i}" for i in range(n - 1, n - 5, -1)]
+    assert [i for _, i in picked["qgate", 0.25, 0]] == [f"toy-{i}" for i in range(n - 1, n - 5, -1)]
 
 
-def test_the_table_shows_mean_and_spread_over_seeds():
-    base = {"strategy": "base (no finetune)", "heldout_loss": 3.0, "scores": {"t": {"acc_norm": 0.25}}}
-    runs = [{"strategy": "qgate", "seed": s, "rows": 8, "planted_share": 0.0, "heldout_loss": loss,
-             "scores": {"t": {"acc_norm": acc}}} for s, loss, acc in [(0, 2.0, 0.5), (1, 2.2, 0.3)]]
+def test_the_table_shows_mean_and_interval_over_seeds():
+    base = {"strategy": "base (no finetune)", "heldout_loss": 3.0, "heldout_se": 0.05,
+            "scores": {"t": {"acc_norm": 0.25}}}
+    runs = [{"strategy": "qgate", "budget": 0.3, "seed": s, "rows": 8, "planted_share": 0.0, "heldout_loss": loss,
+             "heldout_se": 0.0, "scores": {"t": {"acc_norm": acc}}} for s, loss, acc in [(0, 2.0, 0.5), (1, 2.2, 0.3)]]
     summary = comparison.summarize(runs, base, ["t"], "acc_norm")
-    assert summary[1]["heldout_loss"] == pytest.approx((2.1, 0.141421), abs=1e-6)
-    assert summary[1]["t"] == pytest.approx((0.4, 0.141421), abs=1e-6)
+    loss = summary[1]["heldout_loss"]
+    half = 12.7062 * 0.141421 / 2 ** 0.5  # Student's t, 1 degree of freedom
+    assert loss["mean"] == pytest.approx(2.1) and loss["sd"] == pytest.approx(0.141421, abs=1e-6)
+    assert loss["ci"] == pytest.approx((2.1 - half, 2.1 + half), abs=1e-3)
+    assert loss["se"] == pytest.approx(0.1)  # the seeds' spread; these runs' items add nothing
+    assert summary[0]["heldout_loss"]["se"] == pytest.approx(0.05)  # the base model: its items' error alone
     table = comparison.format_table({"tasks": ["t"], "metric": "acc_norm", "summary": summary})
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
-    assert cells[2] == ["base (no finetune)", "–", "–", "–", "3.0000 ± 0.0000", "0.250 ± 0.000"]
-    assert cells[3] == ["qgate", "2", "8", "0.0 ± 0.0", "2.1000 ± 0.1414", "0.400 ± 0.141"]
+    assert cells[2] == ["base (no finetune)", "–", "–", "–", "–", "3.0000", "0.250"]
+    assert cells[3] == ["qgate", "30%", "2", "8", "0.0%", f"2.1000 [{2.1 - half:.4f}, {2.1 + half:.4f}]",
+                        "0.400 [-0.871, 1.671]"]
 
 
-def test_compare_end_to_end_writes_the_table(ray_local, corpus, tmp_path):
+def test_gaps_count_combined_standard_errors_against_each_baseline():
+    def row(strategy, budget, mean, se):
+        return {"strategy": strategy, "budget": budget, "mc_acc": {"mean": mean, "se": se}}
+
+    summary = [row("qgate", 0.3, 0.60, 0.03), row("random", 0.3, 0.50, 0.04), row("random", 0.1, 0.9, 0.01),
+               row("clean", None, 0.62, 0.0)]
+    gaps = {g["versus"]: g for g in comparison.gaps(summary, 0.3, "mc_acc", ["random", "clean", "ifd"])}
+    assert set(gaps) == {"random", "clean"}  # no ifd row, no gap; random at 10% is not compared
+    assert gaps["random"]["diff"] == pytest.approx(0.10) and gaps["random"]["se"] == pytest.approx(0.05)
+    assert gaps["random"]["z"] == pytest.approx(2.0) and gaps["clean"]["diff"] == pytest.approx(-0.02)
+
+
+def test_the_curve_and_the_ceiling_pick_their_rows(tmp_path, corpus):
     fake_run(tmp_path, corpus)
+    scores = pq.read_table(tmp_path / "selection" / "scores.parquet").to_pandas()
+    labels = comparison.read_labels(tmp_path / "labels.jsonl")
+    picked = comparison.subsets(scores, ["qgate", "all", "clean"], 0.25, [0], "lower", labels,
+                                curve=[0.5, 0.25], curve_strategies=["qgate", "random"])
+    assert sorted(picked) == sorted([("qgate", 0.25, 0), ("all", None, 0), ("clean", None, 0), ("qgate", 0.5, 0),
+                                     ("random", 0.5, 0), ("random", 0.25, 0)])
+    assert len(picked["qgate", 0.5, 0]) == 8 and len(picked["all", None, 0]) == len(scores)
+    assert comparison.planted_share(picked["clean", None, 0], labels) == 0.0
+    assert len(picked["clean", None, 0]) == sum(not planted for planted in labels.values())
+    with pytest.raises(ValueError, match="clean strategy needs"):
+        comparison.subsets(scores, ["clean"], 0.25, [0], "lower")
+
+
+def toy_mc(topics=HELD_OUT_TOPICS) -> list[dict]:
+    items = []
+    for i, topic in enumerate(topics):
+        true, false = f"People have studied {topic} for a long time.", f"{topic} ate the moon yesterday."
+        items.append({"question": f"Tell me one fact about {topic}.", "label": i % 2,
+                      "choices": [false, true] if i % 2 else [true, false]})
+    return items
+
+
+def test_compare_end_to_end_writes_the_table_and_resumes(ray_local, corpus, tmp_path):
+    fake_run(tmp_path, corpus)
+    write_jsonl(str(tmp_path / "mc.jsonl"), toy_mc())
     config = tiny_config(tmp_path, **{"compare.heldout": corpus / "heldout.jsonl", "compare.budget": 0.5,
-                                      "compare.seeds": 1, "compare.strategies": "[qgate,random]",
-                                      "compare.labels": tmp_path / "labels.jsonl", "finetune.epochs": 2})
+                                      "compare.seeds": 1, "compare.strategies": "[qgate,clean]",
+                                      "compare.labels": tmp_path / "labels.jsonl", "compare.mc": tmp_path / "mc.jsonl",
+                                      "compare.curve": "[0.25]", "compare.curve_strategies": "[qgate]",
+                                      "finetune.epochs": 2})
+    first = compare.run(OmegaConf.merge(config, {"compare": {"budget_min": 1e-9}}))
+    assert len(first["runs"]) == 1 and len(first["not_run"]) == 2  # spent at once: one finetune, as every call
     result = compare.run(config)
+    assert result["not_run"] == [] and len(result["runs"]) == 3
+    assert json.loads((tmp_path / "compare" / "runs" / "qgate-50pct-s0.json").read_text())["fingerprint"]
+    summary = {(row["strategy"], row["budget"]): row for row in result["summary"]}
+    assert list(summary) == [("base (no finetune)", None), ("qgate", 0.5), ("clean", None), ("qgate", 0.25)]
+    assert summary["qgate", 0.5]["planted_share"] == 0.0 and summary["clean", None]["planted_share"] == 0.0
+    assert summary["clean", None]["rows"] == 12 and summary["qgate", 0.25]["rows"] == 4
+    for row in summary.values():
+        assert 0.0 <= row["python_docs_mc"]["mean"] <= 1.0 and 0.0 <= row["mc_acc"]["mean"] <= 1.0
+    base_loss = summary["base (no finetune)", None]["heldout_loss"]["mean"]
+    assert summary["qgate", 0.5]["heldout_loss"]["mean"] < base_loss
+    assert {(g["measure"], g["versus"]) for g in result["gaps"]} == {
+        (measure, "clean") for measure in ("heldout_loss", "mc_acc", "python_docs_mc")}
     table = (tmp_path / "compare" / "compare.md").read_text()
-    assert [row["strategy"] for row in result["summary"]] == ["base (no finetune)", "qgate", "random"]
-    assert len(result["runs"]) == 2 and all(r["rows"] == 8 for r in result["runs"])
-    assert result["summary"][1]["planted_share"] == (0.0, 0.0)
-    for row in result["summary"]:
-        assert 0.0 <= row["python_docs_mc"][0] <= 1.0 and row["heldout_loss"][0] > 0
-    assert result["summary"][1]["heldout_loss"][0] < result["summary"][0]["heldout_loss"][0]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
-    assert ["qgate", "1", "8", "0.0 ± 0.0"] in [row[:4] for row in cells] and "python_docs_mc acc_norm" in table
+    assert ["qgate", "50%", "1", "8", "0.0%"] in [row[:5] for row in cells] and "fact MC acc_norm" in table
+    assert "python_docs_mc acc_norm" in table and "![budget curve](budget_curve.png)" in table  # qgate at two budgets
+    assert (tmp_path / "compare" / "budget_curve.png").stat().st_size > 5000
     assert json.loads((tmp_path / "compare" / "compare.json").read_text())["q_direction"] == "lower"
-    assert (tmp_path / "compare" / "adapters" / "random-s0" / "adapter_config.json").exists()
+    assert (tmp_path / "compare" / "adapters" / "qgate-25pct-s0" / "adapter_config.json").exists()
+
+
+def test_the_budget_curve_is_drawn_for_strategies_at_several_budgets(tmp_path):
+    def row(strategy, budget, mean):
+        stat = {"mean": mean, "sd": 0.0, "ci": (mean - 0.1, mean + 0.1), "se": 0.05}
+        return {"strategy": strategy, "budget": budget, "seeds": 3, "heldout_loss": stat}
+
+    result = {"tasks": [], "metric": "acc_norm", "mc": False,
+              "summary": [{**row("base (no finetune)", None, 3.0), "seeds": None}, row("all", None, 2.0)]
+              + [row(s, b, 2.5 - b) for s in ("qgate", "random") for b in (0.1, 0.3, 0.5)]}
+    path = comparison.plot_budget_curve(result, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    result["summary"] = result["summary"][:3]  # qgate at one budget only: no curve
+    assert comparison.plot_budget_curve(result, tmp_path / "none.png") is None

@@ -45,7 +45,7 @@ _SIGNATURE_START = re.compile(r"^[\w.]+\(.*?\)\s*(:|=>|->|$)")  # "clear(): ..."
 
 def first_sentence(doc: str | None) -> str | None:
     """The first sentence of a docstring's first paragraph, on one line; None if missing or generated."""
-    if not doc:
+    if not isinstance(doc, str) or not doc:
         return None
     paragraph = " ".join(re.split(r"\n\s*\n", inspect.cleandoc(doc).strip())[0].split())
     sentence = re.split(r"(?<=[.!?])\s+", paragraph)[0]
