@@ -1,31 +1,47 @@
-"""One self-contained HTML report of a selection run: inline CSS and hand-made SVG, no external assets."""
+"""One self-contained HTML report of a selection run.
+
+The page comes from the jinja2 template `templates/report.html.j2`, autoescaped, so sample text shows as text.
+Its two charts, the score histogram with the cut and the per-layer a/b/μ lines, are matplotlib figures inlined
+as SVG. The page loads nothing: no scripts, no stylesheets, no images from elsewhere.
+"""
 
 from __future__ import annotations
 
-import html
+import io
+import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+from matplotlib.ticker import MaxNLocator
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 N_BINS = 40
 TEXT_PREVIEW_CHARS = 300
-WIDTH, HEIGHT, PAD = 720, 220, 36
-
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
-td.text { font-family: monospace; font-size: 0.85em; white-space: pre-wrap; max-width: 600px; }
-.banner { padding: 0.8em 1.2em; font-size: 1.15em; font-weight: bold; border-radius: 4px; margin: 1em 0; }
-.banner.pass { background: #e3f5e1; border: 2px solid #3a8a32; }
-.banner.fail { background: #fbe3e3; border: 2px solid #c0392b; color: #8b1a10; }
-svg { background: #fafafa; border: 1px solid #ddd; }
-"""
+FIGSIZE = (7.2, 2.6)  # inches
+GREY, GREEN, RED, BLUE = "#7a8ca3", "#3a8a32", "#c0392b", "#2e6da4"
+SVG_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}  # no stamps: reruns match
+MATPLOTLIB_GROUP_ID = re.compile(r'id="([\w.]+_\d+)"')  # figure_1, patch_3, ...: the same in every figure
 
 
-def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list]
+    text_cols: tuple[int, ...] = ()  # columns shown as preformatted text, not as numbers
+
+
+@dataclass(frozen=True)
+class Banner:
+    passed: bool
+    line: str
+    kinds: Table | None
 
 
 def _fmt(value) -> str:
@@ -34,90 +50,78 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list], text_cols: tuple[int, ...] = ()) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(_cell(v, i in text_cols) for i, v in enumerate(row)) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cell(value, is_text: bool) -> str:
-    return f'<td class="text">{_esc(value)}</td>' if is_text else f"<td>{_esc(_fmt(value))}</td>"
-
-
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{_esc(title)}</h2>{body}</section>"
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
 
 
 # --- charts ---------------------------------------------------------------------------------------------
 
 
-def _scale(lo: float, hi: float, out_lo: float, out_hi: float):
-    span = (hi - lo) or 1.0
-    return lambda v: out_lo + (v - lo) / span * (out_hi - out_lo)
+def inline_svg(fig, chart_id: str) -> Markup:
+    """`fig` as an <svg id=chart_id> element for the page; the figure is closed."""
+    buffer = io.StringIO()
+    try:  # text stays <text>; the ids matplotlib hashes (clip paths, markers) are salted per chart
+        with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": chart_id}):
+            fig.savefig(buffer, format="svg", metadata=SVG_METADATA, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    svg = buffer.getvalue().strip()
+    svg = svg[svg.index("<svg"):]  # no XML prolog inside HTML
+    svg = MATPLOTLIB_GROUP_ID.sub(rf'id="{chart_id}-\1"', svg)  # ids unique on the page
+    return Markup(svg.replace("<svg", f'<svg id="{chart_id}"', 1))
 
 
-def histogram_svg(q: np.ndarray, threshold: float | None, n_bins: int = N_BINS) -> str:
-    """Bars of the q distribution; bars at or above the cut are green, the cut is a red line."""
-    q = q[np.isfinite(q)]
+def _plain_axes():
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="y", color="#e5e5e5")
+    ax.set_axisbelow(True)
+    return fig, ax
+
+
+def _histogram_range(q: np.ndarray, threshold: float | None) -> tuple[float, float]:
+    """The span of the finite scores, widened to show the cut; never empty."""
     lo, hi = (float(q.min()), float(q.max())) if q.size else (0.0, 1.0)
-    if threshold is not None and np.isfinite(threshold):
+    if _finite(threshold):
         lo, hi = min(lo, threshold), max(hi, threshold)
-    hi = hi if hi > lo else lo + 1.0
-    counts, edges = np.histogram(q, bins=n_bins, range=(lo, hi))  # [B], [B+1]
-    x = _scale(lo, hi, PAD, WIDTH - PAD)
-    y = _scale(0, max(int(counts.max()), 1), HEIGHT - PAD, PAD / 2)
-    bars = []
-    for count, left, right in zip(counts, edges[:-1], edges[1:]):
-        colour = "#3a8a32" if threshold is not None and left >= threshold else "#7a8ca3"
-        width = max(x(right) - x(left) - 1, 0.5)
-        bars.append(
-            f'<rect x="{x(left):.1f}" y="{y(count):.1f}" width="{width:.1f}" height="{y(0) - y(count):.1f}" '
-            f'fill="{colour}"><title>{left:.4g}..{right:.4g}: {count}</title></rect>'
-        )
-    parts = bars + [_axis_labels(f"{lo:.4g}", f"{hi:.4g}", f"max {int(counts.max(initial=0))}")]
-    if threshold is not None and np.isfinite(threshold):
-        parts.append(_cut_line(x(threshold), threshold))
-    return _svg("q-histogram", parts)
+    return lo, hi if hi > lo else lo + 1.0
 
 
-def _cut_line(tx: float, threshold: float) -> str:
-    return (f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{PAD / 2}" y2="{HEIGHT - PAD}" stroke="#c0392b" '
-            f'stroke-width="2"/><text x="{tx + 4:.1f}" y="{PAD}" fill="#c0392b">cut {threshold:.4g}</text>')
+def histogram_svg(q: np.ndarray, threshold: float | None, score_name: str = "q",
+                  n_bins: int = N_BINS) -> Markup:
+    """Bars of the score distribution (ids q-bar-i); bars at or above the cut are green, the cut is red."""
+    q = q[np.isfinite(q)]
+    counts, edges = np.histogram(q, bins=n_bins, range=_histogram_range(q, threshold))  # [B], [B+1]
+    fig, ax = _plain_axes()
+    above = edges[:-1] >= threshold if _finite(threshold) else np.zeros(n_bins, dtype=bool)  # [B]
+    bars = ax.bar(edges[:-1], counts, width=np.diff(edges) * 0.95, align="edge",
+                  color=np.where(above, GREEN, GREY))
+    for i, bar in enumerate(bars):
+        bar.set_gid(f"q-bar-{i}")
+    if _finite(threshold):
+        ax.axvline(threshold, color=RED, linewidth=2, label=f"cut {threshold:.4g}", gid="q-cut")
+        ax.legend(loc="upper left", frameon=False)
+    ax.set(xlabel=score_name, ylabel="rows")
+    return inline_svg(fig, "q-histogram")
 
 
-def layer_chart_svg(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> str:
-    """One line per statistic (a = min, b = max, μ = mean of S) across layers."""
-    n = len(a)
-    values = np.concatenate([a, b, mu])
-    lo, hi = float(values.min()), float(values.max())
-    x = _scale(0, max(n - 1, 1), PAD, WIDTH - PAD)
-    y = _scale(lo, hi if hi > lo else lo + 1.0, HEIGHT - PAD, PAD / 2)
-    parts = []
-    for (name, series), colour in zip((("a", a), ("b", b), ("μ", mu)), ("#2e6da4", "#c0392b", "#3a8a32")):
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(series))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        parts.append(f'<text x="{WIDTH - PAD + 4}" y="{y(series[-1]):.1f}" fill="{colour}">{name}</text>')
-    parts.append(_axis_labels("layer 0", f"layer {n - 1}", f"{lo:.3g}..{hi:.3g}"))
-    return _svg("layer-stats", parts)
+def layer_chart_svg(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> Markup:
+    """One line per statistic across layers (ids layer-a, -b, -mu): a = min, b = max, μ = mean of S."""
+    fig, ax = _plain_axes()
+    layers = np.arange(len(a))
+    for key, label, series, colour in (("a", "a (min S)", a, BLUE), ("b", "b (max S)", b, RED),
+                                       ("mu", "μ (mean S)", mu, GREEN)):
+        ax.plot(layers, series, marker="o", color=colour, linewidth=2, label=label, gid=f"layer-{key}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="layer", ylabel="S")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return inline_svg(fig, "layer-stats")
 
 
-def _axis_labels(left: str, right: str, top: str) -> str:
-    return (f'<text x="{PAD}" y="{HEIGHT - 12}">{_esc(left)}</text>'
-            f'<text x="{WIDTH - PAD}" y="{HEIGHT - 12}" text-anchor="end">{_esc(right)}</text>'
-            f'<text x="{PAD}" y="{PAD / 2 - 4}">{_esc(top)}</text>')
+# --- tables ---------------------------------------------------------------------------------------------
 
 
-def _svg(element_id: str, parts: list[str]) -> str:
-    return (f'<svg id="{element_id}" xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-            f'font-size="11">{"".join(parts)}</svg>')
-
-
-# --- sections -------------------------------------------------------------------------------------------
-
-
-def direction_banner(check: dict) -> str:
+def direction_banner(check: dict) -> Banner:
     """Verdict of the direction self-check: does a high q pick the clean rows of the user's own data?"""
     passed = bool(check.get("passed"))
     verdict = check.get("verdict", "passed" if passed else "failed").upper().replace("_", " ")
@@ -130,22 +134,20 @@ def direction_banner(check: dict) -> str:
     line = (f"Direction self-check {verdict}{on}: AUROC {_fmt(check.get('auroc'))}{blend_text} "
             f"(threshold {_fmt(check.get('min_auroc', check.get('threshold')))}, "
             f"direction: {check.get('direction')} q = clean)")
-    banner = f'<div class="banner {"pass" if passed else "fail"}">{_esc(line)}</div>'
-    per_kind = check.get("per_kind") or {}
-    return _section("Direction self-check", banner + _kind_table(per_kind, (blend or {}).get("per_kind")))
+    return Banner(passed, line, kind_table(check.get("per_kind") or {}, (blend or {}).get("per_kind")))
 
 
-def _kind_table(per_kind: dict, blend_per_kind: dict | None) -> str:
+def kind_table(per_kind: dict, blend_per_kind: dict | None) -> Table | None:
     """AUROC per corruption kind, of q and (when measured) of the q + IFD blend."""
     if not per_kind:
-        return ""
+        return None
     if blend_per_kind is None:
-        return _table(["corruption kind", "AUROC"], [[k, v] for k, v in per_kind.items()])
-    return _table(["corruption kind", "AUROC q", "AUROC q+IFD blend"],
-                  [[k, v, blend_per_kind.get(k)] for k, v in per_kind.items()])
+        return Table(["corruption kind", "AUROC"], [[k, v] for k, v in per_kind.items()])
+    return Table(["corruption kind", "AUROC q", "AUROC q+IFD blend"],
+                 [[k, v, blend_per_kind.get(k)] for k, v in per_kind.items()])
 
 
-def dataset_table(datasets, selected_mask: np.ndarray) -> str:
+def dataset_table(datasets: list, selected_mask: np.ndarray) -> Table:
     totals = Counter(datasets)
     chosen = Counter(d for d, keep in zip(datasets, selected_mask) if keep)
     n_selected = max(sum(chosen.values()), 1)
@@ -154,17 +156,42 @@ def dataset_table(datasets, selected_mask: np.ndarray) -> str:
          f"{100 * chosen[name] / n_selected:.1f}%"]
         for name, total in sorted(totals.items())
     ]
-    return _table(["dataset", "rows", "selected", "selected of dataset", "share of selection"], rows)
+    return Table(["dataset", "rows", "selected", "selected of dataset", "share of selection"], rows)
 
 
-def layer_table(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> str:
-    return _table(["layer", "a (min S)", "b (max S)", "μ (mean S)"],
-                  [[i, float(a[i]), float(b[i]), float(mu[i])] for i in range(len(a))])
+def layer_table(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> Table:
+    return Table(["layer", "a (min S)", "b (max S)", "μ (mean S)"],
+                 [[i, float(a[i]), float(b[i]), float(mu[i])] for i in range(len(a))])
 
 
-def samples_table(samples: list[dict], score_name: str = "q") -> str:
+def samples_table(samples: list[dict], score_name: str = "q") -> Table:
     rows = [[s["id"], s["dataset"], float(s["q"]), str(s["text"])[:TEXT_PREVIEW_CHARS]] for s in samples]
-    return _table(["id", "dataset", score_name, "text"], rows, text_cols=(3,))
+    return Table(["id", "dataset", score_name, "text"], rows, text_cols=(3,))
+
+
+# --- page -----------------------------------------------------------------------------------------------
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("qgate"), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env
+
+
+TEMPLATE = _environment().get_template("report.html.j2")
+
+
+def _trusted_sections(extra_sections) -> list[tuple[str, Markup]]:
+    extra = extra_sections.items() if isinstance(extra_sections, dict) else (extra_sections or ())
+    return [(title, Markup(body)) for title, body in extra]
+
+
+def _write(path, page: str) -> None:
+    target = Path(path)
+    target = target / "report.html" if target.is_dir() else target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
 
 
 def render_report(path, *, q, datasets, selected_mask, threshold, layer_a, layer_b, layer_mu, best, worst,
@@ -178,23 +205,15 @@ def render_report(path, *, q, datasets, selected_mask, threshold, layer_a, layer
     q = np.asarray(q, dtype=np.float64)  # [N]
     selected_mask = np.asarray(selected_mask, dtype=bool)  # [N]
     a, b, mu = (np.asarray(v, dtype=np.float64) for v in (layer_a, layer_b, layer_mu))  # [L] each
-    title = f"qgate selection report — {meta.get('run_id', '')}"
-    body = [f"<h1>{_esc(title)}</h1>", _table(["key", "value"], [[k, v] for k, v in meta.items()])]
-    if direction_check is not None:
-        body.append(direction_banner(direction_check))
-    n_selected = int(selected_mask.sum())
-    body += [
-        _section(f"{score_name} distribution ({n_selected} of {len(q)} selected)", histogram_svg(q, threshold)),
-        _section("Layer statistics", layer_chart_svg(a, b, mu) + layer_table(a, b, mu)),
-        _section("Selection per dataset", dataset_table(list(datasets), selected_mask)),
-        _section("Best samples", samples_table(best, score_name)),
-        _section("Worst samples", samples_table(worst, score_name)),
-    ]
-    extra = extra_sections.items() if isinstance(extra_sections, dict) else (extra_sections or ())
-    body += [_section(t, section_html) for t, section_html in extra]
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    target = Path(path)
-    target = target / "report.html" if target.is_dir() else target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
+    page = TEMPLATE.render(
+        title=f"qgate selection report — {meta.get('run_id', '')}",
+        meta=Table(["key", "value"], [[k, v] for k, v in meta.items()]),
+        banner=None if direction_check is None else direction_banner(direction_check),
+        score_name=score_name, n_rows=len(q), n_selected=int(selected_mask.sum()),
+        histogram=histogram_svg(q, threshold, score_name),
+        layer_chart=layer_chart_svg(a, b, mu), layers=layer_table(a, b, mu),
+        datasets=dataset_table(list(datasets), selected_mask),
+        best=samples_table(best, score_name), worst=samples_table(worst, score_name),
+        extra_sections=_trusted_sections(extra_sections),
+    )
+    _write(path, page)
