@@ -194,13 +194,11 @@ def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
     curves = {s: sorted(rows, key=lambda r: r["budget"]) for s, rows in curves.items() if len(rows) > 1}
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # without pyplot: the process's backend stays as it was
 
     names = measure_names(result)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(names), 3.6))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, (key, title) in zip(axes[0], names):
         for strategy, rows in curves.items():
             x = [100 * r["budget"] for r in rows]
@@ -216,5 +214,4 @@ def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

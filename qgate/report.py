@@ -17,10 +17,8 @@ import matplotlib
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
+from matplotlib.figure import Figure  # drawn without pyplot: the process's backend stays as it was
 from matplotlib.ticker import MaxNLocator
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 N_BINS = 40
 TEXT_PREVIEW_CHARS = 300
@@ -58,13 +56,11 @@ def _finite(value) -> bool:
 
 
 def inline_svg(fig, chart_id: str) -> Markup:
-    """`fig` as an <svg id=chart_id> element for the page; the figure is closed."""
+    """`fig` as an <svg id=chart_id> element for the page."""
     buffer = io.StringIO()
-    try:  # text stays <text>; the ids matplotlib hashes (clip paths, markers) are salted per chart
-        with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": chart_id}):
-            fig.savefig(buffer, format="svg", metadata=SVG_METADATA, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    # text stays <text>; the ids matplotlib hashes (clip paths, markers) are salted per chart
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": chart_id}):
+        fig.savefig(buffer, format="svg", metadata=SVG_METADATA, bbox_inches="tight")
     svg = buffer.getvalue().strip()
     svg = svg[svg.index("<svg"):]  # no XML prolog inside HTML
     svg = MATPLOTLIB_GROUP_ID.sub(rf'id="{chart_id}-\1"', svg)  # ids unique on the page
@@ -72,7 +68,8 @@ def inline_svg(fig, chart_id: str) -> Markup:
 
 
 def _plain_axes():
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", color="#e5e5e5")
     ax.set_axisbelow(True)
