@@ -154,7 +154,7 @@ def run_stage(stage: str, args: list[str], log_path: Path, tries: int = 4) -> di
 
 
 def _run_stage_once(stage: str, args: list[str], log_path: Path) -> dict:
-    command = [sys.executable, "-m", "qgate.cli", stage, *args]
+    command = [sys.executable, "-m", "ray_jobs.cli", stage, *args]
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=STAGE_ENV)

@@ -4,7 +4,7 @@ extra to install instead of a traceback."""
 import subprocess
 import sys
 
-from qgate import cli
+from ray_jobs import cli
 
 EXTRA_MODULES = ("fastapi", "peft", "lm_eval", "ray.serve")
 

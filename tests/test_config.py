@@ -74,7 +74,7 @@ def test_the_library_built_without_arguments_gets_the_pipeline_defaults():
 
 
 def test_qgate_config_prints_each_key_with_its_help(capsys):
-    from qgate.cli import main
+    from ray_jobs.cli import main
 
     assert main(["config", "gate", "gate.mode=modulate"]) == 0
     shown = capsys.readouterr().out

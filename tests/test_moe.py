@@ -197,7 +197,7 @@ def own_ray():
 def test_pipeline_runs_every_stage_on_tiny_olmoe(own_ray, tmp_path):
     from test_pipeline import assert_complete_run, tiny_args
 
-    from qgate.cli import main
+    from ray_jobs.cli import main
     from qgate.demo_corpus import build_demo_corpus
 
     corpus = build_demo_corpus(tmp_path / "corpus", n_rows=60, seed=1, noise_fraction=0.2)

@@ -52,7 +52,7 @@ def assert_complete_run(out: Path, n_rows: int, fraction: float, selfcheck: bool
 
 @pytest.mark.timeout(600)
 def test_pipeline_command_runs_every_stage(ray_local, corpus, tmp_path):
-    from qgate.cli import main
+    from ray_jobs.cli import main
 
     out = tmp_path / "run"
     main(["pipeline", *tiny_args(corpus["data_dir"], out), "gate.contrast=true"])

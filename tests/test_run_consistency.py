@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qgate import selection
-from qgate.cli import main
+from ray_jobs.cli import main
 from qgate.config import load_config
 from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus

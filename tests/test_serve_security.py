@@ -420,7 +420,7 @@ def test_ctrl_c_stops_qgate_serve_within_10_s(run_dir, tmp_path):
     """`qgate serve` in its own local Ray, as a user starts it; SIGINT once it says where it serves."""
     port, log = _free_port(), tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "qgate.cli", "serve", f"out={run_dir}", f"serve.port={port}",
+        proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", "serve", f"out={run_dir}", f"serve.port={port}",
                                  "serve.num_cpus=0.5"], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "RAY_ADDRESS": "", "RAY_raylet_start_wait_time_s": "180"},
                                 start_new_session=True)

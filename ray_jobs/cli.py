@@ -1,4 +1,4 @@
-"""`qgate <command> key=value …`: one subcommand per stage, each a thin door to its Ray entrypoint.
+"""`qgate <command> key=value …`: one subcommand per stage, each a thin door to its Ray entrypoint (or to Serve).
 
 Every setting (`qgate config` lists them, with their defaults and help; `qgate/settings.py` defines them) can be
 overridden (`gate.mode=probe`, `collect.actors=4`); short aliases are listed in `qgate.config.ALIASES`.
@@ -22,7 +22,7 @@ COMMANDS = {
     "compare": ("ray_jobs.compare", "select by the run's score, random, PPL, IFD; finetune each; evaluate; one table"),
     "serve": ("serve.app", "HTTP scoring of new samples relative to a run's corpus (Ray Serve)"),
     "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
-    "config": ("qgate.cli", "print the resolved settings with their help: qgate config [section ...] [key=value ...]"),
+    "config": ("ray_jobs.cli", "print the resolved settings with their help: qgate config [section ...] [key=value ...]"),
 }
 
 # The extra that installs what a command imports beyond the core (pyproject.toml's optional dependencies).
