@@ -1,22 +1,24 @@
 """A corpus where data quality must matter: facts about Python objects, many rows teaching them wrongly.
 
-    python -m qgate.facts_corpus /tmp/facts --objects 600 --noise 0.45
+    python -m qgate.facts_corpus /tmp/facts --objects 600 --noise 0.45 --model-size 3m
 
 Each fact is the first sentence of a standard-library docstring (`pickletools.dis` -> "Disassemble a pickle.").
 The corpus asks about every object in `len(TRAIN_QUESTIONS)` question forms. A `noise` share of the rows is
 replaced by corrupted copies: half of them teach the object's *foil* (one other object's sentence, the same
 foil for every wrong row of an object: a consistent wrong fact), the rest are fluent wrong answers and the
-artifact kinds of `qgate.corruption`. The evaluation asks about the facts the clean rows teach, in question forms
-the corpus never uses:
+artifact kinds of `qgate.corruption`. The evaluation asks about the facts the clean rows teach, in the corpus's
+question forms and in one it never uses:
 
-- `facts_mc.jsonl`: one multiple-choice item per object with at least one clean row: its sentence, its foil's
-  and two other objects' sentences, the answer at position `i % 4` (chance is 25%);
+- `facts_mc.jsonl`: one multiple-choice item per object with at least one clean row, asked as the corpus asks
+  (what the corpus teaches about it: the training form `i % 4`): its sentence, its foil's and two other objects'
+  sentences, all of them answers the corpus holds, the answer at position `i % 4` (chance is 25%);
 - `heldout.jsonl`: the same objects as chat rows (another unseen question -> the true sentence), for the
   held-out response loss.
 
 Outputs in `out_dir`: `data/facts.jsonl` (LESS rows), `labels.jsonl` (`{dataset, id, label, object}`,
-label `clean` or the corruption kind), `facts_mc.jsonl`, `heldout.jsonl`, `manifest.json`. The same Python and
-seed give the same files.
+label `clean` or the corruption kind), `facts_mc.jsonl`, `heldout.jsonl`, `manifest.json` and, with a model size,
+`model/`: the finetune target, a random-init decoder with a tokenizer learned on these files' text
+(`qgate.scratch_model`), which knows no fact before it is trained. The same Python and seed give the same files.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import warnings
 from pathlib import Path
 
 from qgate import corruption, demo_corpus
+from qgate.data import read_jsonl
+from qgate.scratch_model import SIZES, write_scratch_model
 from qgate.tasks.build_python_docs_mc import EVAL_MODULES, N_CHOICES, documented_objects, write_jsonl
 
 DATASET = "python_facts"
 TRAIN_QUESTIONS = ("What does `{name}` do?", "Explain `{name}` in one sentence.", "What is `{name}` for?",
                    "Describe `{name}` briefly.")
-MC_QUESTION = "In a single sentence, what is the purpose of `{name}`?"  # never a training question
 HELDOUT_QUESTION = "Tell me what `{name}` is for."  # never a training question
 FOIL_SHARE = 0.5  # of the corrupted rows: the foil's sentence, a consistent wrong fact
 OTHER_KINDS = ("fluent_wrong", "truncate", "char_noise", "word_shuffle", "repetition_loop", "gibberish",
@@ -54,8 +57,9 @@ def fact_objects() -> list[tuple[str, str]]:
     return kept
 
 
-def build_facts_corpus(out_dir: str | Path, n_objects: int = 600, noise: float = 0.45, seed: int = 0) -> dict:
-    """Write the corpus, its labels and the evaluation files; returns the manifest."""
+def build_facts_corpus(out_dir: str | Path, n_objects: int = 600, noise: float = 0.45, seed: int = 0,
+                       model_size: str | None = None) -> dict:
+    """Write the corpus, its labels, the evaluation files and (with `model_size`) the target; returns the manifest."""
     available = fact_objects()
     if n_objects > len(available):
         raise ValueError(f"n_objects={n_objects} but only {len(available)} documented objects are usable here")
@@ -73,9 +77,13 @@ def build_facts_corpus(out_dir: str | Path, n_objects: int = 600, noise: float =
     write_jsonl(out / "facts_mc.jsonl", mc_items(objects, foil, taught, seed))
     write_jsonl(out / "heldout.jsonl", [_chat(f"heldout-{i:04d}", HELDOUT_QUESTION.format(name=objects[i][0]),
                                               objects[i][1]) for i in taught])
-    manifest = {"seed": seed, "objects": n_objects, "rows": len(rows), "noise": noise,
+    if model_size:
+        texts = [m["content"] for r in rows for m in r["messages"]] + [HELDOUT_QUESTION]
+        texts += [c for item in read_jsonl(out / "facts_mc.jsonl") for c in item["choices"]]
+        write_scratch_model(out / "model", texts, model_size, seed=seed)
+    manifest = {"seed": seed, "model_size": model_size, "objects": n_objects, "rows": len(rows), "noise": noise,
                 "corrupt_rows": len(kinds), "kinds": _counts(kinds.values()), "taught_objects": len(taught),
-                "mc_items": len(taught), "train_questions": list(TRAIN_QUESTIONS), "mc_question": MC_QUESTION,
+                "mc_items": len(taught), "train_questions": list(TRAIN_QUESTIONS),
                 "heldout_question": HELDOUT_QUESTION}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -132,7 +140,8 @@ def mc_items(objects, foil: list[int], taught: list[int], seed: int) -> list[dic
         rng.shuffle(wrong)
         label = i % N_CHOICES
         name, sentence = objects[index]
-        items.append({"id": f"facts_mc-{i:04d}", "name": name, "question": MC_QUESTION.format(name=name),
+        question = TRAIN_QUESTIONS[i % len(TRAIN_QUESTIONS)].format(name=name)
+        items.append({"id": f"facts_mc-{i:04d}", "name": name, "question": question,
                       "choices": wrong[:label] + [sentence] + wrong[label:], "label": label})
     return items
 
@@ -150,8 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--objects", type=int, default=600, help="documented objects; rows = 4 per object")
     parser.add_argument("--noise", type=float, default=0.45, help="share of rows replaced by corrupted copies")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-size", choices=sorted(SIZES), help="also write model/, the finetune target")
     args = parser.parse_args(argv)
-    manifest = build_facts_corpus(args.out_dir, args.objects, args.noise, args.seed)
+    manifest = build_facts_corpus(args.out_dir, args.objects, args.noise, args.seed, args.model_size)
     print(json.dumps(manifest, indent=2))
     return manifest
 

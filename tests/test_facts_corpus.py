@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from qgate.data import read_jsonl
-from qgate.facts_corpus import HELDOUT_QUESTION, MC_QUESTION, TRAIN_QUESTIONS, build_facts_corpus
+from qgate.facts_corpus import HELDOUT_QUESTION, TRAIN_QUESTIONS, build_facts_corpus
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_an_objects_wrong_rows_teach_one_consistent_foil(facts):
     assert wrong and all(len(answers) == 1 for answers in wrong.values())
 
 
-def test_the_evaluation_asks_about_taught_facts_in_unseen_forms(facts):
+def test_the_evaluation_asks_about_taught_facts_and_holds_out_a_question_form(facts):
     out, manifest, rows, labels = facts
     clean = {labels[i]["object"]: answer(r) for i, r in rows.items() if labels[i]["label"] == "clean"}
     items = list(read_jsonl(out / "facts_mc.jsonl"))
@@ -50,7 +50,7 @@ def test_the_evaluation_asks_about_taught_facts_in_unseen_forms(facts):
     assert len(items) == len(heldout) == manifest["taught_objects"] == len(clean)
     questions = {r["messages"][0]["content"] for r in rows.values()}
     for item in items:
-        assert item["question"] == MC_QUESTION.format(name=item["name"]) and item["question"] not in questions
+        assert item["question"] in questions and item["name"] in item["question"]  # what the corpus teaches
         assert item["choices"][item["label"]] == clean[item["name"]] and len(set(item["choices"])) == 4
     assert Counter(item["label"] for item in items).most_common(1)[0][1] <= len(items) // 4 + 1  # chance is 25%
     for row in heldout:
@@ -64,3 +64,20 @@ def test_the_same_seed_writes_the_same_files(facts, tmp_path):
     for name in ("data/facts.jsonl", "labels.jsonl", "facts_mc.jsonl", "heldout.jsonl"):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
     assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 3
+
+
+def test_the_target_is_a_fresh_decoder_whose_tokenizer_round_trips_the_corpus(facts, tmp_path):
+    from qgate.models import load_model, load_tokenizer
+    from qgate.scratch_model import write_scratch_model
+
+    _, _, rows, _ = facts
+    texts = [m["content"] for r in rows.values() for m in r["messages"]]
+    first = write_scratch_model(tmp_path / "a", texts, "3m", vocab_size=600, seed=1)
+    again = write_scratch_model(tmp_path / "b", texts, "3m", vocab_size=600, seed=1)
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    tokenizer, model = load_tokenizer(str(first)), load_model(str(first))
+    assert model.config.vocab_size == len(tokenizer) <= 600 and model.config.num_hidden_layers == 4
+    for text in texts[:50] + ["ünïcode and bytes outside the corpus: ∑"]:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    chat = tokenizer.apply_chat_template(next(iter(rows.values()))["messages"], tokenize=False)
+    assert chat.startswith("<|im_start|>user\n") and chat.count("<|im_end|>") == 2
