@@ -20,8 +20,6 @@ creates the marker and raises before step k, once: it does nothing while the mar
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -34,10 +32,20 @@ import torch
 from omegaconf import DictConfig
 
 from qgate.config import as_dict
-from qgate.contrast import may_read_contrast
 from qgate.data import write_jsonl
 from qgate.models import autocast_dtype
-from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
+from qgate.training import WarmupLossConfig, WarmupObjective, objective_step
+from qgate.warmup_loop import (
+    ProgressTicker,
+    check_checkpoints,
+    gate_kwargs,
+    progress_line,
+    read_state,
+    warmup_batch,
+    window_metrics,
+    write_gates,
+    write_state,
+)
 from qgate.warmup_rows import WARMUP_ROWS, encode_items, sample_rows, shard_items
 from ray_jobs.common import (
     config_from_argv,
@@ -50,30 +58,6 @@ from ray_jobs.common import (
 )
 
 log = logging.getLogger("qgate.warmup")
-
-# leaves these rows out
-
-CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
-    "gates.safetensors", "optimizer.pt", "state.json", "rng.pt")
-
-
-# ---- driver: the rows ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- workers -------------------------------------------------------------------------------------
@@ -94,11 +78,12 @@ def train_loop(cfg: dict) -> dict | None:
     window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
     for step in range(state["step"] + 1, cfg["steps"] + 1):
         _maybe_fail(cfg, rank, step)
-        window.append(objective_step(objective, optimizer, _batch(shard, step, cfg), device, autocast))
+        batch = warmup_batch(shard, step, cfg["batch_size"], cfg["seed"], cfg["pad_id"], cfg["gate"]["contrast"])
+        window.append(objective_step(objective, optimizer, batch, device, autocast))
         state["step"] = step
         save = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
         if save or step % cfg["report_every"] == 0:
-            metrics = _metrics(window, state, cfg["steps"], time.perf_counter() - clock, device, gates)
+            metrics = window_metrics(window, state, cfg["steps"], time.perf_counter() - clock, device, gates)
             state["history"].append(metrics)
             _report(metrics, state, gates, optimizer, rank, save)
             window, clock = [], time.perf_counter()
@@ -106,28 +91,6 @@ def train_loop(cfg: dict) -> dict | None:
         elif rank == 0 and ticker.due():
             log.info(ticker.line(step, window[-1]))
     return state if rank == 0 else None
-
-
-class ProgressTicker:
-    """Rank 0's own progress line between the collective reports: after the first step, then every `seconds`,
-    so a slow run is never silent (no collective: the ranks need not agree on when)."""
-
-    def __init__(self, steps: int, start_step: int, seconds: float = 20.0):
-        self.steps, self.start_step, self.seconds = steps, start_step, seconds
-        self.started = self.last = time.perf_counter()
-        self.first = True
-
-    def due(self) -> bool:
-        return self.first or time.perf_counter() - self.last >= self.seconds
-
-    def said(self) -> None:
-        self.last, self.first = time.perf_counter(), False
-
-    def line(self, step: int, parts: dict) -> str:
-        self.said()
-        rate = (step - self.start_step) / max(self.last - self.started, 1e-9)
-        losses = " ".join(f"{k} {parts[k]:.4f}" for k in ("loss", "ce", "quality", "negatives") if k in parts)
-        return f"step {step}/{self.steps} {losses} {rate:.2f} steps/s eta {(self.steps - step) / rate:.0f} s"
 
 
 def _training_parts(cfg: dict):
@@ -144,31 +107,12 @@ def _training_parts(cfg: dict):
     return gates, objective, optimizer
 
 
-def _batch(shard: list[dict], step: int, cfg: dict) -> dict[str, torch.Tensor]:
-    """This worker's part of the step's global batch: its originals, then their corrupted copies."""
-    size = cfg["batch_size"]
-    block = step_block(step - 1, len(shard) // size, cfg["seed"])
-    originals = shard[block * size:(block + 1) * size]
-    return collate(originals + [neg for item in originals for neg in item["negatives"]], cfg["pad_id"],
-                   contrast=may_read_contrast(cfg.get("gate", {}).get("contrast", False)))
-
-
 def _restore(checkpoint, gates, optimizer, device) -> dict:
     """Training state from the latest checkpoint, or a fresh one."""
     if checkpoint is None:
-        return {"step": 0, "start_step": 0, "history": []}
-    from safetensors.torch import load_file
-
+        return read_state(None, gates, optimizer, device)
     with checkpoint.as_directory() as path:
-        path = Path(path)
-        gates.load_state_dict(load_file(str(path / CHECKPOINT_GATES)))
-        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER, map_location=device, weights_only=True))
-        rng = torch.load(path / CHECKPOINT_RNG, weights_only=True)
-        state = json.loads((path / CHECKPOINT_STATE).read_text())
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return {**state, "start_step": state["step"]}
+        return read_state(Path(path), gates, optimizer, device)
 
 
 def _maybe_fail(cfg: dict, rank: int, step: int) -> None:
@@ -178,75 +122,17 @@ def _maybe_fail(cfg: dict, rank: int, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (QGATE_FAIL_AT_STEP)")
 
 
-def _metrics(window: list[dict], state: dict, steps: int, seconds: float, device, gates) -> dict:
-    """Loss parts averaged over the steps since the last report and over workers, with speed and ETA.
-
-    The last step's metrics also hold every rank's gate checksum: equal when DDP keeps the replicas in sync.
-    """
-    keys = [k for k in ("loss", "ce", "quality", "negatives") if k in window[0]]
-    values = [sum(p[k] for p in window) / len(window) for k in keys]
-    n_layers = len(window[0]["good_ratio"])
-    values += [sum(p["good_ratio"][i] for p in window) / len(window) for i in range(n_layers)]
-    values = _all_mean(values, device)
-    rate = len(window) / max(seconds, 1e-9)
-    metrics = {"step": state["step"], "steps": steps, **dict(zip(keys, values)), "good_ratio": values[len(keys):],
-               "steps_per_s": rate, "eta_s": (steps - state["step"]) / rate, "start_step": state["start_step"]}
-    if state["step"] == steps:
-        metrics["gate_checksums"] = _all_gather(_checksum(gates))
-    return metrics
-
-
-def _all_mean(values: list[float], device) -> list[float]:
-    if not torch.distributed.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return (tensor / torch.distributed.get_world_size()).tolist()
-
-
-def _all_gather(value: str) -> list[str]:
-    if not torch.distributed.is_initialized():
-        return [value]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _checksum(gates) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(gates.state_dict().items()):
-        digest.update(name.encode() + tensor.float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _report(metrics: dict, state: dict, gates, optimizer, rank: int, save: bool) -> None:
     """`ray.train.report` on every worker; with `save`, rank 0 attaches the checkpoint."""
     if rank == 0:
-        log.info(_progress_line(metrics))
+        log.info(progress_line(metrics))
     if not save:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = _write_checkpoint(Path(tmp), state, gates, optimizer) if rank == 0 else None
+        checkpoint = ray.train.Checkpoint.from_directory(str(write_state(Path(tmp), state, gates, optimizer))) \
+            if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:06d}")
-
-
-def _progress_line(m: dict) -> str:
-    losses = " ".join(f"{k} {m[k]:.4f}" for k in ("loss", "ce", "quality", "negatives") if k in m)
-    ratios = " ".join(f"{r:.3f}" for r in m["good_ratio"])
-    return (f"step {m['step']}/{m['steps']} {losses} good_ratio [{ratios}] "
-            f"{m['steps_per_s']:.2f} steps/s eta {m['eta_s']:.0f} s")
-
-
-def _write_checkpoint(path: Path, state: dict, gates, optimizer):
-    from safetensors.torch import save_file
-
-    save_file(gates.state_dict(), path / CHECKPOINT_GATES)
-    torch.save(optimizer.state_dict(), path / CHECKPOINT_OPTIMIZER)
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, path / CHECKPOINT_RNG)
-    (path / CHECKPOINT_STATE).write_text(json.dumps({"step": state["step"], "history": state["history"]}))
-    return ray.train.Checkpoint.from_directory(str(path))
 
 
 # ---- driver: Ray Train and outputs ---------------------------------------------------------------
@@ -266,27 +152,6 @@ def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
     }
 
 
-def check_checkpoints(config: DictConfig) -> None:
-    """Refuse to resume checkpoints made under another base model, gate, loss, encoding or optimizer setting, or
-    past `warmup.steps`; record the settings beside them (`out/warmup/settings.json`)."""
-    from qgate.identity import check_resume, model_identity
-
-    w, folder = config.warmup, run_paths(config.out)["checkpoints"]
-    steps = [int(p.parent.name.rsplit("_", 1)[-1]) for p in folder.glob("step_*/" + CHECKPOINT_GATES)]
-    if steps and max(steps) > w.steps:
-        raise ValueError(f"{folder} holds a checkpoint at step {max(steps)}, past warmup.steps={w.steps}: use a "
-                         "new out directory for fewer steps")
-    optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
-    settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
-                "seed": config.seed, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
-                "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}
-    check_resume(folder / "settings.json", settings, bool(steps), f"the warmup checkpoints in {folder}")
-
-
-def gate_kwargs(config: DictConfig) -> dict:
-    return {**as_dict(config.gate), "seed": config.seed}
-
-
 def trainer(config: DictConfig, loop_cfg: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -304,21 +169,8 @@ def trainer(config: DictConfig, loop_cfg: dict):
 
 def write_outputs(config: DictConfig, result, counts: Counter) -> Path:
     """`out/gates` from the last checkpoint's gates and `out/warmup/metrics.jsonl` from the history."""
-    from safetensors.torch import load_file
-
-    from qgate.gate import build_gated_model, save_gates
-    from qgate.models import model_identity
-
-    paths, state = run_paths(config.out), result.return_value
-    write_jsonl(str(paths["checkpoints"] / "metrics.jsonl"), state["history"])
-    _, _, gates = build_gated_model(config.model, gate_kwargs=gate_kwargs(config), dtype=config.dtype,
-                                    trust_remote_code=config.trust_remote_code)
     with result.checkpoint.as_directory() as path:
-        gates.load_state_dict(load_file(str(Path(path) / CHECKPOINT_GATES)))
-    metadata = {**model_identity(config.model), "loss": as_dict(config.loss), "warmup": as_dict(config.warmup),
-                "encoding": as_dict(config.encoding), "seed": config.seed, "steps_done": state["step"],
-                "resumed_from": state["start_step"], "final_metrics": state["history"][-1], "rows": dict(counts)}
-    return save_gates(gates, paths["gates"], metadata)
+        return write_gates(config, Path(path), result.return_value, counts)
 
 
 def run(config: DictConfig) -> Path:

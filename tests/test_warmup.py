@@ -10,6 +10,7 @@ from qgate.config import load_config
 from qgate.data import read_jsonl
 from qgate.gate import EXTRA_INPUTS, attach_gates, load_gates, read_gate_metadata
 from qgate.tiny import tiny_model
+from qgate.warmup_loop import warmup_batch
 from qgate.warmup_rows import shard_items
 from ray_jobs import warmup
 
@@ -84,7 +85,7 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
 
     def global_batch(step, workers):
         shards = shard_items(items, 4 // workers, workers)
-        return sorted(warmup._batch(shard, step, {**cfg, "batch_size": 4 // workers})["input_ids"][:, 0].tolist()
+        return sorted(warmup_batch(shard, step, 4 // workers, cfg["seed"], cfg["pad_id"])["input_ids"][:, 0].tolist()
                       for shard in shards)
 
     batches = [[x for part in global_batch(step, 1) for x in part] for step in range(1, 10)]
