@@ -36,6 +36,7 @@ from planted_noise import ALPHAS, Splits, Variant, attach, copies_of, score, war
 from results import command_line, table
 
 from qgate.corruption import CORRUPTIONS
+from qgate.model_negatives import answer_elsewhere
 from qgate.models import load_model, load_tokenizer
 from qgate.scoring import auroc, blend_q_ifd, quality_scores, sorted_reference
 from qgate.selfcheck import auroc_interval
@@ -105,6 +106,10 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)  # noqa: E731
     warm = with_labels(enc(train), clean=True)
     made = composed_copies(train, warm_kinds, seed) if args.compose else copies_of(train, warm_kinds, seed)
+    if args.model_negatives:  # a share of the rows get the model's own answer to another prompt instead
+        chosen = random.Random(f"{seed}/model").sample(train, round(args.model_negatives * len(train)))
+        own = {c["source_id"]: c for c in answer_elsewhere(chosen, model, tokenizer, seed)}
+        made = [own.get(c["source_id"], c) for c in made]
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
     start = time.perf_counter()
@@ -202,6 +207,8 @@ def parse(argv):
     parser.add_argument("--out", help="write the report (markdown) here")
     parser.add_argument("--compose", action="store_true",
                         help="half the warmup copies carry two kinds, one applied on the other")
+    parser.add_argument("--model-negatives", type=float, default=0.0,
+                        help="share of the warmup copies replaced by the model's own answer to another prompt")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
@@ -212,7 +219,7 @@ def parse(argv):
 
 
 SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "steps", "batch_size", "lr", "folds",
-            "autocast", "compose")
+            "autocast", "compose", "model_negatives")
 
 
 def main(argv: list[str] | None = None) -> None:
