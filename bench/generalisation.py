@@ -103,7 +103,7 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     warm_kinds = [k for k in kinds_in_rotation() if k not in left_out]
     rng = random.Random(seed)
     train = [r for name in CORPORA for r in rng.sample(pools[name], min(args.train_rows, len(pools[name])))]
-    enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)  # noqa: E731
+    enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)
     warm = with_labels(enc(train), clean=True)
     made = composed_copies(train, warm_kinds, seed) if args.compose else copies_of(train, warm_kinds, seed)
     if args.model_negatives:  # a share of the rows get the model's own answer to another prompt instead

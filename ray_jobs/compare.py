@@ -32,8 +32,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from qgate.comparison import (format_gaps, format_table, gaps, planted_share, plot_budget_curve, q_direction,
-                              read_labels, run_name, subsets, summarize)
+from qgate.comparison import (
+    format_gaps,
+    format_table,
+    gaps,
+    planted_share,
+    plot_budget_curve,
+    q_direction,
+    read_labels,
+    run_name,
+    subsets,
+    summarize,
+)
 from qgate.config import save_config
 from qgate.data import read_jsonl
 from qgate.evaluation import as_list, base_model_dir
