@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qgate.facts_corpus import build_facts_corpus
 
-PIPELINE = ["encoding.max_length=128", "warmup.steps=48", "warmup.batch_size=4", "collect.actors=1",
+PIPELINE = ["encoding.max_length=128", "warmup.steps=48", "warmup.batch_size=4", "collect.actors=2",
             "selfcheck.rows=64", "selfcheck.strict=false", "selection_percentage=0.3", "progress=false"]
 COMPARE = ["compare.strategies=[qgate,random,clean,ifd,response_ppl,all]", "compare.curve=[0.1,0.5]",
            "compare.curve_strategies=[qgate,random]", "compare.seeds=3", "compare.keep_models=false",
