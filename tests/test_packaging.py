@@ -56,7 +56,8 @@ def venv(wheel, tmp_path_factory) -> Path:
 def test_the_wheel_ships_the_configs_and_every_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"qgate/configs/seeds.yaml", "qgate/configs/demo.yaml", "qgate/identity.py", "ray_jobs/collect.py",
-            "serve/app.py", "qgate/tasks/python_docs_mc/python_docs_mc.yaml"} <= names
+            "serve/app.py", "qgate/tasks/python_docs_mc/python_docs_mc.yaml", "qgate/templates/report.html.j2",
+            "ray_jobs/cli.py"} <= names
     assert not any(name.startswith(("configs/", "tests/")) for name in names)
 
 
