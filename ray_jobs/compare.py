@@ -13,10 +13,13 @@
 `out` is a finished run (its `selection/scores.parquet` and the rows of its `data`, or `data=` given here).
 For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (largest score the run sorted on,
 q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `random`, `response_ppl` (lowest response perplexity),
-`ifd` (lowest IFD) and, when listed, `all`. Each subset finetunes the same model with the same LoRA settings
+`ifd` (lowest IFD) and, when listed, `all` and `clean` (the rows `compare.labels` marks clean: the ceiling);
+`compare.curve` adds budgets for `compare.curve_strategies`. Each subset finetunes the same model with the same LoRA settings
 (`finetune:`) once per seed; the random subset is redrawn per seed. Every adapter is scored on the held-out
-rows' response loss and on the lm-eval tasks of `evaluate:`. Outputs: `out/compare/compare.md` (the table,
-mean ± sample standard deviation over seeds), `out/compare/compare.json` (every run), `out/compare/adapters/`.
+rows' response loss, on `compare.mc` multiple choice and on the lm-eval tasks of `evaluate:`. Outputs:
+`out/compare/compare.md` (the table: mean over seeds with a 95% interval; qgate's gaps in combined standard
+errors; `budget_curve.png`), `out/compare/compare.json`, `out/compare/runs/` (one record per finetune: a second
+call keeps them and runs the rest, `compare.budget_min`), `out/compare/adapters/`.
 """
 
 from __future__ import annotations
