@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ import pyarrow.parquet as pq
 from qgate.data import iter_file_rows
 from qgate.encoding import encode_row
 from qgate.identity import check_same, file_keys, run_identity
-from qgate.shards import ROW_BITS
+from qgate.shards import INDEX_DIR, KEY_SCHEMA, ROW_BITS, Attempt, remove_unreported, written_keys
 
 log = logging.getLogger("qgate.collect")
 
@@ -61,23 +62,17 @@ SCHEMA_FILE, SUMMARY_FILE, REJECTS_SUMMARY_FILE = "_schema.json", "_collect_summ
 FILES_FILE = "_files.json"  # {input path: content key} of every file rows were read from
 ROW_MASK = (1 << ROW_BITS) - 1
 
-
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                         ("messages", pa.string()), ("record", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string())])
-
-
 
 ENCODED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [
     ("n_tokens", pa.int32()), ("n_tokens_full", pa.int32()), ("n_scored", pa.int32()), ("truncated", pa.bool_()),
     ("input_ids", pa.list_(pa.int32())), ("score_mask", pa.list_(pa.int8())), ("response_mask", pa.list_(pa.int8())),
     ("ifd_input_ids", pa.list_(pa.int32())), ("ifd_score_mask", pa.list_(pa.int8()))])
 
-
-
 # Compared on resume: stats made with other settings must not be mixed into one directory.
 SCHEMA_KEYS = ("stats_version", "alphas", "eps", "gate_layers", "model", "score_on", "max_length", "ifd", "raw")
-
 
 
 def stats_schema(raw: bool) -> pa.Schema:
@@ -92,13 +87,17 @@ def stats_schema(raw: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+def write_args(c, paths, attempt: int) -> dict:
+    """`write_batch`'s settings: the run's folders, the attempt, the shard columns and bytes of `c` (`collect`)."""
+    return {"stats_dir": str(paths["stats"]), "rejects_dir": str(paths["rejects"]), "attempt": attempt,
+            "schema": stats_schema(bool(c.raw)), "shard_bytes": int(c.shard_bytes)}
+
 
 def file_row_keys(item: dict) -> Iterator[dict]:
     """(dataset, id, position) of every row of one file, for the judging pass."""
     for row in iter_file_rows(item["path"]):
         yield {"dataset": row["dataset"], "id": row["id"], "pos": (item["file_index"] << ROW_BITS) | row["row"],
                "good": not row["reason"], "done": False}
-
 
 
 def judge_partition(block: pa.Table, files: list[str]) -> pa.Table:
@@ -121,15 +120,8 @@ def judge_partition(block: pa.Table, files: list[str]) -> pa.Table:
                      "first": [_position(first[p], files) if p in first else "" for p in pos[keep].tolist()]})
 
 
-
 def _position(pos: int, files: list[str]) -> str:
     return f"{files[pos >> ROW_BITS]}:{pos & ROW_MASK}"
-
-
-
-KEY_SCHEMA = pa.schema([("dataset", pa.string()), ("id", pa.string()), ("pos", pa.int64()), ("good", pa.bool_()),
-                        ("done", pa.bool_())])
-
 
 
 def read_verdicts(index_dir: str, file_index: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -142,7 +134,6 @@ def read_verdicts(index_dir: str, file_index: int) -> tuple[np.ndarray, dict[int
     skip = np.sort(table["row"].to_numpy()[table["skip"].to_numpy(zero_copy_only=False)])
     repeated = table.filter(pc.not_equal(table["first"], ""))
     return skip, dict(zip(repeated["row"].to_pylist(), repeated["first"].to_pylist()))
-
 
 
 def _file_rows(item: dict, index_dir: str) -> Iterator[dict]:
@@ -158,7 +149,6 @@ def _file_rows(item: dict, index_dir: str) -> Iterator[dict]:
         yield {**row, "messages": json.dumps(row["messages"], ensure_ascii=False)}
 
 
-
 def read_files(items: pa.Table, index_dir: str, block_rows: int) -> Iterator[pa.Table]:
     """The rows of a batch of files, in tables of `block_rows` (`ROW_SCHEMA`)."""
     for item in items.to_pylist():
@@ -167,13 +157,11 @@ def read_files(items: pa.Table, index_dir: str, block_rows: int) -> Iterator[pa.
             yield pa.Table.from_pylist(chunk, schema=ROW_SCHEMA)
 
 
-
 @functools.lru_cache(maxsize=2)
 def _tokenizer(model_name: str, trust_remote_code: bool):
     from qgate.models import load_tokenizer  # torch and transformers load only where a task needs them
 
     return load_tokenizer(model_name, trust_remote_code=trust_remote_code)
-
 
 
 def encode_batch(batch: pa.Table, model_name: str, max_length: int, score_on: str, ifd: bool,
@@ -186,6 +174,14 @@ def encode_batch(batch: pa.Table, model_name: str, max_length: int, score_on: st
         out.append({**encoded, "messages": row["messages"]})
     return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
 
+
+def encode_args(config, gates_dir) -> dict:
+    """`encode_batch`'s settings: the run's encoding, with the IFD pass when it is on or the gates read it."""
+    from qgate.gate import reads_contrast
+
+    return {"model_name": config.model, "max_length": int(config.encoding.max_length),
+            "score_on": config.encoding.score_on, "ifd": bool(config.collect.ifd) or reads_contrast(gates_dir),
+            "trust_remote_code": bool(config.trust_remote_code)}
 
 
 class ScoreBatch:
@@ -212,9 +208,7 @@ class ScoreBatch:
         return [scored_row(row, stats) for row, stats in zip(rows, self.scorer.score(rows))]
 
 
-
 SCORED_KEPT = ("id", "dataset", "source", "row", "n_tokens", "n_tokens_full", "truncated", "record", "messages")
-
 
 
 def scored_row(row: dict, stats: dict) -> dict:
@@ -225,10 +219,8 @@ def scored_row(row: dict, stats: dict) -> dict:
     return {**{key: row[key] for key in SCORED_KEPT}, **stats, "reason": "", "detail": ""}
 
 
-
 def _with_reason(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
-
 
 
 def file_positions(stats_dir: Path, files: list[str]) -> dict[str, int]:
@@ -241,13 +233,6 @@ def file_positions(stats_dir: Path, files: list[str]) -> dict[str, int]:
     manifest.write_text(json.dumps(keys, indent=1))
     index_of_key = {keys[path]: i for i, path in enumerate(files)}
     return {source: index_of_key[key] for source, key in keys.items() if key in index_of_key}
-
-
-
-def next_attempt(paths: dict[str, Path]) -> int:
-    names = [p.name for p in paths["stats"].glob("attempt-*")] + [p.stem for p in paths["rejects"].glob("attempt-*")]
-    return 1 + max((int(name.split("-")[1]) for name in names), default=0)
-
 
 
 def write_schema(config, stats_dir: Path, gates_dir: Path) -> dict:
@@ -276,7 +261,6 @@ def write_schema(config, stats_dir: Path, gates_dir: Path) -> dict:
     return schema
 
 
-
 class Tally:
     """What the write tasks reported, once per name (a task Ray ran again reports its files again)."""
 
@@ -302,7 +286,6 @@ class Tally:
         return new
 
 
-
 def write_summaries(paths, attempt: int, tally: Tally, seconds: float, before: tuple[int, Counter]) -> dict:
     rejected = sum(tally.reasons.values())
     this = {"attempt": attempt, "rows_in": tally.rows, "scored": tally.scored, "rejected": rejected,
@@ -319,3 +302,27 @@ def write_summaries(paths, attempt: int, tally: Tally, seconds: float, before: t
              "rejects per reason (all attempts): %s", attempt, this["rows_in"], this["scored"], rejected, seconds,
              this["rows_per_s"], this["tokens_per_s"], dict(reasons) or "none")
     return summary
+
+
+def finish_attempt(paths, attempt: Attempt, tally: Tally, seconds: float) -> dict:
+    """Remove the files no reported write task wrote and the verdicts; write the summaries."""
+    remove_unreported(paths["stats"], paths["rejects"], attempt.number, tally.names)
+    shutil.rmtree(paths["out"] / INDEX_DIR, ignore_errors=True)
+    return write_summaries(paths, attempt.number, tally, seconds, (attempt.scored_before, attempt.reasons_before))
+
+
+def judge_on_driver(files: list[str], file_index: dict[str, int], written: list[str], index_dir: Path) -> None:
+    """The judging pass of a small input as one partition in this process (`ray_jobs.collect.write_verdicts`)."""
+    keys = [key for i, path in enumerate(files) for key in file_row_keys({"path": path, "file_index": i})]
+    keys += [key for path in written for key in written_keys({"path": path}, file_index)]
+    if keys:
+        verdicts = judge_partition(pa.Table.from_pylist(keys, schema=KEY_SCHEMA), files)
+        pq.write_to_dataset(verdicts, str(index_dir), partition_cols=["file_index"])
+
+
+def gates_dir(config, paths) -> Path:
+    """`gates=DIR`, else the run's gates; raises when there are none."""
+    gates = Path(config.gates) if config.gates else paths["gates"]
+    if not (gates / "gates.json").exists():
+        raise FileNotFoundError(f"no gates in {gates}: run warmup first or set gates=DIR")
+    return gates.resolve()

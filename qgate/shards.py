@@ -9,7 +9,8 @@ the end of an attempt removes files that no reported task wrote (a task whose re
 The run directory must therefore be on storage every node sees (the cluster's shared filesystem).
 
 Resume: the rows already written are matched to the input rows by (dataset, id) and position in a hash-partitioned
-pass on the workers (`ray_jobs/collect.py`); here are the readers of the keys of written rows.
+pass on the workers (`ray_jobs/collect.py`); here are the readers of the keys of written rows and the start of an
+attempt (`start_attempt`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +39,7 @@ SUMMARY_SCHEMA = pa.schema([("name", pa.string()), ("rows", pa.int64()), ("score
 KEY_SCHEMA = pa.schema([("dataset", pa.string()), ("id", pa.string()), ("pos", pa.int64()), ("good", pa.bool_()),
                         ("done", pa.bool_())])
 ROW_BITS = 32  # a row's position: file index << ROW_BITS | row number
+INDEX_DIR = "_collect_index"  # an attempt's verdicts per input file (rows to skip, repeated ids); removed after
 
 
 # ---- writing (a Ray Data task per shard) ---------------------------------------------------------------
@@ -153,3 +157,34 @@ def written_keys(item: dict, file_index: dict[str, int]) -> Iterator[dict]:
         if index is not None:
             yield {"dataset": row["dataset"], "id": row["id"], "pos": (index << ROW_BITS) | row["row"],
                    "good": False, "done": True}
+
+
+def next_attempt(paths: dict[str, Path]) -> int:
+    names = [p.name for p in paths["stats"].glob("attempt-*")] + [p.stem for p in paths["rejects"].glob("attempt-*")]
+    return 1 + max((int(name.split("-")[1]) for name in names), default=0)
+
+
+@dataclass
+class Attempt:
+    """One collect attempt into a run directory and what the attempts before it wrote."""
+
+    number: int
+    written: list[str]  # the shards and rejects files of earlier attempts
+    scored_before: int
+    reasons_before: Counter  # rejected rows per reason, earlier attempts
+    index_dir: Path  # this attempt's verdicts (`INDEX_DIR`)
+
+    @property
+    def rows_done(self) -> int:
+        return self.scored_before + sum(self.reasons_before.values())
+
+
+def start_attempt(paths) -> Attempt:
+    """The next attempt, after checking what earlier ones wrote (torn shards removed, torn reject lines cut)."""
+    shards, scored_before = check_shards(paths["stats"])
+    paths["rejects"].mkdir(parents=True, exist_ok=True)
+    rejects, reasons_before = check_rejects(paths["rejects"])
+    number = next_attempt(paths)
+    index_dir = paths["out"] / INDEX_DIR / f"attempt-{number}"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    return Attempt(number, shards + rejects, scored_before, reasons_before, index_dir)

@@ -135,9 +135,10 @@ def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
     alone = config.collect.ifd or reads_contrast(gates_dir)  # contrast gates read the responses alone too
     encoded = [encode_row(tokenizer, r, config.encoding.max_length, config.encoding.score_on, alone) for r in rows]
     gpu = use_gpu(config)
-    from ray_jobs.collect import pool_size
+    from qgate.collect_sizing import pool_size
 
-    chunks = np.array_split(np.arange(len(encoded)), max(1, min(pool_size(config.collect, gpu), len(encoded))))
+    actors = pool_size(config.collect, gpu, ray.cluster_resources().get("GPU", 0))
+    chunks = np.array_split(np.arange(len(encoded)), max(1, min(actors, len(encoded))))
     options = {"num_gpus": 1} if gpu else {"num_cpus": config.collect.cpus_per_actor}
     chunks = [chunk for chunk in chunks if len(chunk)]
     futures = [score_chunk.options(**options).remote(as_dict(config), gates_dir, [encoded[i] for i in chunk], gpu)

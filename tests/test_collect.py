@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qgate import collection, shards
+from qgate import collect_sizing, collection, shards
 from qgate.config import load_config
 from qgate.data import iter_file_rows, list_input_files
 from qgate.encoding import encode_row
@@ -121,13 +121,14 @@ def test_every_row_is_scored_or_rejected_exactly_once(run_a):
 
 def test_cpu_actors_leave_room_for_a_reader_and_a_writer():
     c = load_config(["collect.actors=2", "collect.cpus_per_actor=1"]).collect
-    assert collect.actor_resources(c, gpu=False, cluster_cpus=8.0) == {"num_cpus": 1.0}
-    squeezed = collect.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
+    assert collect_sizing.actor_resources(c, gpu=False, cluster_cpus=8.0) == {"num_cpus": 1.0}
+    squeezed = collect_sizing.actor_resources(c, gpu=False, cluster_cpus=2.0)["num_cpus"]
     # a reading and a writing task fit beside the pool, and a second reader cannot take the writer's room
-    assert 2 * squeezed + collect.READ_CPUS + collect.WRITE_CPUS <= 2.0 < 2 * squeezed + 2 * collect.READ_CPUS
-    assert collect.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
+    assert (2 * squeezed + collect_sizing.READ_CPUS + collect_sizing.WRITE_CPUS
+            <= 2.0 < 2 * squeezed + 2 * collect_sizing.READ_CPUS)
+    assert collect_sizing.actor_resources(c, gpu=True, cluster_cpus=2.0) == {"num_gpus": 1}
     # an autoscaling cluster that has one 1-CPU node now: the pool keeps whole CPUs, so it asks for more nodes
-    assert collect.actor_resources(c, gpu=False, cluster_cpus=1.0) == {"num_cpus": 1.0}
+    assert collect_sizing.actor_resources(c, gpu=False, cluster_cpus=1.0) == {"num_cpus": 1.0}
 
 
 def test_stats_rows_have_S_of_shape_alphas_by_layers(run_a):
@@ -238,7 +239,7 @@ def test_a_batch_written_again_replaces_its_files(tmp_path):
 
 
 def test_a_small_corpus_is_written_in_pieces_so_the_bar_moves():
-    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=400) == 64  # 7 writes, not one at the end
-    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=100_000) == 5000
-    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=10**7) == 20000  # the shard bound holds
-    assert collect.write_rows(shard_rows=20000, batch_rows=64, n_todo=None) == 20000
+    assert collect_sizing.write_rows(shard_rows=20000, batch_rows=64, n_todo=400) == 64  # 7 writes, not one at the end
+    assert collect_sizing.write_rows(shard_rows=20000, batch_rows=64, n_todo=100_000) == 5000
+    assert collect_sizing.write_rows(shard_rows=20000, batch_rows=64, n_todo=10**7) == 20000  # the shard bound holds
+    assert collect_sizing.write_rows(shard_rows=20000, batch_rows=64, n_todo=None) == 20000
