@@ -13,7 +13,8 @@ import pandas as pd
 
 from qgate.data import read_jsonl
 
-STRATEGIES = ("qgate", "random", "response_ppl", "ifd", "all", "clean")
+STRATEGIES = ("qgate", "qgate_diverse", "random", "response_ppl", "ifd", "all", "clean")
+OURS = ("qgate", "qgate_diverse")  # the strategies whose gaps to the others are reported
 WHOLE = ("all", "clean")  # strategies whose rows do not depend on the budget
 
 
@@ -34,10 +35,14 @@ def q_direction(scores: pd.DataFrame, direction: str = "auto") -> str:
 
 
 def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: str = "higher",
-         labels: dict[tuple, bool] | None = None) -> list[tuple]:
+         labels: dict[tuple, bool] | None = None, diversity: dict | None = None) -> list[tuple]:
     """(dataset, id) of the `k` rows a strategy keeps; ties and missing values (last) ordered deterministically.
-    `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`."""
+    `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`. `qgate_diverse`: qgate's score
+    through the similarity filter on what each row says (`diversity`: `features` [N, D] in the rows' order,
+    `n_clusters`, `threshold`, `seed`, `pool`)."""
     keys = list(zip(scores["dataset"], scores["id"]))
+    if strategy == "qgate_diverse":
+        return _diverse_pick(scores, keys, k, direction, diversity)
     if strategy == "all":
         return sorted(keys)
     if strategy == "clean":
@@ -54,9 +59,23 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
     return [keys[i] for i in order[:k]]
 
 
+def _diverse_pick(scores: pd.DataFrame, keys: list[tuple], k: int, direction: str, diversity: dict | None) -> list:
+    from qgate.diversity import select_diverse
+
+    if diversity is None:
+        raise ValueError("the qgate_diverse strategy needs the rows' text features")
+    score = pd.to_numeric(scores[sorted_on(scores)], errors="coerce").to_numpy(np.float64)  # [N]
+    score = np.nan_to_num(score, nan=-np.inf if direction == "higher" else np.inf)
+    chosen = select_diverse(score, diversity["features"], k, "similarity_filter", diversity["n_clusters"],
+                            diversity["threshold"], diversity["seed"], higher=direction == "higher",
+                            pool=diversity["pool"], text=True)
+    return sorted(keys[i] for i in chosen["indices"])
+
+
 def subsets(scores: pd.DataFrame, strategies: list[str], budget: float, seeds: list[int], direction: str,
             labels: dict[tuple, bool] | None = None, curve: list[float] = (),
-            curve_strategies: list[str] = ()) -> dict[tuple[str, float | None, int], list[tuple]]:
+            curve_strategies: list[str] = (),
+            diversity: dict | None = None) -> dict[tuple[str, float | None, int], list[tuple]]:
     """`{(strategy, budget, seed): keys}`: every strategy at `ceil(budget · N)` rows (budget None for `all` and
     `clean`), and the `curve_strategies` at each budget of `curve` as well."""
     unknown = (set(strategies) | set(curve_strategies)) - set(STRATEGIES)
@@ -64,7 +83,7 @@ def subsets(scores: pd.DataFrame, strategies: list[str], budget: float, seeds: l
         raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     plan = [(s, None if s in WHOLE else budget) for s in strategies]
     plan += [(s, b) for b in curve for s in curve_strategies if s not in WHOLE and (s, b) not in plan]
-    return {(s, b, seed): pick(scores, s, math.ceil((b or 0) * len(scores)), seed, direction, labels)
+    return {(s, b, seed): pick(scores, s, math.ceil((b or 0) * len(scores)), seed, direction, labels, diversity)
             for s, b in plan for seed in seeds}
 
 
@@ -129,18 +148,18 @@ def _stats(values: list[float], item_ses: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci": (mean - half, mean + half), "se": se}
 
 
-def gaps(summary: list[dict], budget: float, measure: str, versus: list[str]) -> list[dict]:
-    """qgate at `budget` minus each of `versus` (at the same budget, or whole), in combined standard errors."""
+def gaps(summary: list[dict], budget: float, measure: str, versus: list[str], strategy: str = "qgate") -> list[dict]:
+    """`strategy` at `budget` minus each of `versus` (at the same budget, or whole), in combined standard errors."""
     rows = {(r["strategy"], r["budget"]): r for r in summary if measure in r}
-    ours = rows.get(("qgate", budget))
+    ours = rows.get((strategy, budget))
     out = []
-    for strategy in versus:
-        other = rows.get((strategy, None if strategy in WHOLE else budget))
-        if ours is None or other is None:
+    for name in versus:
+        other = rows.get((name, None if name in WHOLE else budget))
+        if ours is None or other is None or name == strategy:
             continue
         diff = ours[measure]["mean"] - other[measure]["mean"]
         se = math.sqrt(ours[measure]["se"] ** 2 + other[measure]["se"] ** 2)
-        out.append({"measure": measure, "versus": strategy, "diff": diff, "se": se,
+        out.append({"measure": measure, "strategy": strategy, "versus": name, "diff": diff, "se": se,
                     "z": diff / se if se > 0 else float("inf") * np.sign(diff)})
     return out
 
@@ -171,7 +190,7 @@ def format_table(result: dict) -> str:
 def format_gaps(gap_rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    rows = [[g["measure"], f"qgate − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"]
+    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"]
             for g in gap_rows]
     return tabulate(rows, ["measure", "difference", "value", "combined SE", "in SEs"], tablefmt="github",
                     disable_numparse=True)

@@ -55,6 +55,7 @@ CHOICES = {
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
     "selection.strategy": ("top_k", "cluster_round_robin", "similarity_filter"),
+    "selection.features": ("gates", "text"),
     "selection.direction": ("auto", "higher", "lower"),
     "selection.score": ("auto", "q", "q_ifd"),
 }

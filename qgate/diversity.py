@@ -1,12 +1,19 @@
 """Diversity-aware selection (seed 001's older route) beside plain top-k: numpy and scikit-learn, no torch, no Ray.
 
-Feature of a sample: its layer scores S [L] for the run's α (what collect stores), standardised per layer with the
-mean and std of the fit sample (S values all lie in (0, 1) near each other: raw cosines would all be ≈ 1).
+Feature of a sample (`selection.features`):
+- `gates`: its layer scores S [L] for the run's α (what collect stores), standardised per layer with the mean and
+  std of the fit sample (S values all lie in (0, 1) near each other: raw cosines would all be ≈ 1);
+- `text`: what the row says (`TextFeatures`): tf-idf of its words, folded into `TEXT_DIMS` signed hash buckets.
+  Rows that say nearly the same (one answer under reworded questions, copies) are near each other, so the
+  similarity filter keeps one of them and the k rows cover more distinct content. k-means on text groups rows
+  by their common wording as much as by their content, so on text the filter compares across clusters:
+  O(W · k · D) multiply-adds (D = TEXT_DIMS; about 10^13 at a million rows, minutes on one CPU).
 - `fit_clusters`: k-means with a fixed seed on at most `max_fit_rows` rows (a seeded sample when there are more;
   MiniBatchKMeans above `MINIBATCH_ROWS`); `Clustering.assign` labels any number of rows in batches.
 - `round_robin`: rows in q order, one pick per cluster per round (within a round in q order) until k.
-- `similarity_filter`: rows in q order; a row whose cosine similarity to an already kept row of its cluster exceeds
-  the threshold is skipped; if fewer than k pass, the skipped rows fill up to k in q order.
+- `similarity_filter`: rows in q order, the best `pool · k` of them (`selection.pool`; all with None); a row whose
+  cosine similarity to an already kept row of its cluster exceeds the threshold is skipped; if fewer than k pass,
+  the skipped rows fill up to k in q order. The pool bounds how much quality the filter trades for coverage.
   Cost: O(W · (K_c + B) · L) multiply-adds and O(W) Python steps, W = rows walked until k pass, K_c = rows kept
   in the row's cluster, B = the block size. Pairs in different clusters are never compared (exact within each
   cluster; pass no clusters for an exact global check, O(W · k · L)).
@@ -14,6 +21,8 @@ mean and std of the fit sample (S values all lie in (0, 1) near each other: raw 
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +30,10 @@ import numpy as np
 from qgate.scoring import top_k
 
 STRATEGIES = ("top_k", "cluster_round_robin", "similarity_filter")
+FEATURES = ("gates", "text")
+THRESHOLDS = {"gates": 0.95, "text": 0.8}  # similarity_filter's default cosine per feature kind
+TEXT_DIMS = 256  # folded buckets of the text features
+WORD_HASH_BITS = 22  # words hashed into 2^22 ids before the fold (idf is kept per id)
 MAX_FIT_ROWS = 200_000  # k-means fits on a seeded sample of at most this many rows
 MINIBATCH_ROWS = 50_000  # above this many fit rows: MiniBatchKMeans
 ASSIGN_BATCH = 65_536  # rows labelled per batch
@@ -39,6 +52,7 @@ class Clustering:
     mean: np.ndarray  # [L] feature mean of the fit sample
     scale: np.ndarray  # [L] feature std of the fit sample (1 where constant)
     centers: np.ndarray  # [C, L] standardised
+    text: TextFeatures | None = None  # the text fit, when the features are `text`
 
     @property
     def n_clusters(self) -> int:
@@ -58,11 +72,75 @@ class Clustering:
         return labels
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "centers": self.centers.tolist()}
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "centers": self.centers.tolist(),
+                "text": None if self.text is None else self.text.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Clustering:
-        return cls(*(np.asarray(d[key], dtype=np.float64) for key in ("mean", "scale", "centers")))
+        text = TextFeatures.from_dict(d["text"]) if d.get("text") else None
+        return cls(*(np.asarray(d[key], dtype=np.float64) for key in ("mean", "scale", "centers")), text=text)
+
+
+def similarity_threshold(setting: float | None, features: str) -> float:
+    """`selection.similarity_threshold`, or the default for the kind of features."""
+    return THRESHOLDS[features] if setting is None else float(setting)
+
+
+def row_text(messages: str | list[dict]) -> str:
+    """Every turn's content of a row: its messages, or their JSON as collect stores it."""
+    turns = json.loads(messages) if isinstance(messages, str) else messages
+    return "\n".join(str(turn.get("content", "")) for turn in turns)
+
+
+@dataclass
+class TextFeatures:
+    """tf-idf bag of words (sublinear tf; idf of each hashed word id in the fit sample), folded into `dims` buckets
+    with a hashed sign per word id (a sparse random projection: inner products are kept in expectation) and
+    scaled to unit length. The same fit gives the same features in any process."""
+
+    word_ids: np.ndarray  # [V] sorted hashed word ids seen in the fit sample
+    idf: np.ndarray  # [V]
+    unseen_idf: float  # idf of a word id the fit sample never held
+    dims: int = TEXT_DIMS
+
+    @staticmethod
+    def _counts(texts: list[str]):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        vectorizer = HashingVectorizer(n_features=2 ** WORD_HASH_BITS, alternate_sign=False, norm=None)
+        return vectorizer.transform(texts).tocsr()  # [N, 2^22] sparse counts
+
+    @classmethod
+    def fit(cls, texts: list[str], dims: int = TEXT_DIMS) -> TextFeatures:
+        counts = cls._counts(texts)
+        word_ids, df = np.unique(counts.indices, return_counts=True)  # [V]: rows holding each word id
+        n = max(len(texts), 1)
+        return cls(word_ids, np.log((1 + n) / (1 + df)) + 1, float(np.log(1 + n) + 1), dims)
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        """[N] texts -> [N, dims] unit rows (zero for a text without words)."""
+        from scipy.sparse import csr_matrix
+        from sklearn.utils import murmurhash3_32
+
+        counts = self._counts(texts)
+        ids = counts.indices  # [nnz] int32
+        at = np.minimum(np.searchsorted(self.word_ids, ids), max(len(self.word_ids) - 1, 0))
+        seen = self.word_ids[at] == ids if len(self.word_ids) else np.zeros(len(ids), dtype=bool)
+        idf = np.where(seen, self.idf[at] if len(self.idf) else 0.0, self.unseen_idf)  # [nnz]
+        sign = np.where(murmurhash3_32(ids, seed=2, positive=True) & 1, 1.0, -1.0)
+        bucket = murmurhash3_32(ids, seed=1, positive=True) % self.dims
+        weights = (1 + np.log(counts.data)) * idf * sign  # sublinear tf · idf, signed
+        folded = csr_matrix((weights, bucket, counts.indptr), shape=(len(texts), self.dims)).toarray()
+        return _unit(folded)  # [N, dims]
+
+    def to_dict(self) -> dict:
+        return {"word_ids": self.word_ids.tolist(), "idf": self.idf.tolist(), "unseen_idf": self.unseen_idf,
+                "dims": self.dims}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextFeatures:
+        return cls(np.asarray(d["word_ids"], dtype=np.int32), np.asarray(d["idf"], dtype=np.float64),
+                   float(d["unseen_idf"]), int(d["dims"]))
 
 
 def fit_sample(n: int, max_rows: int, seed: int) -> np.ndarray:
@@ -72,9 +150,11 @@ def fit_sample(n: int, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
 
 
-def fit_clusters(features: np.ndarray, n_clusters: int, seed: int = 0, max_fit_rows: int = MAX_FIT_ROWS) -> Clustering:
+def fit_clusters(features: np.ndarray, n_clusters: int, seed: int = 0, max_fit_rows: int = MAX_FIT_ROWS,
+                 standardise: bool = True) -> Clustering:
     """k-means on the standardised features [N, L] (a seeded sample of ≤ max_fit_rows rows); fewer clusters than
-    asked when there are fewer distinct rows."""
+    asked when there are fewer distinct rows. Without `standardise` the features are used as they are (text
+    features: centring would turn the corpus's common wordings into a direction of their own)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     features = np.asarray(features, dtype=np.float64)
@@ -83,6 +163,8 @@ def fit_clusters(features: np.ndarray, n_clusters: int, seed: int = 0, max_fit_r
     sample = features[fit_sample(len(features), max_fit_rows, seed)]  # [M, L]
     mean, std = sample.mean(0), sample.std(0)
     scale = np.where(std > 1e-12, std, 1.0)
+    if not standardise:
+        mean, scale = np.zeros_like(mean), np.ones_like(scale)
     z = (sample - mean) / scale
     n = min(n_clusters, len(np.unique(z, axis=0)))
     if len(z) > MINIBATCH_ROWS:
@@ -119,10 +201,19 @@ def _greedy(sims: np.ndarray, threshold: float) -> list[int]:
     return kept
 
 
+def candidate_rows(k: int, n: int, pool: float | None) -> int:
+    """How many of the best rows the similarity filter walks: `pool · k` (all n when pool is None)."""
+    return n if pool is None else min(n, max(k, math.ceil(pool * k)))
+
+
 def similarity_filter(z: np.ndarray, k: int, threshold: float, clusters: np.ndarray | None = None,
-                      block: int = 1024) -> np.ndarray:
-    """Positions (ascending = q order) of k rows of `z` [N, L], given in q order; see the module docstring."""
-    unit = _unit(np.asarray(z, dtype=np.float64))
+                      block: int = 1024, pool: float | None = None) -> np.ndarray:
+    """Positions (ascending = q order) of k rows of `z` [N, L], given in q order; see the module docstring.
+    Only the first `candidate_rows(k, N, pool)` rows are candidates: a row far down the order is never kept for
+    being different."""
+    z = np.asarray(z, dtype=np.float64)[:candidate_rows(k, len(z), pool)]
+    clusters = None if clusters is None else np.asarray(clusters)[:len(z)]
+    unit = _unit(z)
     clusters = np.zeros(len(unit), dtype=np.int64) if clusters is None else np.asarray(clusters)
     kept = np.zeros(len(unit), dtype=bool)
     chosen: dict[int, np.ndarray] = {}  # cluster -> [K_c, L] kept unit rows
@@ -157,17 +248,20 @@ def cluster_shares(clusters: np.ndarray, selected: np.ndarray, n_clusters: int) 
 
 
 def select_diverse(q: np.ndarray, features: np.ndarray, k: int, strategy: str, n_clusters: int = 8,
-                   threshold: float = 0.95, seed: int = 0, higher: bool = True) -> dict:
-    """Indices of k rows chosen by `strategy` (best q first), their cluster labels [N] and the clustering."""
+                   threshold: float = 0.95, seed: int = 0, higher: bool = True, pool: float | None = None,
+                   text: bool = False) -> dict:
+    """Indices of k rows chosen by `strategy` (best q first), their cluster labels [N] and the clustering.
+    `text`: the features are `TextFeatures` (not standardised; the filter compares across clusters)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"selection.strategy must be one of {STRATEGIES}, got {strategy!r}")
     order = q_order(q, higher)  # [N]
-    clustering = fit_clusters(features, n_clusters, seed)
+    clustering = fit_clusters(features, n_clusters, seed, standardise=not text)
     labels = clustering.assign(features)  # [N]
     if strategy == "top_k":
         picked = np.arange(min(k, len(order)))
     elif strategy == "cluster_round_robin":
         picked = np.sort(round_robin(labels[order], k))
     else:
-        picked = similarity_filter(clustering.transform(features)[order], k, threshold, labels[order])
+        within = None if text else labels[order]
+        picked = similarity_filter(clustering.transform(features)[order], k, threshold, within, pool=pool)
     return {"indices": order[picked], "clusters": labels, "clustering": clustering}

@@ -24,11 +24,12 @@ score (8 more bytes per row). `auto`: `q_ifd` when the run's self-check measured
     python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher selection.score=q_ifd
 
 `selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
-k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised S for the α, fitted on a hash-seeded
-sample of at most 200k rows and assigned to every row in pass 2:
+k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised features (`selection.features`: S for
+the α, or `text`: tf-idf of what the row says, qgate/diversity.py), fitted on a hash-seeded sample of at most 200k
+rows and assigned to every row in pass 2:
 - `cluster_round_robin`: one row per cluster per round, in score order;
-- `similarity_filter`: in score order, skip a row whose cosine similarity to a kept row of its cluster exceeds
-  `selection.similarity_threshold` (skipped rows fill up to k if too few pass).
+- `similarity_filter`: in score order among the best `selection.pool · k` rows, skip a row whose cosine similarity
+  to a kept row of its cluster exceeds `selection.similarity_threshold` (skipped rows fill up to k).
 The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
 the sorted pass-2 rows stay materialized in the object store for a second walk, and pass 3 finds the chosen rows
 by their ids. Both strategies write the selected share per cluster into selection_stats.json and the report.
@@ -49,7 +50,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from qgate.diversity import Clustering
+from qgate.diversity import (
+    MAX_FIT_ROWS,
+    Clustering,
+    TextFeatures,
+    fit_clusters,
+    row_text,
+    similarity_threshold,
+)
 from qgate.identity import differences
 from qgate.report import render_report
 from qgate.run_dir import RunDir
@@ -240,26 +248,56 @@ def in_sample(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.array([zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2**32 for i in ids], dtype=bool)
 
 
-def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int) -> pa.Table:
-    """The k-means fit sample: id and S of the rows whose hash of (seed, id) falls below `fraction`."""
-    S = batch_layer_scores(table, spec)  # [B, L]
+def batch_features(table: pa.Table, spec: dict, text: TextFeatures | None) -> np.ndarray:
+    """What the diversity strategies compare in a batch: S [B, L], or with a text fit the text features [B, D]."""
+    if text is None:
+        return batch_layer_scores(table, spec)
+    return text.transform([row_text(m) for m in table.column("messages").to_pylist()])
+
+
+def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int, text: bool) -> pa.Table:
+    """The k-means fit sample: id and S (with `text`: the row's text) of the rows whose hash of (seed, id) falls
+    below `fraction`."""
     ids = table.column("id").to_pylist()
-    keep = pa.array(in_sample(ids, fraction, seed))
-    return pa.table({"dataset": table.column("dataset").filter(keep), "id": pa.array(ids, pa.string()).filter(keep),
-                     "S": _fixed_lists(S[keep.to_numpy(zero_copy_only=False)])})
+    keep = in_sample(ids, fraction, seed)  # [B]
+    columns = {"dataset": table.column("dataset").filter(pa.array(keep)),
+               "id": pa.array(ids, pa.string()).filter(pa.array(keep))}
+    if text:
+        messages = table.column("messages").to_pylist()
+        columns["text"] = pa.array([row_text(m) for m, kept in zip(messages, keep) if kept], pa.string())
+    else:
+        columns["S"] = _fixed_lists(batch_layer_scores(table, spec)[keep])  # [M, L]
+    return pa.table(columns)
+
+
+def fit_sample_clustering(sample: pa.Table, n_clusters: int, seed: int) -> Clustering:
+    """k-means on the fit sample (`sampled_rows` of every batch), sorted by (dataset, id) so that the fit is the
+    same whatever the block layout; text features are fitted (idf) on the same rows first."""
+    sample = sample.sort_by([("dataset", "ascending"), ("id", "ascending")])
+    text = None
+    if "text" in sample.column_names:
+        texts = sample.column("text").to_pylist()
+        text = TextFeatures.fit(texts)
+        features = text.transform(texts)  # [M, D]
+    else:
+        features = sample.column("S").combine_chunks().flatten().to_numpy().reshape(sample.num_rows, -1)  # [M, L]
+    clustering = fit_clusters(features, n_clusters, seed, MAX_FIT_ROWS, standardise=text is None)
+    clustering.text = text
+    return clustering
 
 
 def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
                    clustering: dict, features: bool) -> pa.Table:
     """Pass 2 of the diversity strategies: `score_rows`' columns, each row's cluster and (features) its
-    standardised S as float32."""
-    S = batch_layer_scores(table, spec)  # [B, L]
+    standardised features as float32."""
     fitted = Clustering.from_dict(clustering)
+    S = batch_layer_scores(table, spec)  # [B, L]
     q = quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats))  # [B]
+    values = S if fitted.text is None else batch_features(table, spec, fitted.text)  # [B, F]
     columns = {"q": q, "score": sort_score(q, table, ranking), **{name: table.column(name) for name in SCORE_COLUMNS},
-               "cluster": fitted.assign(S)}
+               "cluster": fitted.assign(values)}
     if features:
-        columns["z"] = _fixed_lists(fitted.transform(S).astype(np.float32))
+        columns["z"] = _fixed_lists(fitted.transform(values).astype(np.float32))
     return pa.table(columns)
 
 
@@ -361,7 +399,8 @@ def selection_summary(config, dirs, specs, stats, direction, score, scores, k, n
                                                               for sp in specs],
         "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
         "selfcheck": direction[2],
-        **({"n_clusters": len(scores["clusters"]), "similarity_threshold": float(s.similarity_threshold),
+        **({"n_clusters": len(scores["clusters"]), "features": str(s.features), "pool": s.pool,
+            "similarity_threshold": similarity_threshold(s.similarity_threshold, str(s.features)),
             "clusters": scores["clusters"]} if "clusters" in scores else {}),
     }
 

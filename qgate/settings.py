@@ -123,11 +123,15 @@ class SelectionSettings:
     eps: float = setting(1.0e-8, "ε of the per-layer mapping R = (S − a) / (b − a + ε)")
     tau: float = setting(0.0, "τ of the per-layer mapping (DESIGN.md)")
     strategy: str = setting("top_k", "top_k | cluster_round_robin | similarity_filter (k-means on each row's "
-                                     "standardised S)")
+                                     "features)")
     n_clusters: int = setting(8, "k-means clusters of the diversity strategies (fit on a seeded sample of ≤ 200k "
                                  "rows)")
-    similarity_threshold: float = setting(0.95, "similarity_filter: skip a row whose cosine to a kept row of its "
-                                                "cluster is above")
+    features: str = setting("gates", "what the diversity strategies compare: gates (each row's standardised S) | "
+                                     "text (tf-idf of what the row says: near-duplicate rows are near)")
+    similarity_threshold: Optional[float] = setting(None, "similarity_filter: skip a row whose cosine to a kept row "
+                                                          "of its cluster is above; null: 0.95 on gates, 0.8 on text")
+    pool: Optional[float] = setting(1.5, "similarity_filter: only the best pool · k rows are candidates (null: "
+                                         "all), so coverage costs at most that much of the score order")
     direction: str = setting("auto", "auto: as the self-check finds | higher | lower")
     score: str = setting("auto", "sorted on: q | q_ifd (mean percentile rank of q and of −IFD) | auto: as the "
                                  "self-check finds")

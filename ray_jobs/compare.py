@@ -12,7 +12,9 @@
 
 `out` is a finished run (its `selection/scores.parquet` and the rows of its `data`, or `data=` given here).
 For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (largest score the run sorted on,
-q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `random`, `response_ppl` (lowest response perplexity),
+q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `qgate_diverse` (the same
+score through the similarity filter on text features, `selection.pool` and `selection.similarity_threshold`: one
+row per near-duplicate answer), `random`, `response_ppl` (lowest response perplexity),
 `ifd` (lowest IFD) and, when listed, `all` and `clean` (the rows `compare.labels` marks clean: the ceiling);
 `compare.curve` adds budgets for `compare.curve_strategies`. Each subset finetunes the same model with the same LoRA settings
 (`finetune:`) once per seed; the random subset is redrawn per seed. Every adapter is scored on the held-out
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from qgate.comparison import (
+    OURS,
     format_gaps,
     format_table,
     gaps,
@@ -49,6 +52,7 @@ from qgate.comparison import (
 )
 from qgate.config import save_config
 from qgate.data import read_jsonl
+from qgate.diversity import TextFeatures, row_text, similarity_threshold
 from qgate.evaluation import as_list, base_model_dir
 from ray_jobs import evaluate, finetune
 from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log
@@ -78,9 +82,12 @@ def run(config: DictConfig, command: str = "") -> dict:
         direction = q_direction(scores, section.direction)
         labels = read_labels(section.labels)
         seeds = [config.seed + i for i in range(section.seeds)]
-        picked = subsets(scores, as_list(section.strategies), section.budget, seeds, direction, labels,
-                         [float(b) for b in as_list(section.curve)], as_list(section.curve_strategies))
         rows, heldout = run_rows(config), finetune.load_rows(section.heldout)[0]
+        strategies = as_list(section.strategies)
+        wanted = {*strategies, *(as_list(section.curve_strategies) if section.curve else [])}
+        diversity = diversity_of(config, scores, rows) if "qgate_diverse" in wanted else None
+        picked = subsets(scores, strategies, section.budget, seeds, direction, labels,
+                         [float(b) for b in as_list(section.curve)], as_list(section.curve_strategies), diversity)
         mc = read_jsonl(section.mc) if section.mc else None
         base = base_model_dir(config.finetune.model or config.model, out) if as_list(config.evaluate.tasks) else None
         records, skipped, trained = [], [], 0
@@ -98,6 +105,16 @@ def run(config: DictConfig, command: str = "") -> dict:
         result = _collect(config, records, base, direction, len(scores), bool(mc), skipped)
         _write(out, result, command)
         return result
+
+
+def diversity_of(config, scores, rows: dict) -> dict:
+    """What `qgate_diverse` picks with: the text features of every scored row (fitted on them all) and the run's
+    similarity-filter settings."""
+    texts = [row_text(rows[key]["messages"]) if key in rows else "" for key in zip(scores["dataset"], scores["id"])]
+    fit = TextFeatures.fit(texts)
+    s = config.selection
+    return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
+            "threshold": similarity_threshold(s.similarity_threshold, "text"), "pool": s.pool}
 
 
 def _spent(started: float, budget_min: float | None) -> bool:
@@ -173,11 +190,13 @@ def _collect(config, records: list[dict], base: str | None, direction: str, n_sc
 
         base_record["scores"] = ray.get(evaluate.remote_scores(config, pretrained=base, **evaluate.eval_kwargs(config)))
     summary = summarize(records, base_record, tasks, metric)
-    versus = [s for s in ("random", "response_ppl", "ifd", "all", "clean") if s in as_list(config.compare.strategies)]
+    strategies = as_list(config.compare.strategies)
+    versus = [s for s in ("qgate", "random", "response_ppl", "ifd", "all", "clean") if s in strategies]
     measure_keys = ["heldout_loss"] + (["mc_acc"] if has_mc else []) + tasks
     return {"budget": config.compare.budget, "n_scored": n_scored, "q_direction": direction, "metric": metric,
             "tasks": tasks, "mc": has_mc, "base": base_record, "runs": records, "summary": summary,
-            "gaps": [g for m in measure_keys for g in gaps(summary, config.compare.budget, m, versus)],
+            "gaps": [g for ours in OURS if ours in strategies for m in measure_keys
+                     for g in gaps(summary, config.compare.budget, m, versus, ours)],
             "not_run": skipped}
 
 

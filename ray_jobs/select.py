@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qgate.diversity import MAX_FIT_ROWS, STRATEGIES, Clustering, cluster_shares, fit_clusters, round_robin
+from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares, round_robin, similarity_threshold
 from qgate.diversity import similarity_filter as filter_similar
 from qgate.identity import check_same, checked_stats_identity, stats_identity
 from qgate.run_dir import RunDir
@@ -32,6 +32,7 @@ from qgate.selection import (
     alpha_spec,
     check_compatible,
     clustered_rows,
+    fit_sample_clustering,
     has_ifd,
     output_rows,
     partial_stats,
@@ -172,24 +173,24 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
 
 
 
-def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int) -> Clustering:
-    """k-means on the S of a hash-seeded sample of about MAX_FIT_ROWS rows, sorted by id: the same fit whatever
-    the block layout."""
+def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int,
+                   text: bool) -> Clustering:
+    """k-means on the features of a hash-seeded sample of about MAX_FIT_ROWS rows."""
     fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
-    sample = _datasets(dirs, specs, ["id", "dataset"], sampled_rows, {"fraction": fraction, "seed": seed})
-    tables = list(sample.iter_batches(batch_format="pyarrow", batch_size=None))
-    table = pa.concat_tables(tables).sort_by([("dataset", "ascending"), ("id", "ascending")])
-    S = table.column("S").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)  # [M, L]
-    return fit_clusters(S, n_clusters, seed, MAX_FIT_ROWS)
+    sample = _datasets(dirs, specs, ["id", "dataset", *(["messages"] if text else [])], sampled_rows,
+                       {"fraction": fraction, "seed": seed, "text": text})
+    return fit_sample_clustering(pa.concat_tables(list(sample.iter_batches(batch_format="pyarrow", batch_size=None))),
+                                 n_clusters, seed)
 
 
 def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: int, path: Path,
                    n_worst: int) -> dict:
     """`write_scores` for a diversity strategy: cluster every row, walk them in score order, pick, then write."""
     s = config.selection
-    clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed))
+    text = s.features == "text"
+    clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed), text)
     features = s.strategy == "similarity_filter"
-    scored = _datasets(dirs, specs, SCORE_COLUMNS, clustered_rows,
+    scored = _datasets(dirs, specs, [*SCORE_COLUMNS, *(["messages"] if text else [])], clustered_rows,
                        {**kwargs, "clustering": clustering.to_dict(), "features": features})
     rows = sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
     labels, z = [], []
@@ -199,7 +200,8 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
             z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
     labels = np.concatenate(labels)  # [N] in score order
     if features:
-        picked = filter_similar(np.concatenate(z), k, float(s.similarity_threshold), labels)
+        picked = filter_similar(np.concatenate(z), k, similarity_threshold(s.similarity_threshold, str(s.features)),
+                               None if text else labels, pool=s.pool)
     else:
         picked = round_robin(labels, k)
     selected = np.zeros(len(labels), dtype=bool)
@@ -271,8 +273,6 @@ def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, 
 def run(config) -> Path:
     """Select k% of every stats row of the run (and of `selection.runs`) by the strategy; returns `out/selection`."""
     s, out = config.selection, run_paths(config.out)
-    if s.strategy not in STRATEGIES:
-        raise ValueError(f"selection.strategy must be one of {STRATEGIES}, got {s.strategy!r}")
     with stage_log(config.out, "select"):
         record_config(config, ["select"])
         init_ray(config)

@@ -9,7 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from qgate.config import load_config
-from qgate.diversity import fit_clusters, round_robin, select_diverse, similarity_filter
+from qgate.diversity import (
+    TextFeatures,
+    candidate_rows,
+    fit_clusters,
+    round_robin,
+    row_text,
+    select_diverse,
+    similarity_filter,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -86,7 +94,37 @@ def test_similarity_filter_checks_within_clusters_and_fills_up_to_k():
     assert similarity_filter(z, 3, 0.5, clusters=clusters, block=2).tolist() == [0, 2, 4]  # one per cluster
 
 
+def test_text_features_put_one_answer_under_reworded_questions_together():
+    texts = [row_text(topic_messages(i)) for i in range(40)]
+    fit = TextFeatures.fit(texts)
+    z = fit.transform(texts)  # [40, D] unit rows
+    sims = z @ z.T
+    same_topic = np.equal.outer(np.arange(40) // 2, np.arange(40) // 2) & ~np.eye(40, dtype=bool)
+    assert sims[same_topic].min() > 0.8 > sims[~same_topic & ~np.eye(40, dtype=bool)].max()  # the text default
+    assert np.allclose(TextFeatures.from_dict(fit.to_dict()).transform(texts[:3]), z[:3])  # the fit travels
+    assert not fit.transform([""]).any()  # no words: a zero row
+
+
+def test_similarity_filter_walks_only_the_pool():
+    z = np.ones((10, 2))  # all identical: only the first passes, the rest fill in q order
+    assert similarity_filter(z, 4, 0.5, pool=1.5).tolist() == [0, 1, 2, 3]
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(10, 8))
+    z = np.concatenate([np.repeat(distinct[:1], 5, axis=0), distinct[1:]])  # 5 copies of row 0 first, then others
+    assert similarity_filter(z, 2, 0.9).tolist() == [0, 5]  # unbounded: walks to the first distinct row
+    assert similarity_filter(z, 2, 0.9, pool=2.0).tolist() == [0, 1]  # rows 0-3 only: copies fill up
+    assert candidate_rows(3, 100, 1.5) == 5 and candidate_rows(3, 4, 1.5) == 4 and candidate_rows(3, 100, None) == 100
+
+
 # ---- the select job ------------------------------------------------------------------------------------
+
+
+def topic_messages(i: int) -> list[dict]:
+    """Rows 2t and 2t + 1 give the same answer about topic t under two wordings of the question."""
+    t = i // 2
+    question = f"What is the unit{t} module for?" if i % 2 else f"Explain unit{t} in one sentence."
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": f"It parses alpha{t} records and writes beta{t} tables with gamma{t}."}]
 
 
 def write_stats(run: Path, n_per: int = 12) -> int:
@@ -97,7 +135,7 @@ def write_stats(run: Path, n_per: int = 12) -> int:
     rows = [{"id": f"r{i:03d}", "dataset": f"d{truth[i] % 2}", "source": "toy.jsonl", "row": i, "n_tokens": 10,
              "n_tokens_full": 10, "n_scored": 9, "truncated": False, "mean_nll": 2.0, "ppl": 7.4,
              "response_nll": 2.0, "ifd": None, "alphas": [1.0], "S": [features[i].tolist()],
-             "record": json.dumps({"id": f"r{i:03d}"}), "messages": json.dumps([{"role": "user", "content": str(i)}])}
+             "record": json.dumps({"id": f"r{i:03d}"}), "messages": json.dumps(topic_messages(i))}
             for i in range(len(truth))]
     pq.write_table(pa.Table.from_pylist(rows), stats / "attempt-0" / "part-0.parquet")
     schema = {"stats_version": 1, "alphas": [1.0], "eps": 1e-8, "n_layers": 3, "gate_layers": [0, 1, 2],
@@ -124,7 +162,8 @@ def test_select_job_strategies_keep_k_rows_and_report_clusters(stats_run, tmp_pa
     out = select.run(load_config([f"out={tmp_path / strategy}", "use_gpu=false", f"selection.runs=[{run}]",
                                   "selection.percentage=0.25", "selection.direction=higher", "selection.alpha=1.0",
                                   "selection.n_clusters=5",
-                                  f"selection.strategy={strategy}", "selection.similarity_threshold=0.9"]))
+                                  f"selection.strategy={strategy}", "selection.similarity_threshold=0.9",
+                                  "selection.pool=null"]))
     k = -(-n // 4)
     summary = json.loads((out / "selection_stats.json").read_text())
     lines = (out / "selected_data.jsonl").read_text().splitlines()
@@ -135,3 +174,18 @@ def test_select_job_strategies_keep_k_rows_and_report_clusters(stats_run, tmp_pa
     assert sum(c["selected"] for c in summary["clusters"]) == k and len(summary["clusters"]) == 5
     assert all(c["selected"] >= 1 for c in summary["clusters"])  # k = 15 ≥ 5 clusters: every cluster has picks
     assert "Selection per cluster" in (out / "report.html").read_text()
+
+
+def test_select_job_on_text_features_keeps_one_row_per_answer(stats_run, tmp_path):
+    from ray_jobs import select
+
+    run, n = stats_run
+    out = select.run(load_config([f"out={tmp_path / 'text'}", "use_gpu=false", f"selection.runs=[{run}]",
+                                  "selection.percentage=0.25", "selection.direction=higher", "selection.alpha=1.0",
+                                  "selection.strategy=similarity_filter", "selection.features=text",
+                                  "selection.n_clusters=3", "selection.pool=null"]))
+    summary = json.loads((out / "selection_stats.json").read_text())
+    picked = [json.loads(line)["id"] for line in (out / "selected_data.jsonl").read_text().splitlines()]
+    topics = [int(i[1:]) // 2 for i in picked]
+    assert summary["features"] == "text" and summary["similarity_threshold"] == 0.8
+    assert len(picked) == -(-n // 4) and len(set(topics)) == len(topics)  # no answer twice

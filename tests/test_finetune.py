@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -281,6 +282,23 @@ def test_the_curve_and_the_ceiling_pick_their_rows(tmp_path, corpus):
     assert len(picked["clean", None, 0]) == sum(not planted for planted in labels.values())
     with pytest.raises(ValueError, match="clean strategy needs"):
         comparison.subsets(scores, ["clean"], 0.25, [0], "lower")
+
+
+def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
+    scores = pd.DataFrame({"dataset": "toy", "id": [f"toy-{i}" for i in range(8)], "score": [8.0 - i for i in range(8)],
+                           "selected": [i < 3 for i in range(8)]})
+    features = np.eye(8)[[0, 0, 2, 3, 4, 5, 6, 7]]  # rows 0 and 1 say the same
+    diversity = {"features": features, "n_clusters": 2, "threshold": 0.8, "seed": 0, "pool": 1.5}
+    picked = comparison.subsets(scores, ["qgate", "qgate_diverse"], 3 / 8, [0], "higher", diversity=diversity)
+    assert [i for _, i in picked["qgate", 3 / 8, 0]] == ["toy-0", "toy-1", "toy-2"]
+    assert picked["qgate_diverse", 3 / 8, 0] == [("toy", "toy-0"), ("toy", "toy-2"), ("toy", "toy-3")]
+    narrow = comparison.pick(scores, "qgate_diverse", 3, direction="higher", diversity={**diversity, "pool": 1.0})
+    assert narrow == [("toy", "toy-0"), ("toy", "toy-1"), ("toy", "toy-2")]  # the pool is the top 3: fill
+    summary = [{"strategy": s, "budget": 0.3, "mc_acc": {"mean": m, "se": 0.01}} for s, m in
+               [("qgate", 0.5), ("qgate_diverse", 0.6), ("random", 0.4)]]
+    gap_rows = comparison.gaps(summary, 0.3, "mc_acc", ["qgate", "random"], "qgate_diverse")
+    assert [(g["versus"], round(g["diff"], 6)) for g in gap_rows] == [("qgate", 0.1), ("random", 0.2)]
+    assert "qgate_diverse − random" in comparison.format_gaps(gap_rows)
 
 
 def toy_mc(topics=HELD_OUT_TOPICS) -> list[dict]:
