@@ -14,18 +14,37 @@ and the verdict, an AUROC with a stratified-bootstrap 95% interval:
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+from omegaconf import DictConfig
 
 from qgate.corruption import corrupt_samples
+from qgate.data import read_jsonl
+from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, auroc, blend_q_ifd, quality_scores, sorted_reference
+
+log = logging.getLogger("qgate.selfcheck")
 
 DIRECTIONS = ("auto", "higher", "lower")
 SCORES = ("auto", "q", "q_ifd")
 VERDICTS = ("passed", "below", "failed", "too_few")
 BOOTSTRAP = 1000  # resamples of the 95% interval
+STATS_FIELDS = ("alphas", "S", "response_nll", "ifd")  # what an original brings from collect
+WARNINGS = {
+    "below": "Below the threshold, though the interval reaches it: more rows (selfcheck.rows) would tell.",
+    "failed": "The score the selection sorts on may NOT pick clean rows of this corpus for noise warmup never saw.",
+    "too_few": "Too few rows for a verdict (selfcheck.min_rows): raise selfcheck.rows.",
+}
+
+
+class SelfCheckFailed(RuntimeError):
+    pass
 
 
 def sample_originals(rows: list[dict], n: int, seed: int, exclude: set[tuple[str, str]] = frozenset()) -> list[dict]:
@@ -194,3 +213,96 @@ def summary_line(check: dict) -> str:
 
 def _auroc_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+# ---- the run's rows, scores and verdict ----------------------------------------------------------
+
+
+def gates_dir(config: DictConfig) -> Path:
+    return Path(config.gates or RunDir(config.out).gates)
+
+
+def warmed_rows(config: DictConfig) -> set[tuple[str, str]]:
+    """(dataset, id) of the rows the gates warmed up on; empty (with a warning) when the gates do not say."""
+    from qgate.warmup_rows import WARMUP_ROWS
+
+    path = gates_dir(config) / WARMUP_ROWS
+    if not path.exists():
+        log.warning("%s is missing: the self-check cannot leave warmup's rows out", path)
+        return set()
+    return {(r["dataset"], r["id"]) for r in read_jsonl(str(path))}
+
+
+def warmed_kinds(config: DictConfig) -> list[str]:
+    """The corruption kinds the gates were trained against (gates.json; the config when it does not say)."""
+    from qgate.gate import read_gate_metadata
+
+    meta = read_gate_metadata(gates_dir(config))
+    loss, warmup = meta.get("loss") or {}, meta.get("warmup") or {}
+    if loss.get("negatives_weight", config.loss.negatives_weight) <= 0:
+        return []
+    return list(warmup.get("negative_kinds", config.warmup.negative_kinds))
+
+
+def stats_columns(spec: dict) -> list[str]:
+    """The stats columns an original brings, S for the spec's α (`qgate.selection.alpha_spec`) among them."""
+    from qgate import selection
+
+    return ["id", "dataset", "messages", "response_nll", "ifd", *selection.s_columns(spec)]
+
+
+def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
+    """The originals' columns with S [B, L] for the spec's α in place of every α's (or the raw) S."""
+    from qgate import selection
+
+    S = selection.batch_layer_scores(table, spec)  # [B, L]
+    kept = table.select(["id", "dataset", "messages", "response_nll", "ifd"])
+    return kept.append_column("S_alpha", pa.array(list(S), type=pa.list_(pa.float64())))
+
+
+def originals_of(rows: list[dict], spec: dict, n: int, seed: int, exclude: set[tuple[str, str]]) -> list[dict]:
+    """The seeded sample of `collected_stats` rows as originals: messages, and the stats for the spec's α."""
+    rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": "",
+             "alphas": [spec["alpha"]], "S": [list(r["S_alpha"])], "response_nll": r["response_nll"],
+             "ifd": r["ifd"]} for r in rows]
+    return sample_originals(sorted(rows, key=lambda r: (r["dataset"], r["id"])), n, seed, exclude)
+
+
+def without_stats(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in STATS_FIELDS}
+
+
+def encode_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
+    """The rows encoded as collect encodes them (responses alone too, with IFD or gates that read them)."""
+    from qgate.encoding import encode_row
+    from qgate.gate import reads_contrast
+    from qgate.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    alone = config.collect.ifd or reads_contrast(str(gates_dir(config)))  # contrast gates read the responses alone
+    return [encode_row(tokenizer, r, config.encoding.max_length, config.encoding.score_on, alone) for r in rows]
+
+
+def measure_scored(config: DictConfig, scored: list[dict], kinds_warmed: list[str], corpus: LayerStats,
+                   references: dict | None) -> dict:
+    """`measure` on scored originals and copies, with the run's selection and self-check settings."""
+    valid = [r for r in scored if not r.get("reason")]
+    clean = np.array([r["is_clean"] for r in valid])
+    q = q_of(valid, config.selection.alpha, config.selection.eps, config.selection.tau, corpus)
+    baselines = {"response_ppl": np.array([r["response_nll"] for r in valid], dtype=np.float64)}
+    if config.collect.ifd:
+        baselines["ifd"] = np.array([np.nan if r["ifd"] is None else r["ifd"] for r in valid], dtype=np.float64)
+    return measure(q, clean, [r["corruption"] for r in valid], baselines, config.selection.direction,
+                   config.selfcheck.min_auroc, config.selection.score, kinds_warmed, references,
+                   config.selfcheck.min_rows, config.seed)
+
+
+def conclude(check: dict, strict: bool) -> None:
+    """Log the verdict, loudly when it is not a pass; raise `SelfCheckFailed` on a strict failure."""
+    line = summary_line(check)
+    if check["passed"]:
+        log.info(line)
+        return
+    log.warning("!" * 100 + "\n" + line + "\n" + WARNINGS[check["verdict"]] + "\n" + "!" * 100)
+    if strict and check["verdict"] == "failed":
+        raise SelfCheckFailed(line + " (selfcheck.strict=false goes on regardless)")
