@@ -126,6 +126,20 @@ def checked_stats_identity(stats_dir: str | Path, gates_dir: str | Path) -> dict
     return identity
 
 
+def selection_identity(dirs: list[Path], schemas: list[dict], gates_dir: str | Path) -> dict | None:
+    """The identity of the stats selected from: one for every stats directory (each `_schema.json`), and the
+    gates' of the run that selects."""
+    found = [(d, stats_identity(schema)) for d, schema in zip(dirs, schemas)]
+    found = [(d, i) for d, i in found if i is not None]
+    if not found:
+        return None
+    first_dir, identity = found[0]
+    for other_dir, other in found[1:]:
+        check_same({k: v for k, v in identity.items() if k != "stats_sha256"}, other, f"the stats in {other_dir}",
+                   f"they cannot be selected together with those of {first_dir}")
+    return checked_stats_identity(first_dir, gates_dir)
+
+
 def differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
     """`key: found → expected` for every key both hold with different values (nested dicts by dotted key)."""
     out = []

@@ -55,7 +55,9 @@ from qgate.diversity import (
     Clustering,
     TextFeatures,
     fit_clusters,
+    round_robin,
     row_text,
+    similarity_filter,
     similarity_threshold,
 )
 from qgate.identity import differences
@@ -70,7 +72,6 @@ DIRECTIONS = ("higher", "lower")
 SCORES = ("q", "q_ifd")
 SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "n_tokens"]
 LINE_COLUMNS = ["id", "dataset", "ifd", "record", "messages"]
-
 
 
 def alpha_spec(stats_dir: Path, alpha: float) -> dict:
@@ -403,6 +404,36 @@ def selection_summary(config, dirs, specs, stats, direction, score, scores, k, n
             "similarity_threshold": similarity_threshold(s.similarity_threshold, str(s.features)),
             "clusters": scores["clusters"]} if "clusters" in scores else {}),
     }
+
+
+def selection_dirs(own: Path, runs: list | None) -> list[Path]:
+    """The stats directories selected from: `own` (when it holds stats) and each of `runs` (run or stats
+    directories)."""
+    dirs = [own] if (own / "_schema.json").exists() else []
+    for run in runs or []:
+        path = Path(run).resolve()
+        dirs.append(path if (path / "_schema.json").exists() else path / "stats")
+    dirs = list(dict.fromkeys(dirs))
+    for path in dirs:
+        if not (path / "_schema.json").exists():
+            raise FileNotFoundError(f"no stats in {path} (no _schema.json): run collect first")
+    if not dirs:
+        raise FileNotFoundError(f"no stats in {own} and no selection.runs")
+    return dirs
+
+
+def diverse_pick(labels: np.ndarray, z: np.ndarray | None, k: int, s) -> np.ndarray:
+    """Which rows a diversity strategy keeps [N] bool, from every row's cluster label [N] and (similarity_filter)
+    features [N, F], both in score order; `s` the selection settings."""
+    if s.strategy == "similarity_filter":
+        text = s.features == "text"  # on text the filter compares across clusters (qgate/diversity.py)
+        picked = similarity_filter(z, k, similarity_threshold(s.similarity_threshold, str(s.features)),
+                                   None if text else labels, pool=s.pool)
+    else:
+        picked = round_robin(labels, k)
+    selected = np.zeros(len(labels), dtype=bool)
+    selected[picked] = True
+    return selected
 
 
 def check_compatible(dirs: list[Path], specs: list[dict]) -> None:

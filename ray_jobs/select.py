@@ -21,9 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares, round_robin, similarity_threshold
-from qgate.diversity import similarity_filter as filter_similar
-from qgate.identity import check_same, checked_stats_identity, stats_identity
+from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares
+from qgate.identity import selection_identity
 from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, selection_count, sorted_reference
 from qgate.selection import (
@@ -32,6 +31,7 @@ from qgate.selection import (
     alpha_spec,
     check_compatible,
     clustered_rows,
+    diverse_pick,
     fit_sample_clustering,
     has_ifd,
     output_rows,
@@ -42,6 +42,7 @@ from qgate.selection import (
     s_columns,
     sampled_rows,
     score_rows,
+    selection_dirs,
     selection_summary,
     write_report,
     write_scores,
@@ -58,55 +59,12 @@ SCORE_ROWS_PER_PARTITION, LINE_ROWS_PER_PARTITION = 2_000_000, 50_000
 DRIVER_SORT_ROWS = {SCORE_ROWS_PER_PARTITION: 200_000, LINE_ROWS_PER_PARTITION: 50_000}
 
 
-# ---- S of a batch --------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---- the three passes (map_batches functions) ----------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- reading the stats ---------------------------------------------------------------------------------
 
 
 def stats_dirs(config) -> list[Path]:
-    """The run's own stats (when there are any) and those of `selection.runs` (run or stats directories)."""
-    own = run_paths(config.out)["stats"]
-    dirs = [own] if (own / "_schema.json").exists() else []
-    for run in config.selection.runs or []:
-        path = Path(run).resolve()
-        dirs.append(path if (path / "_schema.json").exists() else path / "stats")
-    dirs = list(dict.fromkeys(dirs))
-    for path in dirs:
-        if not (path / "_schema.json").exists():
-            raise FileNotFoundError(f"no stats in {path} (no _schema.json): run collect first")
-    if not dirs:
-        raise FileNotFoundError(f"no stats in {own} and no selection.runs")
-    return dirs
+    """The run's own stats (when there are any) and those of `selection.runs`."""
+    return selection_dirs(run_paths(config.out)["stats"], config.selection.runs)
 
 
 def _datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kwargs: dict):
@@ -151,26 +109,7 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
     return ds.sort(keys, descending=descending)
 
 
-# ---- the driver's streams ------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 # ---- diversity strategies ------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 
 def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int,
@@ -199,24 +138,14 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
         if features:
             z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
     labels = np.concatenate(labels)  # [N] in score order
-    if features:
-        picked = filter_similar(np.concatenate(z), k, similarity_threshold(s.similarity_threshold, str(s.features)),
-                               None if text else labels, pool=s.pool)
-    else:
-        picked = round_robin(labels, k)
-    selected = np.zeros(len(labels), dtype=bool)
-    selected[picked] = True
+    selected = diverse_pick(labels, np.concatenate(z) if features else None, k, s)
     scores = write_scores(rows, path, k, n_worst, len(labels), selected=selected,
                           keep_score=kwargs["ranking"] is not None)
     scores["clusters"] = cluster_shares(labels, selected, clustering.n_clusters)
     return scores
 
 
-
-
 # ---- the q + IFD reference sample (selection.score=q_ifd) -----------------------------------------------
-
-
 
 
 def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -231,36 +160,7 @@ def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, s
     return reference
 
 
-
-
-
-
 # ---- the job -------------------------------------------------------------------------------------------
-
-
-
-
-
-
-def run_identity_of(config, dirs: list[Path], specs: list[dict]) -> dict | None:
-    """The identity of the stats selected from: one for every stats directory, and the run's own gates'."""
-    found = [(d, stats_identity(spec["schema"])) for d, spec in zip(dirs, specs)]
-    found = [(d, i) for d, i in found if i is not None]
-    if not found:
-        return None
-    first_dir, identity = found[0]
-    for other_dir, other in found[1:]:
-        check_same({k: v for k, v in identity.items() if k != "stats_sha256"}, other, f"the stats in {other_dir}",
-                   f"they cannot be selected together with those of {first_dir}")
-    return checked_stats_identity(first_dir, config.gates or run_paths(config.out)["gates"])
-
-
-
-
-
-
-
-
 
 
 def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, run: RunDir) -> dict:
@@ -279,7 +179,8 @@ def run(config) -> Path:
         dirs = stats_dirs(config)
         specs = [alpha_spec(d, float(s.alpha)) for d in dirs]
         check_compatible(dirs, specs)
-        identity = run_identity_of(config, dirs, specs)
+        identity = selection_identity(dirs, [sp["schema"] for sp in specs],
+                                      config.gates or run_paths(config.out)["gates"])
         direction = resolve_direction(str(s.direction), out["out"], identity, float(s.alpha))
         score = resolve_score(str(s.score), direction[2], direction[0], has_ifd(specs))
         stats = global_stats(dirs, specs)
