@@ -1,6 +1,6 @@
-"""The parts of the warmup loop that need no Ray: a worker's batch at a step, the metrics averaged over the steps
-since the last report and over workers, progress lines, gate checksums, the checkpoint files, the settings a
-checkpoint may be resumed under and the gates written from the last one.
+"""The warmup loop without Ray: a worker's parts and steps, its batch at a step, the metrics averaged over the steps
+since the last report and over workers, progress lines, gate checksums, the checkpoint files, the workers'
+settings, the settings a checkpoint may be resumed under and the gates written from the last one.
 
 `ray_jobs/warmup.py` runs the loop as a Ray Train worker; any other loop (a GPU machine without Ray, a benchmark)
 can drive the same pieces.
@@ -10,21 +10,74 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from qgate.config import as_dict
 from qgate.contrast import may_read_contrast
 from qgate.data import write_jsonl
+from qgate.models import autocast_dtype
 from qgate.run_dir import RunDir
-from qgate.training import collate, step_block
+from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
+
+log = logging.getLogger("qgate.warmup")
 
 CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
     "gates.safetensors", "optimizer.pt", "state.json", "rng.pt")
 LOSS_PARTS = ("loss", "ce", "quality", "negatives")
+
+
+def training_parts(cfg: dict, prepare: Callable[[nn.Module], nn.Module] = lambda objective: objective):
+    """The gates, the objective over the frozen model (wrapped by `prepare`: DDP under Ray Train), and AdamW over
+    the gates."""
+    from qgate.gate import attach_gates, freeze_backbone
+    from qgate.models import load_model
+
+    model = load_model(cfg["model"], dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"])
+    gates = attach_gates(model, **cfg["gate"])
+    freeze_backbone(model)
+    objective = prepare(WarmupObjective(model, WarmupLossConfig(**cfg["loss"])))
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return gates, objective, optimizer
+
+
+def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optimizer, device, rank: int,
+              report: Callable[[dict, bool], None]) -> dict:
+    """The steps after `state["step"]` up to `cfg["steps"]` on this worker's shard. Every `report_every` steps, and
+    at each checkpoint step, the window's metrics go to `state["history"]` and to `report(metrics, save)`, which
+    every worker calls; rank 0 logs its own progress line between them."""
+    autocast = autocast_dtype(cfg["autocast"], device.type)
+    window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
+    for step in range(state["step"] + 1, cfg["steps"] + 1):
+        maybe_fail(cfg, rank, step)
+        batch = warmup_batch(shard, step, cfg["batch_size"], cfg["seed"], cfg["pad_id"], cfg["gate"]["contrast"])
+        window.append(objective_step(objective, optimizer, batch, device, autocast))
+        state["step"] = step
+        save = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
+        if save or step % cfg["report_every"] == 0:
+            metrics = window_metrics(window, state, cfg["steps"], time.perf_counter() - clock, device, gates)
+            state["history"].append(metrics)
+            report(metrics, save)
+            window, clock = [], time.perf_counter()
+            ticker.said()
+        elif rank == 0 and ticker.due():
+            log.info(ticker.line(step, window[-1]))
+    return state
+
+
+def maybe_fail(cfg: dict, rank: int, step: int) -> None:
+    """The injected failure of the tests: rank 0 raises at `fail_at_step`, once (until its marker file exists)."""
+    marker = cfg["fail_marker"]
+    if rank == 0 and step == cfg["fail_at_step"] and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(f"injected failure at step {step} (QGATE_FAIL_AT_STEP)")
 
 
 def warmup_batch(shard: list[dict], step: int, batch_size: int, seed: int, pad_id: int,
@@ -148,6 +201,20 @@ def read_state(path: Path | None, gates, optimizer, device) -> dict:
 def gate_kwargs(config: DictConfig) -> dict:
     """`attach_gates` arguments of the run's gates."""
     return {**as_dict(config.gate), "seed": config.seed}
+
+
+def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
+    """What every worker needs: flat settings and the shards (object refs under Ray)."""
+    warmup = config.warmup
+    return {
+        "shards": shards, "pad_id": pad_id, "model": config.model, "dtype": config.dtype, "autocast": config.autocast,
+        "trust_remote_code": config.trust_remote_code, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
+        "seed": config.seed, "steps": warmup.steps, "batch_size": warmup.batch_size, "lr": warmup.lr,
+        "weight_decay": warmup.weight_decay, "report_every": warmup.report_every,
+        "checkpoint_every": warmup.checkpoint_every,
+        "fail_at_step": int(os.environ.get("QGATE_FAIL_AT_STEP", "0")),
+        "fail_marker": os.environ.get("QGATE_FAIL_MARKER", ""),
+    }
 
 
 def check_checkpoints(config: DictConfig) -> None:

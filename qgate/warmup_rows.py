@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import logging
 from collections import Counter
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from qgate.contrast import may_read_contrast
-from qgate.data import iter_file_rows, list_input_files
+from qgate.data import iter_file_rows, list_input_files, write_jsonl
 from qgate.encoding import encode_row
 
+log = logging.getLogger("qgate.warmup")
 
 WARMUP_ROWS = "warmup_rows.jsonl"  # beside the gates: (dataset, id) of every row they warmed up on; the self-check
-
 
 
 def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
@@ -55,16 +57,30 @@ def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
     return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))[:k]]
 
 
+def warmup_items(config: DictConfig, tokenizer) -> tuple[list[dict], list[dict], Counter]:
+    """The sampled rows, their encoded items (`encode_items`) and the counts of both; raises when no item is left."""
+    counts = Counter()
+    log.info("sampling warmup rows from %s", config.data)
+    rows = sample_rows(config, counts)
+    items = encode_items(config, tokenizer, rows, counts)
+    log.info("warmup rows: %s", dict(sorted(counts.items())))
+    if not items:
+        raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
+    return rows, items, counts
+
+
+def write_warmup_rows(gates_dir: Path, rows: list[dict]) -> None:
+    """(dataset, id) of every row warmed up on, beside the gates (`WARMUP_ROWS`)."""
+    write_jsonl(str(gates_dir / WARMUP_ROWS), [{"dataset": r["dataset"], "id": r["id"]} for r in rows])
+
 
 def _seeded(seed: int, text: str) -> bytes:
     return hashlib.sha1(f"{seed}\0{text}".encode()).digest()
 
 
-
 def _sample_key(seed: int, row: dict) -> int:
     digest = hashlib.sha1(f"{seed}\0{row['dataset']}\0{row['id']}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
-
 
 
 def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter) -> list[dict]:
@@ -90,7 +106,6 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
     return items
 
 
-
 def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,
              prefix: str = "reject:") -> dict | None:
     contrast = may_read_contrast(config.gate.contrast)  # contrast gates also read each response alone
@@ -102,13 +117,8 @@ def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: f
     return {**{key: out[key] for key in kept}, "is_clean": clean}
 
 
-
 ENCODED = ("input_ids", "score_mask")
-
-
-
 CONTRAST_ENCODED = ("response_mask", "ifd_input_ids", "ifd_score_mask")
-
 
 
 def shard_items(items: list[dict], batch_size: int, workers: int) -> list[list[dict]]:
@@ -122,7 +132,6 @@ def shard_items(items: list[dict], batch_size: int, workers: int) -> list[list[d
     items = sorted(items, key=longest_sequence)
     padded = [items[i % len(items)] for i in range(n)]
     return [padded[rank::workers] for rank in range(workers)]
-
 
 
 def longest_sequence(item: dict) -> int:

@@ -21,32 +21,23 @@ creates the marker and raises before step k, once: it does nothing while the mar
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-import time
-from collections import Counter
 from pathlib import Path
 
 import ray
-import torch
 from omegaconf import DictConfig
 
-from qgate.config import as_dict
-from qgate.data import write_jsonl
-from qgate.models import autocast_dtype
-from qgate.training import WarmupLossConfig, WarmupObjective, objective_step
 from qgate.warmup_loop import (
-    ProgressTicker,
     check_checkpoints,
-    gate_kwargs,
+    loop_config,
     progress_line,
     read_state,
-    warmup_batch,
-    window_metrics,
+    run_steps,
+    training_parts,
     write_gates,
     write_state,
 )
-from qgate.warmup_rows import WARMUP_ROWS, encode_items, sample_rows, shard_items
+from qgate.warmup_rows import shard_items, warmup_items, write_warmup_rows
 from ray_jobs.common import (
     config_from_argv,
     init_ray,
@@ -60,51 +51,25 @@ from ray_jobs.common import (
 log = logging.getLogger("qgate.warmup")
 
 
-# ---- workers -------------------------------------------------------------------------------------
-
-
 def train_loop(cfg: dict) -> dict | None:
     """One Ray Train worker: its shard, the gated model under DDP, steps, reports, checkpoints."""
     setup_logging()
     rank = ray.train.get_context().get_world_rank()
     shard, device = ray.get(cfg["shards"][rank]), ray.train.torch.get_device()
-    gates, objective, optimizer = _training_parts(cfg)
+    gates, objective, optimizer = training_parts(cfg, prepare_model)
     state = _restore(ray.train.get_checkpoint(), gates, optimizer, device)
     if rank == 0 and state["start_step"]:
         log.info("resuming from step %d", state["start_step"])
-    autocast = autocast_dtype(cfg["autocast"], device.type)
     if rank == 0:
         log.info("warmup worker ready: %d steps to go on %s", cfg["steps"] - state["step"], device)
-    window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
-    for step in range(state["step"] + 1, cfg["steps"] + 1):
-        _maybe_fail(cfg, rank, step)
-        batch = warmup_batch(shard, step, cfg["batch_size"], cfg["seed"], cfg["pad_id"], cfg["gate"]["contrast"])
-        window.append(objective_step(objective, optimizer, batch, device, autocast))
-        state["step"] = step
-        save = step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]
-        if save or step % cfg["report_every"] == 0:
-            metrics = window_metrics(window, state, cfg["steps"], time.perf_counter() - clock, device, gates)
-            state["history"].append(metrics)
-            _report(metrics, state, gates, optimizer, rank, save)
-            window, clock = [], time.perf_counter()
-            ticker.said()
-        elif rank == 0 and ticker.due():
-            log.info(ticker.line(step, window[-1]))
+    run_steps(cfg, shard, state, gates, objective, optimizer, device, rank,
+              lambda metrics, save: _report(metrics, state, gates, optimizer, rank, save))
     return state if rank == 0 else None
 
 
-def _training_parts(cfg: dict):
-    """The gates, the DDP-prepared objective over the frozen model, and AdamW over the gates."""
-    from qgate.gate import attach_gates, freeze_backbone
-    from qgate.models import load_model
-
-    model = load_model(cfg["model"], dtype=cfg["dtype"], trust_remote_code=cfg["trust_remote_code"])
-    gates = attach_gates(model, **cfg["gate"])
-    freeze_backbone(model)
-    objective = ray.train.torch.prepare_model(  # buffers (rotary tables) are equal on every rank
-        WarmupObjective(model, WarmupLossConfig(**cfg["loss"])), parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    return gates, objective, optimizer
+def prepare_model(objective):
+    """The objective under DDP; buffers (rotary tables) are equal on every rank."""
+    return ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"broadcast_buffers": False})
 
 
 def _restore(checkpoint, gates, optimizer, device) -> dict:
@@ -113,13 +78,6 @@ def _restore(checkpoint, gates, optimizer, device) -> dict:
         return read_state(None, gates, optimizer, device)
     with checkpoint.as_directory() as path:
         return read_state(Path(path), gates, optimizer, device)
-
-
-def _maybe_fail(cfg: dict, rank: int, step: int) -> None:
-    marker = cfg["fail_marker"]
-    if rank == 0 and step == cfg["fail_at_step"] and marker and not os.path.exists(marker):
-        Path(marker).touch()
-        raise RuntimeError(f"injected failure at step {step} (QGATE_FAIL_AT_STEP)")
 
 
 def _report(metrics: dict, state: dict, gates, optimizer, rank: int, save: bool) -> None:
@@ -133,23 +91,6 @@ def _report(metrics: dict, state: dict, gates, optimizer, rank: int, save: bool)
         checkpoint = ray.train.Checkpoint.from_directory(str(write_state(Path(tmp), state, gates, optimizer))) \
             if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:06d}")
-
-
-# ---- driver: Ray Train and outputs ---------------------------------------------------------------
-
-
-def loop_config(config: DictConfig, shards: list, pad_id: int) -> dict:
-    """What every worker needs: flat settings and the object refs of the shards."""
-    warmup = config.warmup
-    return {
-        "shards": shards, "pad_id": pad_id, "model": config.model, "dtype": config.dtype, "autocast": config.autocast,
-        "trust_remote_code": config.trust_remote_code, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
-        "seed": config.seed, "steps": warmup.steps, "batch_size": warmup.batch_size, "lr": warmup.lr,
-        "weight_decay": warmup.weight_decay, "report_every": warmup.report_every,
-        "checkpoint_every": warmup.checkpoint_every,
-        "fail_at_step": int(os.environ.get("QGATE_FAIL_AT_STEP", "0")),
-        "fail_marker": os.environ.get("QGATE_FAIL_MARKER", ""),
-    }
 
 
 def trainer(config: DictConfig, loop_cfg: dict):
@@ -167,12 +108,6 @@ def trainer(config: DictConfig, loop_cfg: dict):
     return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
 
 
-def write_outputs(config: DictConfig, result, counts: Counter) -> Path:
-    """`out/gates` from the last checkpoint's gates and `out/warmup/metrics.jsonl` from the history."""
-    with result.checkpoint.as_directory() as path:
-        return write_gates(config, Path(path), result.return_value, counts)
-
-
 def run(config: DictConfig) -> Path:
     """Warm up the gates on `config.data`; returns the gates directory `out/gates`."""
     from qgate.models import load_tokenizer
@@ -183,13 +118,7 @@ def run(config: DictConfig) -> Path:
     with stage_log(config.out, "warmup"):
         check_checkpoints(config)
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        counts = Counter()
-        log.info("sampling warmup rows from %s", config.data)
-        rows = sample_rows(config, counts)
-        items = encode_items(config, tokenizer, rows, counts)
-        log.info("warmup rows: %s", dict(sorted(counts.items())))
-        if not items:
-            raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
+        rows, items, counts = warmup_items(config, tokenizer)
         shards = [ray.put(s) for s in shard_items(items, config.warmup.batch_size, config.warmup.workers)]
         log.info("starting Ray Train: %d worker(s), %d steps of %d originals each (the workers load the model "
                  "first, then log progress)", config.warmup.workers, config.warmup.steps, config.warmup.batch_size)
@@ -197,8 +126,9 @@ def run(config: DictConfig) -> Path:
         state = result.return_value
         log.info("warmup done: steps %d (this run from step %d), final %s",
                  state["step"], state["start_step"], state["history"][-1] if state["history"] else {})
-        gates_dir = write_outputs(config, result, counts)
-        write_jsonl(str(gates_dir / WARMUP_ROWS), [{"dataset": r["dataset"], "id": r["id"]} for r in rows])
+        with result.checkpoint.as_directory() as path:  # out/gates and out/warmup/metrics.jsonl
+            gates_dir = write_gates(config, Path(path), state, counts)
+        write_warmup_rows(gates_dir, rows)
         return gates_dir
 
 
