@@ -10,15 +10,19 @@ instead of LoRA's, for a small target trained from scratch (`qgate compare` on t
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
+from qgate.data import iter_file_rows, list_input_files
 from qgate.encoding import encode_row
 from qgate.models import autocast_dtype
 from qgate.stats import decoder_pass, pad
@@ -44,7 +48,32 @@ class LoraSettings:
     method: str = "lora"  # lora: LoRA weights only | full: every weight (a small or from-scratch target)
 
 
+SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "max_length",
+                "max_grad_norm", "method")
+
+
+def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
+    """The run's `finetune` settings, with the run's seed unless `seed` is given."""
+    section = config.finetune
+    values = {key: section[key] for key in SETTING_KEYS}
+    values["target_modules"] = list(values["target_modules"])
+    return LoraSettings(**values, seed=config.seed if seed is None else seed, autocast=config.autocast)
+
+
 # ---- rows to tensors -----------------------------------------------------------------------------
+
+
+def load_rows(spec) -> tuple[list[dict], Counter]:
+    """The good rows (`dataset`, `id`, `messages`) of an input spec, and counts of read and rejected rows."""
+    rows, counts = [], Counter()
+    for path in list_input_files(spec):
+        for row in iter_file_rows(path):
+            counts["read"] += 1
+            if row["reason"]:
+                counts[f"reject:{row['reason']}"] += 1
+            else:
+                rows.append({"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]})
+    return rows, counts
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[dict], Counter]:
@@ -239,3 +268,21 @@ def response_nll(model: nn.Module, tokenizer, rows: list[dict], max_length: int,
         for (i, _), s, n in zip(chunk, sums.tolist(), counts.tolist()):
             nll[i], count[i] = s, n
     return nll, count
+
+
+# ---- the run's outputs ---------------------------------------------------------------------------
+
+
+def copy_adapter(source: Path, adapter_dir: Path) -> None:
+    """Copy the saved adapter (or model) in `source` to `adapter_dir`, which is replaced whole."""
+    partial = adapter_dir.with_name(adapter_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    partial.rename(adapter_dir)
+
+
+def heldout_line(metrics: dict) -> str:
+    if "after" not in metrics:
+        return ""
+    return f"; held-out response loss {metrics['before']['heldout_loss']:.4f} -> {metrics['after']['heldout_loss']:.4f}"

@@ -20,50 +20,23 @@ import json
 import logging
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import ray
 from omegaconf import DictConfig
 
 from qgate.config import save_config
-from qgate.data import iter_file_rows, list_input_files
-from qgate.finetune import LoraSettings
+from qgate.finetune import LoraSettings, copy_adapter, heldout_line, load_rows, settings_of
 from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log, use_gpu
 
 log = logging.getLogger("qgate.finetune")
-
-SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "max_length",
-                "max_grad_norm", "method")
-
-
-def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
-    section = config.finetune
-    values = {key: section[key] for key in SETTING_KEYS}
-    values["target_modules"] = list(values["target_modules"])
-    return LoraSettings(**values, seed=config.seed if seed is None else seed, autocast=config.autocast)
-
-
-def load_rows(spec) -> tuple[list[dict], Counter]:
-    """The good rows (`dataset`, `id`, `messages`) of an input spec, and counts of read and rejected rows."""
-    rows, counts = [], Counter()
-    for path in list_input_files(spec):
-        for row in iter_file_rows(path):
-            counts["read"] += 1
-            if row["reason"]:
-                counts[f"reject:{row['reason']}"] += 1
-            else:
-                rows.append({"dataset": row["dataset"], "id": row["id"], "messages": row["messages"]})
-    return rows, counts
-
-
-# ---- workers -------------------------------------------------------------------------------------
 
 
 def train_loop(cfg: dict) -> dict | None:
     """One Ray Train worker: the model, LoRA under DDP, a report per epoch, rank 0's adapter as checkpoint."""
     from qgate.finetune import evaluate_model, train
     from qgate.models import load_model, load_tokenizer
+    from qgate.warmup_loop import all_mean
 
     setup_logging()
     context = ray.train.get_context()
@@ -79,7 +52,7 @@ def train_loop(cfg: dict) -> dict | None:
         state["before"] = evaluate_model(model, tokenizer, heldout, mc, settings.max_length, autocast=settings.autocast)
 
     def on_epoch(metrics: dict) -> None:
-        metrics["loss"] = _mean_over_workers(metrics["loss"])
+        metrics["loss"] = all_mean([metrics["loss"]], ray.train.torch.get_device())[0]
         state["history"].append(metrics)
         if rank == 0:
             log.info("epoch %d/%d loss %.4f (%d steps)", metrics["epoch"], settings.epochs, metrics["loss"],
@@ -95,16 +68,6 @@ def train_loop(cfg: dict) -> dict | None:
     return state if rank == 0 else None
 
 
-def _mean_over_workers(value: float) -> float:
-    import torch
-
-    if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=ray.train.torch.get_device())
-    torch.distributed.all_reduce(tensor)
-    return float(tensor) / torch.distributed.get_world_size()
-
-
 def _report_adapter(peft_model, state: dict, rank: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -112,9 +75,6 @@ def _report_adapter(peft_model, state: dict, rank: int) -> None:
             peft_model.save_pretrained(tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"done": 1}, checkpoint=checkpoint, checkpoint_dir_name="adapter")
-
-
-# ---- driver --------------------------------------------------------------------------------------
 
 
 def fit(config: DictConfig, rows: list[dict], adapter_dir: str | Path, storage: str | Path, name: str = "finetune",
@@ -141,18 +101,10 @@ def fit(config: DictConfig, rows: list[dict], adapter_dir: str | Path, storage: 
                              failure_config=FailureConfig(max_failures=config.finetune.max_failures)),
     )
     result = trainer.fit()
-    _copy_adapter(result.checkpoint, Path(adapter_dir))
+    with result.checkpoint.as_directory() as path:
+        copy_adapter(Path(path), Path(adapter_dir))
     shutil.rmtree(storage / name, ignore_errors=True)
     return result.return_value
-
-
-def _copy_adapter(checkpoint, adapter_dir: Path) -> None:
-    partial = adapter_dir.with_name(adapter_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with checkpoint.as_directory() as path:
-        shutil.copytree(path, partial)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    partial.rename(adapter_dir)
 
 
 def run(config: DictConfig) -> Path:
@@ -169,14 +121,8 @@ def run(config: DictConfig) -> Path:
         heldout = load_rows(config.finetune.heldout)[0] if config.finetune.heldout else None
         metrics = fit(config, rows, out / "adapter", out / "ray", heldout=heldout)
         (out / "metrics.json").write_text(json.dumps({"data": data, "rows": dict(counts), **metrics}, indent=2))
-        log.info("adapter -> %s%s", out / "adapter", _heldout_line(metrics))
+        log.info("adapter -> %s%s", out / "adapter", heldout_line(metrics))
         return out / "adapter"
-
-
-def _heldout_line(metrics: dict) -> str:
-    if "after" not in metrics:
-        return ""
-    return f"; held-out response loss {metrics['before']['heldout_loss']:.4f} -> {metrics['after']['heldout_loss']:.4f}"
 
 
 def main(argv: list[str] | None = None) -> Path:
