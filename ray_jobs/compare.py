@@ -26,8 +26,6 @@ call keeps them and runs the rest, `compare.budget_min`), `out/compare/adapters/
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -37,22 +35,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from qgate.comparison import (
-    OURS,
-    format_gaps,
-    format_table,
-    gaps,
-    planted_share,
-    plot_budget_curve,
-    q_direction,
-    read_labels,
-    run_name,
-    subsets,
-    summarize,
-)
+from qgate.compare_runs import comparison_result, diversity_of, done_earlier, keep, write_comparison
+from qgate.comparison import planted_share, q_direction, read_labels, run_name, subsets
 from qgate.config import save_config
 from qgate.data import read_jsonl
-from qgate.diversity import TextFeatures, row_text, similarity_threshold
 from qgate.evaluation import as_list, base_model_dir
 from ray_jobs import evaluate, finetune
 from ray_jobs.common import config_from_argv, init_ray, run_paths, setup_logging, stage_log
@@ -92,64 +78,24 @@ def run(config: DictConfig, command: str = "") -> dict:
         base = base_model_dir(config.finetune.model or config.model, out) if as_list(config.evaluate.tasks) else None
         records, skipped, trained = [], [], 0
         for key, keys in picked.items():
-            record = _done_earlier(config, key, keys, out)
+            record = done_earlier(config, key, keys, out)
             if record is None and trained and _spent(started, section.budget_min):
                 skipped.append(run_name(*key))
                 continue
             if record is None:
-                record, trained = _train_and_keep(config, key, keys, rows, heldout, mc, base, out, labels), trained + 1
+                record = keep(config, key, keys, _train(config, key, keys, rows, heldout, mc, base, out, labels), out)
+                trained += 1
             records.append(record)
         if skipped:
             log.warning("compare.budget_min=%s reached: %d runs not started (%s); run the same command again "
                         "to finish them", section.budget_min, len(skipped), ", ".join(skipped))
         result = _collect(config, records, base, direction, len(scores), bool(mc), skipped)
-        _write(out, result, command)
+        print(write_comparison(out, result, command))
         return result
-
-
-def diversity_of(config, scores, rows: dict) -> dict:
-    """What `qgate_diverse` picks with: the text features of every scored row (fitted on them all) and the run's
-    similarity-filter settings."""
-    texts = [row_text(rows[key]["messages"]) if key in rows else "" for key in zip(scores["dataset"], scores["id"])]
-    fit = TextFeatures.fit(texts)
-    s = config.selection
-    return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
-            "threshold": similarity_threshold(s.similarity_threshold, "text"), "pool": s.pool}
 
 
 def _spent(started: float, budget_min: float | None) -> bool:
     return bool(budget_min) and time.monotonic() - started > 60 * budget_min
-
-
-def _record_path(out: Path, key) -> Path:
-    return out / "runs" / f"{run_name(*key)}.json"
-
-
-def _fingerprint(config, keys) -> str:
-    """What a finetune's result depends on: its rows and the finetune and evaluation settings."""
-    what = [sorted(keys), OmegaConf.to_container(config.finetune), OmegaConf.to_container(config.evaluate),
-            config.compare.heldout, config.compare.mc]
-    return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()
-
-
-def _done_earlier(config, key, keys, out: Path) -> dict | None:
-    """The record an earlier call wrote for the same subset and settings, else None."""
-    path = _record_path(out, key)
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("fingerprint") == _fingerprint(config, keys):
-            log.info("%s: done earlier, kept", run_name(*key))
-            return record
-    return None
-
-
-def _train_and_keep(config, key, keys, rows, heldout, mc, base, out: Path, labels) -> dict:
-    record = {**_train(config, key, keys, rows, heldout, mc, base, out, labels),
-              "fingerprint": _fingerprint(config, keys)}
-    path = _record_path(out, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str))
-    return record
 
 
 def _train(config, key, keys, rows, heldout, mc, base, out: Path, labels) -> dict:
@@ -181,7 +127,6 @@ def _train(config, key, keys, rows, heldout, mc, base, out: Path, labels) -> dic
 
 def _collect(config, records: list[dict], base: str | None, direction: str, n_scored: int, has_mc: bool,
              skipped: list[str]) -> dict:
-    tasks, metric = as_list(config.evaluate.tasks), config.compare.metric
     if not records:
         raise RuntimeError(f"no finetune finished within compare.budget_min={config.compare.budget_min}")
     base_record = {"strategy": "base (no finetune)", **records[0]["base"]}
@@ -189,29 +134,8 @@ def _collect(config, records: list[dict], base: str | None, direction: str, n_sc
         import ray
 
         base_record["scores"] = ray.get(evaluate.remote_scores(config, pretrained=base, **evaluate.eval_kwargs(config)))
-    summary = summarize(records, base_record, tasks, metric)
-    strategies = as_list(config.compare.strategies)
-    versus = [s for s in ("qgate", "random", "response_ppl", "ifd", "all", "clean") if s in strategies]
-    measure_keys = ["heldout_loss"] + (["mc_acc"] if has_mc else []) + tasks
-    return {"budget": config.compare.budget, "n_scored": n_scored, "q_direction": direction, "metric": metric,
-            "tasks": tasks, "mc": has_mc, "base": base_record, "runs": records, "summary": summary,
-            "gaps": [g for ours in OURS if ours in strategies for m in measure_keys
-                     for g in gaps(summary, config.compare.budget, m, versus, ours)],
-            "not_run": skipped}
-
-
-def _write(out: Path, result: dict, command: str) -> None:
-    table, gap_table = format_table(result), format_gaps(result["gaps"])
-    header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, qgate = the run's sorted-on "
-              f"score, {result['q_direction']} first; mean over seeds [95% interval, Student's t]\n\n")
-    plot = plot_budget_curve(result, out / "budget_curve.png")
-    text = ((f"`{command}`\n\n" if command else "") + header + table
-            + "\n\nqgate against the others (combined standard error: seeds and evaluation items)\n\n" + gap_table
-            + (f"\n\n![budget curve]({plot.name})" if plot else "")
-            + (f"\n\nnot run (compare.budget_min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
-    (out / "compare.md").write_text(text + "\n")
-    (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
-    print(header + table + "\n\n" + gap_table)
+    return comparison_result(config.compare, records, base_record, as_list(config.evaluate.tasks), direction,
+                             n_scored, has_mc, skipped)
 
 
 def main(argv: list[str] | None = None) -> dict:

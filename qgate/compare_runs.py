@@ -1,0 +1,98 @@
+"""The records of `qgate compare`, with no Ray: one JSON file per finetune under `out/compare/runs/`, what its
+result depends on (a fingerprint), the earlier record a second call keeps, the rows `qgate_diverse` compares, and
+the result and page made from the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qgate.comparison import (
+    OURS,
+    format_gaps,
+    format_table,
+    gaps,
+    plot_budget_curve,
+    run_name,
+    summarize,
+)
+from qgate.diversity import TextFeatures, row_text, similarity_threshold
+from qgate.evaluation import as_list
+
+log = logging.getLogger("qgate.compare")
+VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean")  # what OURS are measured against
+
+
+def record_path(out: Path, key) -> Path:
+    return out / "runs" / f"{run_name(*key)}.json"
+
+
+def fingerprint(config, keys) -> str:
+    """What a finetune's result depends on: its rows and the finetune and evaluation settings."""
+    what = [sorted(keys), OmegaConf.to_container(config.finetune), OmegaConf.to_container(config.evaluate),
+            config.compare.heldout, config.compare.mc]
+    return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()
+
+
+def done_earlier(config, key, keys, out: Path) -> dict | None:
+    """The record an earlier call wrote for the same subset and settings, else None."""
+    path = record_path(out, key)
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") == fingerprint(config, keys):
+            log.info("%s: done earlier, kept", run_name(*key))
+            return record
+    return None
+
+
+def keep(config, key, keys, record: dict, out: Path) -> dict:
+    """`record` with its fingerprint, written where a second call finds it."""
+    record = {**record, "fingerprint": fingerprint(config, keys)}
+    path = record_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def diversity_of(config, scores, rows: dict) -> dict:
+    """What `qgate_diverse` picks with: the text features of every scored row (fitted on them all) and the run's
+    similarity-filter settings."""
+    texts = [row_text(rows[key]["messages"]) if key in rows else "" for key in zip(scores["dataset"], scores["id"])]
+    fit = TextFeatures.fit(texts)
+    s = config.selection
+    return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
+            "threshold": similarity_threshold(s.similarity_threshold, "text"), "pool": s.pool}
+
+
+def comparison_result(section, records: list[dict], base_record: dict, tasks: list[str], direction: str,
+                      n_scored: int, has_mc: bool, skipped: list[str]) -> dict:
+    """The table's rows (mean and interval per strategy and budget) and the gaps of OURS to the others."""
+    summary = summarize(records, base_record, tasks, section.metric)
+    strategies = as_list(section.strategies)
+    versus = [s for s in VERSUS if s in strategies]
+    measure_keys = ["heldout_loss"] + (["mc_acc"] if has_mc else []) + tasks
+    return {"budget": section.budget, "n_scored": n_scored, "q_direction": direction, "metric": section.metric,
+            "tasks": tasks, "mc": has_mc, "base": base_record, "runs": records, "summary": summary,
+            "gaps": [g for ours in OURS if ours in strategies for m in measure_keys
+                     for g in gaps(summary, section.budget, m, versus, ours)],
+            "not_run": skipped}
+
+
+def write_comparison(out: Path, result: dict, command: str) -> str:
+    """`compare.md` (table, gaps, budget curve) and `compare.json`; returns the table and gaps as text."""
+    table, gap_table = format_table(result), format_gaps(result["gaps"])
+    header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, qgate = the run's sorted-on "
+              f"score, {result['q_direction']} first; mean over seeds [95% interval, Student's t]\n\n")
+    plot = plot_budget_curve(result, out / "budget_curve.png")
+    text = ((f"`{command}`\n\n" if command else "") + header + table
+            + "\n\nqgate against the others (combined standard error: seeds and evaluation items)\n\n" + gap_table
+            + (f"\n\n![budget curve]({plot.name})" if plot else "")
+            + (f"\n\nnot run (compare.budget_min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
+    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
+    return header + table + "\n\n" + gap_table
