@@ -17,7 +17,7 @@ from qgate.config import load_config
 from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, sorted_reference
 
 ray = pytest.importorskip("ray")
-from ray_jobs import collect, select
+from ray_jobs import collect, select, select_passes
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -131,7 +131,7 @@ def test_batch_selection_over_two_runs_equals_selection_over_their_union(runs, s
 
 def test_the_cluster_sort_and_the_driver_sort_select_alike(runs, selected_a, tmp_path, monkeypatch):
     """Run A fits the driver sort; the same selection through Ray Data's distributed sort is identical."""
-    monkeypatch.setattr(select, "DRIVER_SORT_ROWS", dict.fromkeys(select.DRIVER_SORT_ROWS, 0))
+    monkeypatch.setattr(select_passes, "DRIVER_SORT_ROWS", dict.fromkeys(select_passes.DRIVER_SORT_ROWS, 0))
     shutil.copytree(runs / "a" / "stats", tmp_path / "stats")
     sorted_by_ray = run_select(tmp_path, "selection.direction=higher", "selection.alpha=1.0")
     assert pq.read_table(sorted_by_ray / "scores.parquet") == pq.read_table(selected_a / "scores.parquet")

@@ -1,0 +1,118 @@
+"""The Ray passes of the select job over the stats shards of one or more directories: one `map_batches` per
+directory as one dataset, the corpus-wide a/b/μ, the sort by score (on the driver when small), and the passes of
+the diversity strategies and of the q + IFD reference sample. The functions they map live in `qgate/selection.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qgate import selection as policy
+from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares
+from qgate.scoring import LayerStats, sorted_reference
+
+# Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
+SCORE_ROWS_PER_PARTITION, LINE_ROWS_PER_PARTITION = 2_000_000, 50_000
+# Passes up to this many rows are sorted on the driver: at most ~20 MB of pass-2 rows, ~100 MB of pass-3 lines.
+DRIVER_SORT_ROWS = {SCORE_ROWS_PER_PARTITION: 200_000, LINE_ROWS_PER_PARTITION: 50_000}
+
+
+def datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kwargs: dict):
+    """One map_batches over the shards of every stats directory, each with its own α spec, as one dataset."""
+    import ray
+
+    parts = []
+    for path, spec in zip(dirs, specs):
+        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        if files:
+            ds = ray.data.read_parquet(files, columns=columns + policy.s_columns(spec))
+            parts.append(ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec, **fn_kwargs}))
+    if not parts:
+        raise FileNotFoundError(f"no stats shards in {', '.join(map(str, dirs))}")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def global_stats(dirs: list[Path], specs: list[dict]) -> LayerStats:
+    partials = datasets(dirs, specs, [], policy.partial_stats, {})
+    merged = None
+    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch.column("partial").to_pylist():
+            part = LayerStats.from_dict(json.loads(text))
+            merged = part if merged is None else merged.merge(part)
+    if merged is None or merged.n == 0:
+        raise ValueError(f"no scored samples in {', '.join(map(str, dirs))}")
+    return merged
+
+
+def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
+    """`ds` sorted by (score, dataset, id), score descending when `higher`: on the driver when it holds at most
+    `DRIVER_SORT_ROWS` rows, else across the cluster in partitions sized by rows, not by blocks."""
+    import ray
+
+    keys, descending = ["score", "dataset", "id"], [higher, False, False]
+    if n_rows <= DRIVER_SORT_ROWS[rows_per_partition]:
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="default")
+        order = pc.sort_indices(table, sort_keys=[(key, "descending" if down else "ascending")
+                                                  for key, down in zip(keys, descending)])
+        return ray.data.from_arrow(table.take(order))
+    ds.context.default_hash_shuffle_parallelism = max(1, math.ceil(n_rows / rows_per_partition))
+    return ds.sort(keys, descending=descending)
+
+
+# ---- diversity strategies ------------------------------------------------------------------------------
+
+
+def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int,
+                   text: bool) -> Clustering:
+    """k-means on the features of a hash-seeded sample of about MAX_FIT_ROWS rows."""
+    fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
+    sample = datasets(dirs, specs, ["id", "dataset", *(["messages"] if text else [])], policy.sampled_rows,
+                      {"fraction": fraction, "seed": seed, "text": text})
+    batches = sample.iter_batches(batch_format="pyarrow", batch_size=None)
+    return policy.fit_sample_clustering(pa.concat_tables(list(batches)), n_clusters, seed)
+
+
+def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: int, path: Path,
+                   n_worst: int) -> dict:
+    """`policy.write_scores` for a diversity strategy: cluster every row, walk them in score order, pick, then write."""
+    s = config.selection
+    text = s.features == "text"
+    clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed), text)
+    features = s.strategy == "similarity_filter"
+    scored = datasets(dirs, specs, [*policy.SCORE_COLUMNS, *(["messages"] if text else [])], policy.clustered_rows,
+                       {**kwargs, "clustering": clustering.to_dict(), "features": features})
+    rows = sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
+    labels, z = [], []
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+        labels.append(batch.column("cluster").to_numpy())
+        if features:
+            z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
+    labels = np.concatenate(labels)  # [N] in score order
+    selected = policy.diverse_pick(labels, np.concatenate(z) if features else None, k, s)
+    scores = policy.write_scores(rows, path, k, n_worst, len(labels), selected=selected,
+                          keep_score=kwargs["ranking"] is not None)
+    scores["clusters"] = cluster_shares(labels, selected, clustering.n_clusters)
+    return scores
+
+
+# ---- the q + IFD reference sample (selection.score=q_ifd) -----------------------------------------------
+
+
+def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Raw q and IFD, each sorted float32, of a hash-seeded sample of about MAX_FIT_ROWS rows (every row when
+    N ≤ MAX_FIT_ROWS); IFD without its nulls."""
+    fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
+    sample = datasets(dirs, specs, ["id", "ifd"], policy.reference_rows, {**kwargs, "fraction": fraction, "seed": seed})
+    table = pa.concat_tables(list(sample.iter_batches(batch_format="pyarrow", batch_size=None)))
+    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", "ifd")}  # [M], [M']
+    if reference["ifd"].size == 0:
+        raise ValueError(f"selection.score=q_ifd: no row of {', '.join(map(str, dirs))} has an IFD")
+    return reference
+
+
