@@ -61,12 +61,13 @@ def keep(config, key, keys, record: dict, out: Path) -> dict:
 
 def diversity_of(config, scores, rows: dict) -> dict:
     """What `qgate_diverse` picks with: the text features of every scored row (fitted on them all) and the run's
-    similarity-filter settings."""
+    similarity-filter settings (its threshold when the run compared text, else the text default)."""
     texts = [row_text(rows[key]["messages"]) if key in rows else "" for key in zip(scores["dataset"], scores["id"])]
     fit = TextFeatures.fit(texts)
     s = config.selection
+    threshold = s.similarity_threshold if s.features == "text" else None
     return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
-            "threshold": similarity_threshold(s.similarity_threshold, "text"), "pool": s.pool}
+            "threshold": similarity_threshold(threshold, "text"), "pool": s.pool}
 
 
 def comparison_result(section, records: list[dict], base_record: dict, tasks: list[str], direction: str,

@@ -301,6 +301,19 @@ def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
     assert "qgate_diverse − random" in comparison.format_gaps(gap_rows)
 
 
+def test_qgate_diverse_compares_text_with_the_text_threshold():
+    from qgate.compare_runs import diversity_of
+
+    scores = pd.DataFrame({"dataset": "toy", "id": ["a", "b"]})
+    rows = {("toy", "a"): {"messages": [{"role": "user", "content": "alpha beta"}]},
+            ("toy", "b"): {"messages": [{"role": "user", "content": "gamma delta"}]}}
+    gates_run = load_config(["selection.features=gates", "selection.similarity_threshold=0.95"])
+    text_run = load_config(["selection.features=text", "selection.similarity_threshold=0.9"])
+    assert diversity_of(gates_run, scores, rows)["threshold"] == 0.8  # a gates threshold is not a text one
+    assert diversity_of(text_run, scores, rows)["threshold"] == 0.9
+    assert diversity_of(text_run, scores, rows)["features"].shape == (2, 256)
+
+
 def toy_mc(topics=HELD_OUT_TOPICS) -> list[dict]:
     items = []
     for i, topic in enumerate(topics):
