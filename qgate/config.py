@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qgate.diversity import FEATURES, STRATEGIES
 from qgate.settings import Settings
 
 
@@ -54,8 +55,8 @@ CHOICES = {
     "gate.summary": ("auto", True, False),
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
-    "selection.strategy": ("top_k", "cluster_round_robin", "similarity_filter"),
-    "selection.features": ("gates", "text"),
+    "selection.strategy": STRATEGIES,
+    "selection.features": FEATURES,
     "selection.direction": ("auto", "higher", "lower"),
     "selection.score": ("auto", "q", "q_ifd"),
 }
