@@ -1,7 +1,13 @@
 import os
 
-import pytest
-import torch
+# Every test sees the same CPU, whatever this machine has: kernels capped at AVX2, so `autocast=auto` is float32
+# and figures compared across runs, workers and processes do not depend on the machine (set before torch loads;
+# Ray workers and subprocesses inherit it).
+os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
