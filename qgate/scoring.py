@@ -289,6 +289,16 @@ def auroc(scores, labels) -> float:
     return float(roc_auc_score(labels.astype(int), scores))
 
 
+def auroc_of_pairs(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """AUROC of each row's positives `pos` [B, P] against its negatives `neg` [B, M], ties counted half: the
+    Mann-Whitney U of midranks, all rows at once (what `auroc` gives row by row, without B calls)."""
+    from scipy.stats import rankdata
+
+    n_pos, n_neg = pos.shape[1], neg.shape[1]
+    ranks = rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # [B, P+M], ties share their mean rank
+    return (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)  # [B]
+
+
 def percentile_of(q_values_sorted, q):
     """Fraction of the corpus whose q is strictly below `q` (scalar or array); NaN for a NaN q.
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from qgate.corruption import corrupt_samples
 from qgate.data import read_jsonl
 from qgate.run_dir import RunDir
-from qgate.scoring import LayerStats, auroc, blend_q_ifd, quality_scores, sorted_reference
+from qgate.scoring import LayerStats, auroc, auroc_of_pairs, blend_q_ifd, quality_scores, sorted_reference
 
 log = logging.getLogger("qgate.selfcheck")
 
@@ -100,8 +100,8 @@ def auroc_interval(scores: np.ndarray, labels: np.ndarray, n: int = BOOTSTRAP,
     pos, neg = scores[finite & (labels == 1)], scores[finite & (labels == 0)]  # [P], [M]
     if len(pos) < 2 or len(neg) < 2:
         return None
-    rng, labels_b = np.random.default_rng(seed), np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    values = [auroc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], labels_b) for _ in range(n)]
+    rng = np.random.default_rng(seed)
+    values = auroc_of_pairs(rng.choice(pos, (n, len(pos))), rng.choice(neg, (n, len(neg))))  # [n]
     lo, hi = np.percentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]
 

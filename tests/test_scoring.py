@@ -10,6 +10,7 @@ import pytest
 from qgate.scoring import (
     LayerStats,
     auroc,
+    auroc_of_pairs,
     blend_q_ifd,
     layer_scores,
     one_step_mapping,
@@ -283,6 +284,15 @@ def test_auroc_matches_pair_count(seed):
     labels[:2] = [0, 1]
     scores = rng.integers(0, 8, size=n) + 0.3 * labels  # many ties
     assert auroc(scores, labels) == pytest.approx(_brute_force_auroc(scores, labels), abs=1e-12)
+
+
+def test_auroc_of_pairs_is_the_pair_count_of_each_row():
+    rng = np.random.default_rng(7)
+    pos, neg = rng.integers(0, 6, size=(20, 9)) + 0.5, rng.integers(0, 6, size=(20, 13)).astype(float)  # ties
+    pos[:, :3] = neg[:, :3]  # exact ties across the classes
+    labels = np.r_[np.ones(9), np.zeros(13)]
+    expected = [_brute_force_auroc(np.r_[p, n], labels) for p, n in zip(pos, neg)]
+    np.testing.assert_allclose(auroc_of_pairs(pos, neg), expected, atol=1e-12)
 
 
 def test_auroc_extremes_and_errors():
