@@ -75,6 +75,40 @@ def shared_finished_run(tmp_path_factory):
             ray.shutdown()
 
 
+# One `qgate pipeline` run every stage of, on a tiny model, for the tests that read it (the pipeline command, the
+# self-check job) or work on a copy of it (run consistency). Held-out self-check kinds: warmup trains on two.
+TINY_PIPELINE_ROWS = 80
+TINY_PIPELINE = ["model=tiny-qwen3", "steps=2", "warmup.batch_size=2", "warmup.checkpoint_every=1",
+                 "max_length=256", "collect.actors=1", "selfcheck.rows=24", "selfcheck.min_rows=5",
+                 "selfcheck.strict=false", "selection_percentage=0.25", "gate.contrast=true",
+                 "warmup.negative_kinds=[word_shuffle,truncate]", "warmup.warmup_fraction=0.5",
+                 "selection.score=q_ifd"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory):
+    """(config, corpus) of a finished `qgate pipeline` over an 80-row demo corpus (20% planted), built once per
+    session under a Ray of its own. Tests that write into a run work on a copy of `config.out`."""
+    import ray
+
+    from qgate.config import load_config
+    from qgate.demo_corpus import build_demo_corpus
+    from ray_jobs.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    corpus = build_demo_corpus(root / "corpus", n_rows=TINY_PIPELINE_ROWS, seed=0, noise_fraction=0.2)
+    args = [f"data={corpus['data_dir']}", f"out={root / 'run'}", *TINY_PIPELINE]
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray()
+    try:
+        main(["pipeline", *args])
+    finally:
+        if started:
+            ray.shutdown()
+    return load_config(args, recorded=root / "run" / "config.yaml"), corpus
+
+
 # ---- a finished tiny run, for the HTTP tests -----------------------------------------------------
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "python", "list", "string", "function",

@@ -50,12 +50,10 @@ def assert_complete_run(out: Path, n_rows: int, fraction: float, selfcheck: bool
     return stats
 
 
-@pytest.mark.timeout(600)
-def test_pipeline_command_runs_every_stage(ray_local, corpus, tmp_path):
-    from ray_jobs.cli import main
-
-    out = tmp_path / "run"
-    main(["pipeline", *tiny_args(corpus["data_dir"], out), "gate.contrast=true"])
+@pytest.mark.timeout(900)
+def test_pipeline_command_runs_every_stage(tiny_pipeline_run):
+    config, corpus = tiny_pipeline_run
+    out = Path(config.out)
     assert_complete_run(out, corpus["n_rows"], 0.25)
     assert set(json.loads((out / "logs" / "timings.json").read_text())) == {
         "warmup", "collect", "selfcheck", "select"}

@@ -31,12 +31,12 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, corpus, tmp_path_factory) -> Path:
-    """A whole tiny run at max_length 256."""
+def run(tiny_pipeline_run, ray_local, tmp_path_factory) -> Path:
+    """A copy of the session's whole tiny run (max_length 256, 2 warmup steps, a checkpoint each): these tests
+    write into it."""
+    config, _ = tiny_pipeline_run
     out = tmp_path_factory.mktemp("consistency") / "run"
-    main(["pipeline", f"data={corpus['data_dir']}", f"out={out}", "model=tiny-qwen3", "steps=2",
-          "warmup.batch_size=2", "warmup.checkpoint_every=1", "max_length=256", "collect.actors=1",
-          "selfcheck.rows=12", "selfcheck.strict=false", "selection_percentage=0.3"])
+    shutil.copytree(config.out, out)
     return out
 
 
@@ -92,7 +92,7 @@ def test_every_stage_refuses_stats_of_gates_replaced_since(run, other_gates, tmp
     run again outside the run's config): collect, self-check and select refuse the stats of the old gates."""
     moved = tmp_path / "moved"
     shutil.copytree(run, moved, ignore=shutil.ignore_patterns("warmup"))
-    assert recorded(moved)["out"] == str(run)  # each stage works on the out it is given
+    assert recorded(moved)["out"] != str(moved)  # stale: each stage works on the out it is given
     shutil.rmtree(moved / "gates")
     shutil.copytree(other_gates, moved / "gates")
     for stage in ("collect", "selfcheck", "select"):
@@ -119,11 +119,12 @@ def test_warmup_refuses_to_resume_under_another_lr_or_past_its_steps(run):
     config = load_config([f"out={run}"], recorded=run / "config.yaml")
     assert (run / "warmup" / "settings.json").exists()
     with pytest.raises(IdentityMismatch, match=r"warmup\.lr"):
-        warmup.run(load_config(["warmup.lr=0.05", "steps=3"], recorded=run / "config.yaml"))
+        warmup.run(load_config([f"out={run}", "warmup.lr=0.05", "steps=3"], recorded=run / "config.yaml"))
     with pytest.raises(IdentityMismatch, match=r"loss\.quality_loss_weight"):
-        warmup.run(load_config(["loss.quality_loss_weight=1.0", "steps=3"], recorded=run / "config.yaml"))
+        warmup.run(load_config([f"out={run}", "loss.quality_loss_weight=1.0", "steps=3"],
+                               recorded=run / "config.yaml"))
     with pytest.raises(ValueError, match="past warmup.steps=1"):
-        warmup.run(load_config(["steps=1"], recorded=run / "config.yaml"))
+        warmup.run(load_config([f"out={run}", "steps=1"], recorded=run / "config.yaml"))
     assert config.warmup.steps == 2
 
 

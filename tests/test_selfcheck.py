@@ -188,23 +188,18 @@ def test_copies_keep_their_source_and_kind():
 
 
 @pytest.mark.timeout(900)
-def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(ray_local, tmp_path, monkeypatch):
+def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(tiny_pipeline_run, ray_local,
+                                                                             monkeypatch):
     import json
+    from pathlib import Path
 
     import pyarrow.parquet as pq
 
-    from qgate.config import load_config
     from qgate.data import read_jsonl
-    from ray_jobs import pipeline
     from ray_jobs import selfcheck as job
 
-    corpus = build_demo_corpus(tmp_path / "corpus", n_rows=80, seed=0)
-    out = tmp_path / "run"
-    config = load_config([f"data={corpus['data_dir']}", f"out={out}", "model=tiny-qwen3", "steps=2",
-                          "warmup.batch_size=2", "max_length=64", "collect.actors=1", "selfcheck.rows=24",
-                          "selfcheck.min_rows=5", "warmup.negative_kinds=[word_shuffle,truncate]",
-                          "warmup.warmup_fraction=0.5", "selection.score=q_ifd"])
-    pipeline.run(config)
+    config, _ = tiny_pipeline_run  # warmup on word_shuffle and truncate; selected by q_ifd
+    out = Path(config.out)
     check = json.loads((out / "selfcheck" / "selfcheck.json").read_text())
     warm = {(r["dataset"], r["id"]) for r in read_jsonl(str(out / "gates" / "warmup_rows.jsonl"))}
     assert check["warmup_rows_left_out"] == len(warm) > 20
