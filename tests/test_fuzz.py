@@ -2,7 +2,8 @@
 
 First the four lines that each used to kill a whole job (deeply nested brackets, a 5,000-digit number, a lone
 surrogate escape, a 1 MB response), then one row's failure inside a batch (a forward pass that raises, a
-non-finite score), then a seeded fuzz corpus of >1,000 hostile lines of 40 kinds through the real pipeline.
+non-finite score), then a seeded fuzz corpus of >1,000 hostile lines of 40 kinds through the real pipeline, submitted to a
+`ray start --head` cluster with `ray job submit`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fuzz_corpus import MB, build_fuzz_corpus
+from ray_head import ray_head, submit  # noqa: F401 (ray_head: a fixture)
 
 from qgate.data import iter_file_rows, read_jsonl, reject_record
 
@@ -176,19 +178,24 @@ def outcomes(out) -> tuple[dict, Counter]:
 
 
 @pytest.mark.timeout(900)
-def test_fuzz_corpus_through_the_pipeline(ray_local, tmp_path, capsys):
-    from qgate.config import load_config
-    from ray_jobs.pipeline import run
+def test_fuzz_corpus_through_the_pipeline_under_ray_job_submit(ray_head, tmp_path, capsys):
+    """The whole pipeline as a user submits it to a cluster (`ray job submit` against `ray start --head`)."""
+    from test_pipeline import assert_complete_run
 
     corpus = build_fuzz_corpus(tmp_path / "data", seed=0, n_lines=1000)
     expected, out = corpus["expected"], tmp_path / "run"
     assert len(expected) >= 1000 and len({kind for kind, _ in expected.values()}) >= 25
     start = time.perf_counter()
-    run(load_config([f"data={tmp_path / 'data'}", f"out={out}", "model=tiny-qwen3", "steps=2", "max_length=64",
-                     "warmup.batch_size=2", "warmup.max_rows=40", "warmup.checkpoint_every=2", "collect.actors=1",
-                     "selfcheck.rows=10", "selection_percentage=0.25"]))
+    env, address = ray_head
+    job = submit(address, env, [f"data={tmp_path / 'data'}", f"out={out}", "model=tiny-qwen3", "steps=2",
+                                "max_length=64", "warmup.batch_size=2", "warmup.max_rows=40",
+                                "warmup.checkpoint_every=2", "collect.actors=1", "selfcheck.rows=10",
+                                "selection_percentage=0.25"])
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()
     seconds = time.perf_counter() - start
     seen, counts = outcomes(out)
+    assert_complete_run(out, len(seen), 0.25)
     assert not [key for key, n in counts.items() if n > 1]  # none counted twice
     missing = [(key, expected[key][0]) for key in expected if key not in seen]
     assert not missing  # none lost

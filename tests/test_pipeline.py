@@ -2,16 +2,11 @@
 real SmolLM2-135M-Instruct with real text."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
@@ -19,8 +14,6 @@ from safetensors.torch import load_file
 from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -66,86 +59,6 @@ def test_pipeline_command_runs_every_stage(tiny_pipeline_run):
     q = {r["id"]: r["q"] for r in pq.read_table(out / "selection" / "scores.parquet", columns=["id", "q"]).to_pylist()}
     served = CorpusScorer.from_run_dir(out).score([{"messages": row["messages"]}])[0]
     assert served["q"] == pytest.approx(q[row["id"]], rel=1e-3, abs=1e-6)
-
-
-def _ray(*args, env, timeout=120):
-    return subprocess.run([str(VENV_BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-
-
-# Fixed ports of their own: the local Ray of the other tests in this module holds the defaults (52365, …), and a
-# head whose dashboard agent cannot bind takes no jobs.
-AGENT_PORTS = ["--dashboard-agent-listen-port=52395", "--dashboard-agent-grpc-port=52396",
-               "--runtime-env-agent-port=52397", "--metrics-export-port=52398", "--ray-client-server-port=6391"]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real `ray start --head --block` on loopback, auth disabled on cluster and client alike. Stopped through
-    its process group: `ray stop` would stop every Ray on the machine, this test process's own included."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "RAY_ADDRESS": ""}
-    port, dashboard = "6390", "8275"
-    temp_dir = tempfile.mkdtemp(prefix="qg", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    log = (tmp_path / "ray_head.log").open("w")
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}", *AGENT_PORTS], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        wait_until_serving(f"{address}/api/version", head, tmp_path / "ray_head.log")
-        yield env, address
-    finally:
-        stop_process_group(head)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"ray start exited: {log_path.read_text()[-2000:]}"
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise AssertionError(f"{url} not up after {timeout_s} s: {log_path.read_text()[-2000:]}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM (Ray's --block shuts its processes down), then SIGKILL whatever of the group is left."""
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # workers the raylet left behind
-    except ProcessLookupError:
-        pass
-
-
-@pytest.mark.timeout(900)
-def test_pipeline_under_ray_job_submit(ray_head, corpus, tmp_path):
-    env, address = ray_head
-    out = tmp_path / "run"
-    for _ in range(12):  # the head's job agent registers a few seconds after its dashboard answers
-        job = _ray("job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-                   "python", "-m", "ray_jobs.pipeline", *tiny_args(corpus["data_dir"], out),
-                   "stages=[warmup,collect,select]", "selection.direction=higher", env=env, timeout=840)
-        if "No available agent" not in job.stderr:
-            break
-        time.sleep(5.0)
-    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-    assert "succeeded" in (job.stdout + job.stderr).lower()
-    assert_complete_run(out, corpus["n_rows"], 0.25, selfcheck=False)  # the self-check runs in the tests above
 
 
 @pytest.mark.slow
