@@ -12,7 +12,7 @@ product's own pieces called in one process. On a machine without network, `--sco
    the random-init target), unless `out/manifest.json` is there.
 2. warmup: the settings of `qgate.config.load_config` (with `key=value` overrides), the rows of
    `qgate.warmup_rows` (a seeded sample, each with its corrupted copies), the default gates on the frozen scorer
-   model, AdamW on the gates, one `warmup_batch` and `train_step` per step.
+   model, the product's loop in this process (`qgate.warmup_loop.warm_up_alone`).
 3. scores: every corpus row through `qgate.stats.Scorer` (S per α, IFD, response NLL); q at `selection.alpha`
    against the corpus's a/b/μ; the self-check of `qgate.selfcheck` on rows warmup never saw and copies of kinds it
    never used, which sets q's direction; the score sorted on: the q + IFD blend (`--score q_ifd`, ranked against
@@ -63,13 +63,13 @@ from qgate.data import iter_file_rows, list_input_files, read_jsonl
 from qgate.encoding import encode_row
 from qgate.facts_corpus import build_facts_corpus
 from qgate.finetune import LoraSettings, evaluate_model, train
-from qgate.gate import GateSet, attach_gates, freeze_backbone
+from qgate.gate import GateSet, attach_gates
 from qgate.models import autocast_dtype, load_model, load_tokenizer
 from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, selection_count, sorted_reference
 from qgate.selection import resolve_score
 from qgate.stats import Scorer
-from qgate.training import WarmupLossConfig, train_step
-from qgate.warmup_loop import gate_kwargs, warmup_batch
+from qgate.training import WarmupLossConfig
+from qgate.warmup_loop import gate_kwargs, warm_up_alone
 from qgate.warmup_rows import encode_items, sample_rows, shard_items
 
 BUDGET, CURVE = 0.3, [0.1, 0.5]
@@ -151,14 +151,10 @@ def warm_up(config, model, tokenizer, device: torch.device) -> tuple[GateSet, li
         raise ValueError(f"{len(items)} warmup rows for batches of {w.batch_size}: {dict(counts)}")
     shard = shard_items(items, w.batch_size, 1)[0]
     gates = attach_gates(model, **gate_kwargs(config))
-    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=w.lr, weight_decay=w.weight_decay)
-    loss, dtype = WarmupLossConfig(**as_dict(config.loss)), autocast_dtype(config.autocast, device.type)
-    steps = []
-    for step in range(1, w.steps + 1):
-        batch = warmup_batch(shard, step, w.batch_size, config.seed, tokenizer.pad_token_id, config.gate.contrast)
-        steps.append(train_step(model, optimizer, batch, loss, dtype))
-        if step == 1 or step % 25 == 0 or step == w.steps:
-            say(f"warmup step {step}/{w.steps} loss {steps[-1]['loss']:.4f}")
+    steps = warm_up_alone(model, shard, WarmupLossConfig(**as_dict(config.loss)), steps=w.steps,
+                          batch_size=w.batch_size, lr=w.lr, pad_id=tokenizer.pad_token_id, seed=config.seed,
+                          weight_decay=w.weight_decay, contrast=config.gate.contrast, autocast=config.autocast)
+    say(f"warmup: {w.steps} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
     return gates, rows, {"rows": dict(counts), "first": steps[0], "last": steps[-1]}
 
 

@@ -12,8 +12,8 @@ No recipe choice was made on them; warmup rows come from the rest, sampled afres
 Protocol: the registered corruption kinds are rotated into `--folds` groups, each mixing fluent kinds (wrong or
 swapped answers, echoes, refusals, cuts) and format kinds (shuffles, noise, residue, loops). Per fold and seed,
 fresh gates of the product's recipe (probe, contrast + evidence + summary, BCE on corrupted copies, α 0) warm up
-with `qgate.training.train_step` on copies of the other kinds only, then score the test originals and copies:
-two thirds of the originals get a copy of a left-out kind (the headline), one third a copy of a warmup kind
+in the product's loop (`qgate.warmup_loop.warm_up_alone`) on copies of the other kinds only, then score the test
+originals and copies: two thirds of the originals get a copy of a left-out kind (the headline), one third a copy of a warmup kind
 (reported apart). Every AUROC has a stratified-bootstrap 95% interval. Baselines (response PPL, IFD) come from
 the same forward passes; `q+IFD` is the product's rank blend. A run starts no new fold after --budget-min
 minutes; rerun the same command with the same --cache to go on.
@@ -115,8 +115,7 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     start = time.perf_counter()
     gates = attach(model, RECIPE, seed)
     try:
-        warm_up(model, tokenizer.pad_token_id, Splits(rng.sample(warm, len(warm)), copies, rows), RECIPE,
-                args.steps, args)
+        warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), RECIPE, args.steps, args, seed)
         stats = score(model, tokenizer, gates, rows, True, args)
     finally:
         gates.remove()

@@ -10,8 +10,8 @@ scorers already done and the last run prints the whole table.
 Clean demo rows (real text) are split into a warmup part and a disjoint evaluation part. Evaluation = its
 originals + one corrupted copy of each, kinds taken round-robin over the warmup kinds and the held-out kinds
 (labels kept in memory, never in the rows). Per variant, fresh gates are warmed up in-process with
-`qgate.training.train_step` on the warmup rows (negatives variants: each batch also holds corrupted copies of
-its rows, warmup kinds only), then the evaluation rows are scored with `Scorer` (α 0, 0.5, 1, 2 in one pass).
+the product's loop (`qgate.warmup_loop.warm_up_alone`) on the warmup rows (negatives variants: each batch also
+holds corrupted copies of its rows, warmup kinds only), then the evaluation rows are scored with `Scorer` (α 0, 0.5, 1, 2 in one pass).
 Metrics: AUROC of q (clean = positive, higher q = clean) overall, on the warmup kinds and on the held-out
 kinds, and precision@k (share of clean rows among the top 30% by q). Baselines come from one pass of the
 base model on the same rows. The "best" variant (highest overall AUROC at α=1 among the first group) then
@@ -33,14 +33,14 @@ from results import arg_parser, emit, table
 from selection_metrics import TOP_FRACTION, bootstrap_delta, metrics, rank_average
 
 from qgate.corruption import DEFAULT_HELDOUT_KINDS, DEFAULT_WARMUP_KINDS, corrupt_samples
-from qgate.gate import attach_gates, freeze_backbone
-from qgate.models import load_model, load_tokenizer
+from qgate.gate import attach_gates
+from qgate.models import AUTOCAST, autocast_dtype, load_model, load_tokenizer
 from qgate.scoring import quality_scores
 from qgate.stats import Scorer
-from qgate.training import WarmupLossConfig, collate, train_step
+from qgate.training import WarmupLossConfig
+from qgate.warmup_loop import warm_up_alone
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0)
-AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -155,25 +155,21 @@ def attach(model, variant: Variant, seed: int):
                         evidence=variant.evidence, summary=variant.summary, **bias)
 
 
-def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args) -> list[dict]:
-    """Trains the attached gates for `steps`; returns the loss parts of each step."""
-    lr = args.lr if variant.lr is None else variant.lr
-    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=lr, weight_decay=0.0)
-    cfg = WarmupLossConfig(quality_loss_type=variant.loss, negatives_weight=1.0 if variant.negatives else 0.0,
-                           quality_loss_weight=variant.quality_weight, negatives_alpha=variant.alpha)
-    log, n = [], len(splits.warmup)
-    for step in range(steps):
-        batch = [splits.warmup[(step * args.batch_size + i) % n] for i in range(args.batch_size)]
-        if variant.negatives:
-            batch += [splits.copies[r["id"]] for r in batch if r["id"] in splits.copies]
-        batch = collate(batch, pad_id, contrast=variant.contrast)
-        log.append(train_step(model, optimizer, batch, cfg, AUTOCAST[args.autocast]))
-    return log
+def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:
+    """Trains the attached gates for `steps` with the product's loop (`qgate.warmup_loop.warm_up_alone`: its
+    batches, step and metrics); returns the metrics of each step."""
+    loss = WarmupLossConfig(quality_loss_type=variant.loss, negatives_weight=1.0 if variant.negatives else 0.0,
+                            quality_loss_weight=variant.quality_weight, negatives_alpha=variant.alpha)
+    negatives = splits.copies if variant.negatives else {}
+    shard = [{**row, "negatives": [negatives[row["id"]]] if row["id"] in negatives else []} for row in splits.warmup]
+    return warm_up_alone(model, shard, loss, steps=steps, batch_size=args.batch_size,
+                         lr=args.lr if variant.lr is None else variant.lr, pad_id=pad_id, seed=seed,
+                         contrast=variant.contrast, autocast=args.autocast)
 
 
 def score(model, tokenizer, gates, rows: list[dict], ifd: bool, args) -> list[dict]:
     scorer = Scorer(model, tokenizer, gates, alphas=ALPHAS, ifd=ifd, max_batch_tokens=args.max_batch_tokens,
-                    autocast_dtype=AUTOCAST[args.autocast])
+                    autocast_dtype=autocast_dtype(args.autocast, next(model.parameters()).device.type))
     return scorer.score(rows)
 
 
@@ -184,7 +180,7 @@ def warm_and_score(model, tokenizer, splits: Splits, variant: Variant, args,
     start = time.perf_counter()
     gates = attach(model, variant, seed)
     try:
-        log = warm_up(model, tokenizer.pad_token_id, splits, variant, steps, args)
+        log = warm_up(model, tokenizer.pad_token_id, splits, variant, steps, args, seed)
         warm_s = time.perf_counter() - start
         stats = score(model, tokenizer, gates, splits.evaluation, False, args)
     finally:
@@ -265,7 +261,8 @@ def add_settings(parser, budget_min: float) -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
-    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="bf16", help="dtype of the matmuls")
+    parser.add_argument("--autocast", choices=AUTOCAST, default="auto",
+                        help="dtype of the matmuls (auto: bf16 on CUDA and on CPUs that multiply it natively)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 wins on a shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)

@@ -72,6 +72,24 @@ def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optim
     return state
 
 
+def warm_up_alone(model: nn.Module, shard: list[dict], loss: WarmupLossConfig, *, steps: int, batch_size: int,
+                  lr: float, pad_id: int, seed: int = 0, weight_decay: float = 0.0, contrast: bool = False,
+                  autocast: str = "auto", report_every: int = 1) -> list[dict]:
+    """`run_steps` in this process, without Ray or DDP (a benchmark, a GPU machine): AdamW over the gates already
+    attached to `model`, the product's batches of `shard` (items with their `negatives`), step and metrics;
+    returns the metrics history, one entry every `report_every` steps."""
+    from qgate.gate import freeze_backbone
+
+    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=lr, weight_decay=weight_decay)
+    cfg = {"steps": steps, "batch_size": batch_size, "seed": seed, "pad_id": pad_id, "autocast": autocast,
+           "gate": {"contrast": contrast}, "report_every": report_every, "checkpoint_every": steps,
+           "fail_at_step": 0, "fail_marker": ""}
+    state = {"step": 0, "start_step": 0, "history": []}
+    run_steps(cfg, shard, state, model.qgate_gates, WarmupObjective(model, loss), optimizer,
+              next(model.parameters()).device, 0, lambda metrics, save: None)
+    return state["history"]
+
+
 def maybe_fail(cfg: dict, rank: int, step: int) -> None:
     """The injected failure of the tests: rank 0 raises at `fail_at_step`, once (until its marker file exists)."""
     marker = cfg["fail_marker"]

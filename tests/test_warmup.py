@@ -129,6 +129,30 @@ def test_one_worker_writes_gates_that_load_and_moved(one_worker):
     assert (one_worker["out"] / "logs" / "warmup.log").exists()
 
 
+def test_the_loop_without_ray_trains_the_gates_ray_train_trains(one_worker, corpus, tmp_path):
+    """`warm_up_alone` (what the benchmarks and the GPU recipe run) on the same rows: the gates of one Ray Train
+    worker, and the same metrics step by step."""
+    from qgate.config import as_dict
+    from qgate.models import load_tokenizer
+    from qgate.training import WarmupLossConfig
+    from qgate.warmup_loop import gate_kwargs, warm_up_alone
+    from qgate.warmup_rows import warmup_items
+
+    cfg = config(corpus, tmp_path)
+    tokenizer = load_tokenizer(cfg.model)
+    _, items, _ = warmup_items(cfg, tokenizer)
+    model = tiny_model("tiny-qwen3")
+    attach_gates(model, **gate_kwargs(cfg))
+    history = warm_up_alone(model, shard_items(items, cfg.warmup.batch_size, 1)[0],
+                            WarmupLossConfig(**as_dict(cfg.loss)), steps=cfg.warmup.steps,
+                            batch_size=cfg.warmup.batch_size, lr=cfg.warmup.lr, pad_id=tokenizer.pad_token_id,
+                            seed=cfg.seed, weight_decay=cfg.warmup.weight_decay, contrast=cfg.gate.contrast,
+                            autocast=cfg.autocast)
+    assert max_diff(model.qgate_gates.state_dict(), one_worker["gates"]) < 1e-5
+    assert [m["negatives"] for m in history] == pytest.approx([m["negatives"] for m in one_worker["history"]],
+                                                              abs=1e-5)
+
+
 def test_two_workers_stay_in_sync_and_match_one_worker(one_worker, two_workers):
     """Also after the injected failure: the resumed attempt replays the same batches with the restored optimizer."""
     checksums = two_workers["meta"]["final_metrics"]["gate_checksums"]
