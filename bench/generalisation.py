@@ -35,7 +35,7 @@ from demo_rows import clean_rows, encoded
 from planted_noise import ALPHAS, Splits, Variant, attach, copies_of, score, warm_up, with_labels
 from results import command_line, table
 
-from qgate.corruption import CORRUPTIONS
+from qgate.corruption import CORRUPTIONS, compose_copies
 from qgate.model_negatives import answer_elsewhere
 from qgate.models import load_model, load_tokenizer
 from qgate.scoring import auroc, blend_q_ifd, quality_scores, sorted_reference
@@ -87,14 +87,6 @@ def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str]
     return [{**r, "left_out": r["corruption"] in left_out} for r in rows]
 
 
-def composed_copies(rows: list[dict], kinds: list[str], seed: int) -> list[dict]:
-    """One copy per row; every other one has a second kind applied on top of the first (more diverse negatives)."""
-    first = copies_of(rows, kinds, seed)
-    twice = copies_of([{**c, "id": c["source_id"]} for c in first[::2]], kinds[1:] + kinds[:1], seed + 7)
-    by_source = {c["source_id"]: c for c in first} | {c["source_id"]: c for c in twice}
-    return list(by_source.values())
-
-
 # ---- one fold ------------------------------------------------------------------------------------
 
 
@@ -105,7 +97,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     train = [r for name in CORPORA for r in rng.sample(pools[name], min(args.train_rows, len(pools[name])))]
     enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)
     warm = with_labels(enc(train), clean=True)
-    made = composed_copies(train, warm_kinds, seed) if args.compose else copies_of(train, warm_kinds, seed)
+    made = copies_of(train, warm_kinds, seed)
+    made = compose_copies(made, warm_kinds, seed, 0.5) if args.compose else made
     if args.model_negatives:  # a share of the rows get the model's own answer to another prompt instead
         chosen = random.Random(f"{seed}/model").sample(train, round(args.model_negatives * len(train)))
         own = {c["source_id"]: c for c in answer_elsewhere(chosen, model, tokenizer, seed)}
@@ -204,8 +197,8 @@ def parse(argv):
     parser.add_argument("--budget-min", type=float, default=45.0)
     parser.add_argument("--cache", help="JSON of finished folds; rerun the same command to go on")
     parser.add_argument("--out", help="write the report (markdown) here")
-    parser.add_argument("--compose", action="store_true",
-                        help="half the warmup copies carry two kinds, one applied on the other")
+    parser.add_argument("--compose", action="store_true", help="half the warmup copies carry two kinds, one "
+                        "applied on the other (qgate.corruption.compose_copies)")
     parser.add_argument("--model-negatives", type=float, default=0.0,
                         help="share of the warmup copies replaced by the model's own answer to another prompt")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")

@@ -138,6 +138,27 @@ def corrupt_samples(samples: Sequence[dict], kinds: Sequence[str], seed: int, pe
     return out
 
 
+def compose_copies(copies: Sequence[dict], kinds: Sequence[str], seed: int, share: float,
+                   pool: Sequence[dict] | None = None) -> list[dict]:
+    """`copies` (of `corrupt_samples`) where an evenly spread `share` of them carry a second kind on top of their
+    first, another one than the first, taken round-robin: more varied negatives, with mixes of faults warmup never
+    shows apart. A composed copy keeps its `source_id` and names both kinds in `corruption` ("a+b"). `pool`
+    (default: `copies`) supplies the responses that the swapping kinds draw from."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    kinds, pool = _checked_kinds(kinds), copies if pool is None else pool
+    chosen = [i for i in range(len(copies)) if int((i + 1) * share) > int(i * share)]
+    out = list(copies)
+    for n, i in enumerate(chosen):
+        first, start = copies[i], n % len(kinds)
+        order = [k for k in kinds[start:] + kinds[:start] if k != first["corruption"]]
+        again = corrupt_samples([first], order, seed + 7 + n, pool=pool) if order else []
+        if again:
+            out[i] = {**again[0], "id": f"{first['id']}~{again[0]['corruption']}", "source_id": first["source_id"],
+                      "corruption": f"{first['corruption']}+{again[0]['corruption']}"}
+    return out
+
+
 def _checked_kinds(kinds: Sequence[str]) -> list[str]:
     kinds = list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in CORRUPTIONS]

@@ -84,7 +84,8 @@ def _sample_key(seed: int, row: dict) -> int:
 
 
 def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter) -> list[dict]:
-    """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`.
+    """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`; a
+    `warmup.compose_share` of the copies carry two kinds.
 
     With negatives on, an original whose copy cannot be made or encoded is left out (`no_negative`), so every
     batch holds as many copies as originals and the loss averages the same way on any number of workers.
@@ -93,11 +94,14 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
     kept = [(row, enc) for row, enc in zip(rows, encoded) if enc is not None]
     if config.loss.negatives_weight <= 0:
         return [{**enc, "negatives": []} for _, enc in kept]
-    from qgate.corruption import corrupt_samples
+    from qgate.corruption import compose_copies, corrupt_samples
 
     indexed = [{**row, "id": str(i)} for i, (row, _) in enumerate(kept)]  # ids may repeat across datasets
-    by_source = {}
-    for copy in corrupt_samples(indexed, list(config.warmup.negative_kinds), config.seed):
+    kinds, by_source = list(config.warmup.negative_kinds), {}
+    copies = corrupt_samples(indexed, kinds, config.seed)
+    if config.warmup.compose_share > 0:
+        copies = compose_copies(copies, kinds, config.seed, float(config.warmup.compose_share), pool=indexed)
+    for copy in copies:
         enc = _encoded(config, tokenizer, {**copy, "reason": ""}, counts, clean=0.0, prefix="negative_reject:")
         if enc is not None:
             by_source.setdefault(int(copy["source_id"]), []).append(enc)

@@ -9,6 +9,7 @@ from qgate.corruption import (
     POOL_SCOPES,
     REFUSALS,
     apply_corruption,
+    compose_copies,
     corrupt_samples,
     prompt_of,
     register,
@@ -139,6 +140,28 @@ def test_corrupt_samples_round_robin_uses_every_kind():
     kinds = list(DEFAULT_WARMUP_KINDS) + list(DEFAULT_HELDOUT_KINDS)
     copies = corrupt_samples(samples, kinds, seed=0)
     assert len(copies) == 20 and {c["corruption"] for c in copies} == set(kinds)
+
+
+def test_composed_copies_carry_two_different_kinds_on_half_the_copies():
+    samples = [{"id": f"r{i}", "dataset": "d", "messages": _messages(f"Question {i}?", RESPONSE + f" ({i})")}
+               for i in range(12)]
+    kinds = ["word_shuffle", "char_noise", "truncate", "response_swap"]
+    copies = corrupt_samples(samples, kinds, seed=0)
+    composed = compose_copies(copies, kinds, seed=0, share=0.5, pool=samples)
+    assert [c["source_id"] for c in composed] == [c["source_id"] for c in copies]
+    twice = [(first, c) for first, c in zip(copies, composed) if "+" in c["corruption"]]
+    assert len(twice) == 6 and composed[0] == copies[0] and "+" in composed[1]["corruption"]  # every other copy
+    for first, c in twice:
+        a, b = c["corruption"].split("+")
+        assert a == first["corruption"] and b in kinds and b != a
+        assert response_of(c["messages"]) not in (response_of(first["messages"]),
+                                                   response_of(samples[int(first["source_id"][1:])]["messages"]))
+        assert _prompt_turns(c["messages"]) == _prompt_turns(first["messages"])
+    assert compose_copies(copies, kinds, seed=0, share=0.5, pool=samples) == composed
+    assert compose_copies(copies, kinds, seed=0, share=0.0) == copies
+    assert all("+" in c["corruption"] for c in compose_copies(copies, kinds, seed=0, share=1.0, pool=samples))
+    with pytest.raises(ValueError, match="share"):
+        compose_copies(copies, kinds, seed=0, share=1.5)
 
 
 def test_inapplicable_kinds_are_skipped_never_copied_unchanged():

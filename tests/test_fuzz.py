@@ -178,7 +178,7 @@ def outcomes(out) -> tuple[dict, Counter]:
 
 
 @pytest.mark.timeout(900)
-def test_fuzz_corpus_through_the_pipeline_under_ray_job_submit(ray_head, tmp_path, capsys):
+def test_fuzz_corpus_through_the_pipeline_under_ray_job_submit(ray_head, tmp_path, capsys):  # noqa: F811 (the fixture)
     """The whole pipeline as a user submits it to a cluster (`ray job submit` against `ray start --head`)."""
     from test_pipeline import assert_complete_run
 

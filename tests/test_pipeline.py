@@ -3,7 +3,6 @@ real SmolLM2-135M-Instruct with real text."""
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 

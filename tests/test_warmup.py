@@ -106,6 +106,19 @@ def test_a_global_batch_holds_neighbours_in_length():
         assert blocks == [[3, 7, 12, 19], [5, 26, 33, 40]]  # the row of 5 pads to its 30-token copy
 
 
+def test_compose_share_gives_every_other_original_a_copy_of_two_kinds(corpus, tmp_path):
+    from qgate.models import load_tokenizer
+    from qgate.warmup_rows import warmup_items
+
+    tokenizer = load_tokenizer("tiny-qwen3")
+    _, plain, _ = warmup_items(config(corpus, tmp_path), tokenizer)
+    _, mixed, _ = warmup_items(config(corpus, tmp_path, **{"warmup.compose_share": 0.5}), tokenizer)
+    assert [item["input_ids"] for item in mixed] == [item["input_ids"] for item in plain]  # the same originals
+    changed = [p["negatives"][0]["input_ids"] != m["negatives"][0]["input_ids"] for p, m in zip(plain, mixed)]
+    # every other copy got a second kind; a few changes fall past max_length 64 and do not show
+    assert sum(changed[1::2]) >= 0.75 * len(changed[1::2]) and not any(changed[::2])
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
