@@ -92,8 +92,8 @@ class WarmupSettings:
         "corruption kinds of the warmup negatives (qgate/corruption.py), kinds real corpora hold; the self-check "
         "holds out the rest of `selfcheck.kinds`")
     compose_share: float = setting(0.0, "share of the warmup copies that carry a second kind on top of their "
-                                        "first (qgate.corruption.compose_copies); 0.5 raised q on kinds warmup "
-                                        "never used by 0.049 [0.025, 0.074] (BENCHMARKS.md, one seed)")
+                                        "first (qgate.corruption.compose_copies); 0.5 left q on kinds warmup "
+                                        "never used where it was (BENCHMARKS.md, leave kinds out)")
     report_every: int = setting(10, "steps between loss reports")
     checkpoint_every: int = setting(25, "steps between checkpoints (a resumed warmup starts from the newest)")
     max_failures: int = setting(2, "worker failures survived (Ray Train FailureConfig)")
