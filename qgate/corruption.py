@@ -154,7 +154,7 @@ def compose_copies(copies: Sequence[dict], kinds: Sequence[str], seed: int, shar
         order = [k for k in kinds[start:] + kinds[:start] if k != first["corruption"]]
         again = corrupt_samples([first], order, seed + 7 + n, pool=pool) if order else []
         if again:
-            out[i] = {**again[0], "id": f"{first['id']}~{again[0]['corruption']}", "source_id": first["source_id"],
+            out[i] = {**again[0], "source_id": first["source_id"],  # its id: the first copy's id ~ second kind
                       "corruption": f"{first['corruption']}+{again[0]['corruption']}"}
     return out
 

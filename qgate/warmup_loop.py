@@ -245,8 +245,8 @@ def check_checkpoints(config: DictConfig) -> None:
     if steps and max(steps) > w.steps:
         raise ValueError(f"{folder} holds a checkpoint at step {max(steps)}, past warmup.steps={w.steps}: use a "
                          "new out directory for fewer steps")
-    optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds",
-                 "compose_share")
+    optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
+    optimizer += ("compose_share",) if w.compose_share else ()  # absent at 0: checkpoints made before it resume
     settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
                 "seed": config.seed, "gate": gate_kwargs(config), "loss": as_dict(config.loss),
                 "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}
