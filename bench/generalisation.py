@@ -27,6 +27,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +106,10 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
         made = [own.get(c["source_id"], c) for c in made]
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
-    start = time.perf_counter()
-    gates = attach(model, RECIPE, seed)
+    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain)
+    gates = attach(model, recipe, seed)
     try:
-        warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), RECIPE, args.steps, args, seed)
+        warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), recipe, args.steps, args, seed)
         stats = score(model, tokenizer, gates, rows, True, args)
     finally:
         gates.remove()
@@ -201,6 +202,8 @@ def parse(argv):
                         "applied on the other (qgate.corruption.compose_copies)")
     parser.add_argument("--model-negatives", type=float, default=0.0,
                         help="share of the warmup copies replaced by the model's own answer to another prompt")
+    parser.add_argument("--gain", action="store_true", help="the gates also read the prompt's gain on each "
+                        "response token (gate.gain)")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
@@ -217,7 +220,7 @@ SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "step
 def main(argv: list[str] | None = None) -> None:
     args, started = parse(argv), time.perf_counter()
     torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {})  # caches before --gain
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")

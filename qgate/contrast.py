@@ -4,7 +4,8 @@ A row's final response also runs alone (the IFD encoding, `encode_row(..., ifd=T
 tokens up with the same tokens in the full row; `reference_pass` runs the alone batch with every gate open, keeps
 each gated layer's FFN input x̃ and scatters it onto the full batch's positions, so that the next forward pass
 of the full rows reads x − x̃ there (`GateSet.reference`, which also gives summary gates each row's end). The
-alone pass's NLL is IFD's denominator too.
+alone pass's NLL is IFD's denominator too, and with the full pass's NLL it gives gain gates the prompt's gain
+(`prompt_gain`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from qgate.gate import LayerReference
+from qgate.gate import LayerReference, PromptGain
 from qgate.stats import decoder_pass, pad, token_nll
 
 
@@ -120,3 +121,16 @@ def contrasted(model, alone: dict[str, torch.Tensor], full_attention: torch.Tens
         yield reference_pass(model, alone, full_attention, with_nll)
     finally:
         gates.reference = None
+
+
+def prompt_gain(full_nll: torch.Tensor, alone_nll: torch.Tensor, pairs: torch.Tensor) -> PromptGain:
+    """NLL alone − NLL with the prompt on each paired response token, for gain gates.
+
+    full_nll [B, T], alone_nll [B', T'], pairs [K, 4] as `alone_batch` gives them.
+    """
+    full_row, full_at, alone_row, alone_at = pairs.to(full_nll.device).unbind(1)  # [K] each
+    values = torch.zeros_like(full_nll, dtype=torch.float32)  # [B, T]
+    known = torch.zeros_like(values)
+    values[full_row, full_at] = (alone_nll[alone_row, alone_at] - full_nll[full_row, full_at]).detach().float()
+    known[full_row, full_at] = 1.0
+    return PromptGain(values, known)

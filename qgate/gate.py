@@ -10,6 +10,10 @@ and the running mean lets later tokens' gates add it up.
 A summary gate (`summary=True`, on top of contrast, probe mode only) adds to every token one read of the row's
 last token, `x_end · z`: as in a reward model, the last token has seen the whole row, so a cut answer or one that
 ends off the point shows there.
+A gain gate (`gain=True`, on top of contrast, probe mode only) adds, on the final response's tokens, a read of how
+much the prompt helps predict each token, `[g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
+NLL(token | prompt + response): an answer that belongs to another question is fluent but its prompt does not help.
+The gain comes from the LM head, after the pass, so it joins the logits in `GateSet.logits(gain)`.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -36,7 +40,7 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain")
 
 
 class QualityGate(nn.Module):
@@ -44,12 +48,13 @@ class QualityGate(nn.Module):
 
     With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
-    with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token.
+    with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
+    with `gain`, an `nn.Linear(2, 1)` (init 0) reads the prompt's gain on the response tokens (`gain_logits`).
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False):
+                 summary: bool = False, gain: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -62,9 +67,12 @@ class QualityGate(nn.Module):
             raise ValueError("gate.evidence reads the prompt contrast; it needs gate.contrast")
         if summary and not contrast:
             raise ValueError("gate.summary finds the row's end through the contrast pass; it needs gate.contrast")
+        if gain and not contrast:
+            raise ValueError("gate.gain reads the prompt's gain from the contrast pass; it needs gate.contrast")
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
         self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
-        for extra in (self.evidence, self.summary):
+        self.gain = nn.Linear(2, 1, bias=False) if gain else None
+        for extra in (self.evidence, self.summary, self.gain):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -83,6 +91,20 @@ class QualityGate(nn.Module):
                 end = x[torch.arange(x.shape[0], device=x.device), reference.last]  # [B, H]
                 logits = logits + self.summary(end)  # [B, T] + [B, 1]
         return logits
+
+    def gain_logits(self, gain: PromptGain) -> torch.Tensor:
+        """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
+        values, known = gain.values.float(), gain.known.float()
+        features = torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
+        return self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class PromptGain:
+    """How much the prompt helped predict each token of the final response (`qgate.contrast.prompt_gain`)."""
+
+    values: torch.Tensor  # [B, T]: NLL alone − NLL with the prompt at the known positions, 0 elsewhere
+    known: torch.Tensor  # [B, T]: 1 on the final response's tokens that the alone pass holds
 
 
 @dataclass
@@ -125,6 +147,7 @@ class GateSet:
         self.contrast = any(gate.contrast is not None for gate in gates)
         self.evidence = any(gate.evidence is not None for gate in gates)
         self.summary = any(gate.summary is not None for gate in gates)
+        self.gain = any(gate.gain is not None for gate in gates)
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -159,11 +182,16 @@ class GateSet:
             return torch.full_like(logits, self.forced_ratio)
         return torch.sigmoid(logits)
 
-    def logits(self) -> torch.Tensor:
-        """Gate logits of the last forward pass. [B, L, T]"""
+    def logits(self, gain: PromptGain | None = None) -> torch.Tensor:
+        """Gate logits of the last forward pass, with what gain gates read of the prompt's `gain`. [B, L, T]"""
         if any(x is None for x in self._logits):
             raise RuntimeError("no forward pass has run since the gates were attached or cleared")
-        return torch.stack(self._logits, dim=1)
+        if not self.gain:
+            return torch.stack(self._logits, dim=1)
+        if gain is None:
+            raise RuntimeError("gain gates read the prompt's gain of the pass: logits(qgate.contrast.prompt_gain(...))")
+        return torch.stack([logits + gate.gain_logits(gain).to(logits.dtype)
+                            for logits, gate in zip(self._logits, self.gates)], dim=1)
 
     def clear(self) -> None:
         self._logits = [None] * len(self.gates)
@@ -183,7 +211,8 @@ class GateSet:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence and summary gates add
-        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight` and `layers.{i}.summary.weight`."""
+        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight`, `layers.{i}.summary.weight` and
+        `layers.{i}.gain.weight`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -216,7 +245,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
-                 summary: bool | str = GATE.summary, **trash_can) -> GateSet:
+                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -224,7 +253,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     "trash_can") overrides the choice by model. `contrast` gives dense gates the prompt-contrast input ("auto":
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
-    probe mode; a modulating gate must not read tokens after its own).
+    probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
+    ("auto": as summary).
     """
     from qgate import moe
 
@@ -249,10 +279,17 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
+    if gain == "auto":
+        gain = contrast and mode == "probe"
+    if gain not in (True, False):
+        raise ValueError(f"gate.gain must be true, false or auto, got {gain!r}")
+    if gain and mode != "probe":
+        raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
+                         "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary:
-            raise ValueError("gate.contrast, gate.evidence and gate.summary are for dense gates; MoE trash-can "
-                             "experts have no contrast input")
+        if contrast or evidence or summary or gain:
+            raise ValueError("gate.contrast, gate.evidence, gate.summary and gate.gain are for dense gates; MoE "
+                             "trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -262,7 +299,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary) for _ in layers]
+                             summary, gain) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -286,7 +323,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
-            "summary": gates.summary,
+            "summary": gates.summary, "gain": gates.gain,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -319,7 +356,8 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
         extra = moe.saved_settings(meta)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
-                         evidence=meta.get("evidence", False), summary=meta.get("summary", False), **extra)
+                         evidence=meta.get("evidence", False), summary=meta.get("summary", False),
+                         gain=meta.get("gain", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

@@ -159,6 +159,7 @@ class TrashCanGateSet(GateSet):
     contrast = False
     evidence = False
     summary = False
+    gain = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

@@ -97,7 +97,7 @@ class Scorer:
 
         With `alone` (contrast gates), the responses alone run first and the gates read the prompt contrast.
         """
-        from qgate.contrast import contrasted
+        from qgate.contrast import contrasted, prompt_gain
 
         input_ids = pad(ids, self.pad_id).to(self.device)  # [B, T]
         attention = pad([[1] * len(s) for s in ids], 0).to(self.device)  # [B, T]
@@ -108,7 +108,8 @@ class Scorer:
                 alone = {k: v.to(self.device) for k, v in alone.items()}
                 with contrasted(self.model, alone, attention) as alone_nll:
                     nll = token_nll(self.model, input_ids, attention)  # [B, T]
-        gate_logits = self.gates.logits().float()  # [B, L, T]
+        gain = prompt_gain(nll, alone_nll, alone["pairs"]) if self.gates.gain else None
+        gate_logits = self.gates.logits(gain).float()  # [B, L, T]
         self.gates.clear()
         return nll, gate_logits, pad(masks, 0).to(self.device), alone_nll
 

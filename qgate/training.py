@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from qgate.contrast import alone_batch, contrasted
+from qgate.contrast import alone_batch, contrasted, prompt_gain
 from qgate.losses import negatives_loss, quality_loss
 from qgate.settings import LossSettings
 from qgate.stats import decoder_pass, masked_mean, pad, token_nll
@@ -43,13 +43,17 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     gates = model.qgate_gates
     if gates.contrast and "pairs" not in batch:
         raise ValueError("contrast gates need batches collated with contrast=True (rows encoded with ifd=True)")
-    needs_nll = outputs_depend_on_gates(gates) or cfg.negatives_alpha != 0
-    with contrasted(model, batch, batch["attention_mask"], with_nll=False) if gates.contrast else nullcontext():
+    lm_loss = outputs_depend_on_gates(gates) or cfg.negatives_alpha != 0
+    needs_nll = lm_loss or gates.gain
+    pass_context = (contrasted(model, batch, batch["attention_mask"], with_nll=gates.gain) if gates.contrast
+                    else nullcontext())
+    with pass_context as alone_nll:
         if needs_nll:
             nll = token_nll(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
-        else:  # probe gates and uniform token weights: the LM head would change nothing
+        else:  # probe gates, uniform token weights, no gain read: the LM head would change nothing
             decoder_pass(model, batch["input_ids"], batch["attention_mask"])
-    logits = gates.logits()  # [B, L, T]
+    gain = prompt_gain(nll, alone_nll, batch["pairs"]) if gates.gain else None
+    logits = gates.logits(gain)  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None
     gates.clear()
@@ -58,10 +62,10 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
     weight = cfg.quality_loss_weight
     quality = quality_loss(torch.sigmoid(logits), mask * clean.unsqueeze(1), **loss_params)
     total, parts = weight * quality, {"quality": quality.item()}
-    if needs_nll:
+    if lm_loss:
         ce = masked_mean(nll, mask * clean.unsqueeze(1)).sum() / clean.sum().clamp_min(1.0)
         total, parts["ce"] = total + ce, ce.item()
-    else:
+    elif not needs_nll:
         nll = torch.zeros(mask.shape, device=mask.device)  # [B, T]: uniform token weights ignore it
     if aux is not None:
         total = total + aux[0]

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from qgate.contrast import alone_batch, contrasted, final_run, response_pairs
+from qgate.contrast import alone_batch, contrasted, final_run, prompt_gain, response_pairs
 from qgate.encoding import encode_row
 from qgate.gate import (
+    PromptGain,
     attach_gates,
     freeze_backbone,
     load_gates,
@@ -12,7 +13,7 @@ from qgate.gate import (
     running_mean,
     save_gates,
 )
-from qgate.stats import Scorer
+from qgate.stats import Scorer, token_nll
 from qgate.tiny import tiny_model, tiny_tokenizer
 from qgate.training import WarmupLossConfig, collate, train_step
 
@@ -31,11 +32,11 @@ def encoded(tok, rows, max_length=64):
     return [encode_row(tok, r, max_length, "all", ifd=True) for r in rows]
 
 
-def contrast_gates(model, layers=None, evidence=False, summary=False):
+def contrast_gates(model, layers=None, evidence=False, summary=False, gain=False):
     gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence, summary=summary,
-                         bias=False)
-    for gate in gates.gates:  # contrast, evidence and summary weights start at 0; make them read something
-        for extra in (gate.contrast, gate.evidence, gate.summary):
+                         gain=gain, bias=False)
+    for gate in gates.gates:  # contrast, evidence, summary and gain weights start at 0; make them read something
+        for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain):
             if extra is not None:
                 torch.nn.init.normal_(extra.weight, std=0.5)
     return gates
@@ -128,18 +129,60 @@ def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     assert [r["ifd"] for r in together] == pytest.approx([r["ifd"] for r in plain], rel=1e-5)
 
 
-@pytest.mark.parametrize("evidence, summary", [(False, False), (True, False), (True, True)])
-def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence, summary):
+@pytest.mark.parametrize("evidence, summary, gain", [(False, False, False), (True, False, False),
+                                                     (True, True, False), (True, True, True)])
+def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence, summary, gain):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model, evidence=evidence, summary=summary)
+    gates = contrast_gates(model, evidence=evidence, summary=summary, gain=gain)
     rows = encoded(tok, [chat(i) for i in range(3)])
     expected = Scorer(model, tok, gates, alphas=[0.0]).score(rows)
     save_gates(gates, tmp_path)
     meta = read_gate_metadata(tmp_path)
-    assert reads_contrast(tmp_path) and meta["evidence"] is evidence and meta["summary"] is summary
+    assert reads_contrast(tmp_path) and (meta["evidence"], meta["summary"], meta["gain"]) == (evidence, summary, gain)
     reloaded = load_gates(tiny_model("tiny-llama"), tmp_path)
-    assert reloaded.contrast and reloaded.evidence is evidence and reloaded.summary is summary
+    assert reloaded.contrast and (reloaded.evidence, reloaded.summary, reloaded.gain) == (evidence, summary, gain)
     assert Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
+
+
+def token_nll_of(model, ids: list[int]) -> list[float]:
+    """−log p(ids[t] | ids[:t]) from the model's own logits, position 0 gets 0."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)  # [T, V]
+    return [0.0] + [-log_p[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def test_gain_gates_add_how_much_the_prompt_helps_each_response_token(tok):
+    model = tiny_model("tiny-llama")
+    gates = contrast_gates(model, layers=[1], gain=True)
+    row = encoded(tok, [chat(0)])[0]
+    full, alone = token_nll_of(model, row["input_ids"]), token_nll_of(model, row["ifd_input_ids"])
+    pairs = response_pairs(row)
+    c = gates.gates[0].gain.weight[0].detach()
+    expected, so_far = {}, []
+    for full_at, alone_at in pairs:  # [g_t, mean of g up to t] · c
+        so_far.append(alone[alone_at] - full[full_at])
+        expected[full_at] = c[0] * so_far[-1] + c[1] * sum(so_far) / len(so_far)
+
+    batch = alone_batch([row], tok.pad_token_id)
+    attention = torch.ones(1, len(row["input_ids"]))
+    with torch.no_grad(), contrasted(model, batch, attention) as alone_nll:
+        nll = token_nll(model, torch.tensor([row["input_ids"]]), attention)
+    gain = prompt_gain(nll, alone_nll, batch["pairs"])
+    added = gates.logits(gain)[0, 0] - gates.logits(PromptGain(gain.values * 0, gain.known))[0, 0]  # [T]
+    assert torch.allclose(added, torch.tensor([expected.get(t, 0.0) for t in range(len(added))]), atol=1e-4)
+    assert gain.known.sum() == len(pairs) and added.abs().sum() > 1e-3
+    with pytest.raises(RuntimeError, match="prompt's gain"):
+        gates.logits()
+
+
+def test_gain_gates_are_probe_gates_on_the_contrast():
+    with pytest.raises(ValueError, match="needs gate.contrast"):
+        attach_gates(tiny_model("tiny-llama"), contrast=False, evidence=False, summary=False, gain=True)
+    with pytest.raises(ValueError, match="gate.mode=probe"):
+        attach_gates(tiny_model("tiny-llama"), mode="modulate", contrast=True, summary=False, gain=True)
+    assert not attach_gates(tiny_model("tiny-llama"), mode="modulate", contrast=True, summary=False, gain="auto").gain
+    assert attach_gates(tiny_model("tiny-llama"), mode="probe", contrast=True, gain="auto").gain
+    assert not attach_gates(tiny_model("tiny-olmoe"), contrast="auto", gain="auto").gain
 
 
 def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
@@ -159,13 +202,15 @@ def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
 
 def test_warmup_trains_the_contrast_weights_and_needs_the_responses_alone(tok):
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, summary=True, bias=True, init_bias=3.0)
+    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, summary=True, gain=True, bias=True,
+                         init_bias=3.0)
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
     rows = encoded(tok, [chat(0), chat(1)]) + [{**r, "is_clean": 0} for r in encoded(tok, [chat(2, answer="zq")])]
     cfg = WarmupLossConfig(negatives_weight=1.0, quality_loss_weight=0.0)
-    train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
+    parts = train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
     assert all(extra.weight.abs().sum() > 0 for gate in gates.gates
-               for extra in (gate.contrast, gate.evidence, gate.summary))
+               for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain))
+    assert "ce" not in parts  # the gain needs the NLL; probe gates still train on the negatives loss alone
     with pytest.raises(ValueError, match="contrast=True"):
         train_step(model, optimizer, collate(rows, tok.pad_token_id), cfg)
 
