@@ -174,7 +174,20 @@ def headline(rows: dict) -> str:
         n = int((left & (kind == k)).sum())
         lines.append([f"left out: {k} ({n})"] + [cell(rows[f"score:{s}"], clean, originals | (left & (kind == k)))
                                                  for s in SCORERS])
-    return table(["rows", *SCORERS], lines)
+    return table(["rows", *SCORERS], lines) + "\n\n" + seen_and_unseen(rows)
+
+
+def seen_and_unseen(rows: dict) -> str:
+    """Per kind, q and q + IFD when the kind was left out against when warmup trained on it (other folds' gates)."""
+    clean, kind, left = rows["is_clean"], rows["kind"], rows["left_out"]
+    lines = []
+    for k in kinds_in_rotation():
+        unseen, seen = (clean == 0) & (kind == k) & left, (clean == 0) & (kind == k) & ~left
+        cells = [cell(rows[f"score:{s}"], clean, (clean == 1) | copies) for copies in (unseen, seen)
+                 for s in ("q", "q+IFD")]
+        lines.append([f"{k} ({int(unseen.sum())} / {int(seen.sum())})", *cells])
+    return table(["kind (copies left out / trained on)", "q, left out", "q+IFD, left out", "q, trained on",
+                  "q+IFD, trained on"], lines)
 
 
 # ---- the run -------------------------------------------------------------------------------------
