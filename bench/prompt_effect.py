@@ -5,6 +5,7 @@
 For each row of the frozen test splits (bench/generalisation.py) and a copy of it per kind, over the final
 response's tokens that the prompt-free pass holds:
 - `gain`: mean of NLL(token | response alone) − NLL(token | prompt + response), how much the prompt helps;
+- `1/IFD`: mean NLL alone / mean NLL with the prompt over the same tokens (IFD's ratio, turned so higher = clean);
 - `delta@l`: mean of ‖x − x̃‖ / ‖x‖ at layer l's FFN input, how much the prompt moves the token's state;
 - `cos@l`: mean cosine of x and x̃.
 AUROC of each against the originals (clean = positive, higher = clean), with the direction left as measured:
@@ -50,7 +51,9 @@ def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list
         gain = alone_nll[alone_row, alone_at] - full_nll[full_row, full_at]  # [K]
         for b in range(len(chunk)):
             here = full_row == b
-            signals = {"gain": gain[here].mean().item()}
+            alone_here, full_here = alone_nll[alone_row[here], alone_at[here]], full_nll[b, full_at[here]]
+            signals = {"gain": gain[here].mean().item(),
+                       "1/IFD": (alone_here.mean() / full_here.mean().clamp_min(1e-8)).item()}
             for layer in layers:
                 x = captured[layer][b, full_at[here]]  # [K_b, H]
                 x_alone = references[layer].alone[b, full_at[here]]  # [K_b, H]
