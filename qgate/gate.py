@@ -11,7 +11,7 @@ A summary gate (`summary=True`, on top of contrast, probe mode only) adds to eve
 last token, `x_end · z`: as in a reward model, the last token has seen the whole row, so a cut answer or one that
 ends off the point shows there.
 A gain gate (`gain=True`, on top of contrast, probe mode only) adds, on the final response's tokens, a read of how
-much the prompt helps predict each token, `[g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
+much the prompt helps predict each token, `√H · [g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
 NLL(token | prompt + response): an answer that belongs to another question is fluent but its prompt does not help.
 The gain comes from the LM head, after the pass, so it joins the logits in `GateSet.logits(gain)`.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
@@ -49,7 +49,7 @@ class QualityGate(nn.Module):
     With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
-    with `gain`, an `nn.Linear(2, 1)` (init 0) reads the prompt's gain on the response tokens (`gain_logits`).
+    with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`).
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
@@ -72,6 +72,9 @@ class QualityGate(nn.Module):
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
         self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
         self.gain = nn.Linear(2, 1, bias=False) if gain else None
+        # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
+        # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
+        self.gain_scale = hidden_size ** 0.5
         for extra in (self.evidence, self.summary, self.gain):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
@@ -95,7 +98,7 @@ class QualityGate(nn.Module):
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
         """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
         values, known = gain.values.float(), gain.known.float()
-        features = torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
+        features = self.gain_scale * torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
         return self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
 
 

@@ -157,9 +157,9 @@ def test_gain_gates_add_how_much_the_prompt_helps_each_response_token(tok):
     row = encoded(tok, [chat(0)])[0]
     full, alone = token_nll_of(model, row["input_ids"]), token_nll_of(model, row["ifd_input_ids"])
     pairs = response_pairs(row)
-    c = gates.gates[0].gain.weight[0].detach()
+    c = gates.gates[0].gain.weight[0].detach() * model.config.hidden_size ** 0.5
     expected, so_far = {}, []
-    for full_at, alone_at in pairs:  # [g_t, mean of g up to t] · c
+    for full_at, alone_at in pairs:  # √H · [g_t, mean of g up to t] · c
         so_far.append(alone[alone_at] - full[full_at])
         expected[full_at] = c[0] * so_far[-1] + c[1] * sum(so_far) / len(so_far)
 
