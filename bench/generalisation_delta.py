@@ -1,5 +1,5 @@
 """Two runs of bench/generalisation.py on the same folds and test rows, paired: AUROC(B) − AUROC(A) of each
-scorer on the left-out and on the warmup kinds, with a 95% paired-bootstrap interval.
+scorer on the left-out and on the warmup kinds, with a 95% paired-bootstrap interval, over the folds both hold.
 
     python bench/generalisation_delta.py /tmp/gen/A.json /tmp/gen/B.json
 """
@@ -14,14 +14,15 @@ from generalisation import pooled
 from selection_metrics import bootstrap_delta
 
 
-def rows_of(cache: str) -> dict[str, np.ndarray]:
-    folds = json.loads(open(cache).read())["folds"]
-    return pooled([folds[key] for key in sorted(folds)])
+def folds_of(cache: str) -> dict[str, dict]:
+    return json.loads(open(cache).read())["folds"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    first, second = argv or sys.argv[1:]
-    a, b = rows_of(first), rows_of(second)
+    first, second = (folds_of(path) for path in (argv or sys.argv[1:]))
+    shared = sorted(first.keys() & second.keys())  # a run still going compares on the folds it has finished
+    print(f"folds (seed/fold) in both: {', '.join(shared)}")
+    a, b = (pooled([run[key] for key in shared]) for run in (first, second))
     if not ((a["is_clean"] == b["is_clean"]).all() and (a["kind"] == b["kind"]).all()):
         raise SystemExit("the two runs did not score the same rows (other folds, seeds or test rows)")
     clean, left = a["is_clean"], a["left_out"]
