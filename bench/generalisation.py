@@ -11,7 +11,7 @@ No recipe choice was made on them; warmup rows come from the rest, sampled afres
 
 Protocol: the registered corruption kinds are rotated into `--folds` groups, each mixing fluent kinds (wrong or
 swapped answers, echoes, refusals, cuts) and format kinds (shuffles, noise, residue, loops). Per fold and seed,
-fresh gates of the product's recipe (probe, contrast + evidence + summary, BCE on corrupted copies, α 0) warm up
+fresh gates of the product's recipe (probe, contrast + evidence + summary + gain, BCE on corrupted copies, α 0) warm up
 in the product's loop (`qgate.warmup_loop.warm_up_alone`) on copies of the other kinds only, then score the test
 originals and copies: two thirds of the originals get a copy of a left-out kind (the headline), one third a copy of a warmup kind
 (reported apart). Every AUROC has a stratified-bootstrap 95% interval. Baselines (response PPL, IFD) come from
@@ -48,7 +48,7 @@ CORPORA = ("python_docs", "man_pages", "numpydoc")
 ROTATION = ("fluent_wrong", "word_shuffle", "response_swap", "char_noise", "instruction_echo", "gibberish",
             "truncate", "scraped_residue", "refusal_boilerplate", "repetition_loop", "language_mix", "wrong_format")
 RECIPE = Variant("probe", "linear", negatives=True, init="open", alpha=0.0, quality_weight=0.0, contrast=True,
-                 evidence=True, summary=True)
+                 evidence=True, summary=True, gain=True)
 SCORERS = ("q", "q+IFD", "q+IFD+PPL", "IFD", "response PPL")
 
 
@@ -215,8 +215,9 @@ def parse(argv):
                         "applied on the other (qgate.corruption.compose_copies)")
     parser.add_argument("--model-negatives", type=float, default=0.0,
                         help="share of the warmup copies replaced by the model's own answer to another prompt")
-    parser.add_argument("--gain", action="store_true", help="the gates also read the prompt's gain on each "
-                        "response token (gate.gain)")
+    parser.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
+                        help="the gates also read the prompt's gain on each response token (gate.gain, the "
+                        "product's default); --no-gain: the recipe before it")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")

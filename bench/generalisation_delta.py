@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 from generalisation import pooled
 from selection_metrics import bootstrap_delta
 

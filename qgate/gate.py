@@ -186,13 +186,14 @@ class GateSet:
         return torch.sigmoid(logits)
 
     def logits(self, gain: PromptGain | None = None) -> torch.Tensor:
-        """Gate logits of the last forward pass, with what gain gates read of the prompt's `gain`. [B, L, T]"""
+        """Gate logits of the last forward pass, with what gain gates read of the prompt's `gain`. [B, L, T]
+
+        Without `gain` gain gates give their other terms, as contrast gates do on a pass without a reference.
+        """
         if any(x is None for x in self._logits):
             raise RuntimeError("no forward pass has run since the gates were attached or cleared")
-        if not self.gain:
+        if not self.gain or gain is None:
             return torch.stack(self._logits, dim=1)
-        if gain is None:
-            raise RuntimeError("gain gates read the prompt's gain of the pass: logits(qgate.contrast.prompt_gain(...))")
         return torch.stack([logits + gate.gain_logits(gain).to(logits.dtype)
                             for logits, gate in zip(self._logits, self.gates)], dim=1)
 

@@ -43,10 +43,10 @@ class GateSettings:
     summary: Any = setting("auto", "every token's gate also reads the row's last token, x_end · z, which has seen the "
                                    "whole row (a cut or off-topic answer shows there) | auto: wherever the contrast "
                                    "is on in probe mode")
-    gain: Any = setting(False, "on the final response's tokens the gate also reads how much the prompt helps predict "
-                               "each token (NLL alone − NLL with the prompt, and its running mean): an answer to "
-                               "another question is fluent, but its prompt does not help | auto: wherever the "
-                               "contrast is on in probe mode | true | false")
+    gain: Any = setting("auto", "on the final response's tokens the gate also reads how much the prompt helps "
+                                "predict each token (NLL alone − NLL with the prompt, and its running mean): an "
+                                "answer to another question is fluent, but its prompt does not help | auto: "
+                                "wherever the contrast is on in probe mode | true | false")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "

@@ -66,7 +66,7 @@ def test_the_library_built_without_arguments_gets_the_pipeline_defaults():
 
     config = load_config([])
     gates = attach_gates(tiny_model("tiny-qwen3"))
-    assert (gates.mode, gates.contrast, gates.evidence, gates.summary) == ("probe", True, True, True)
+    assert (gates.mode, gates.contrast, gates.evidence, gates.summary, gates.gain) == ("probe", True, True, True, True)
     assert WarmupLossConfig() == WarmupLossConfig(**config.loss)
     scorer = Scorer(gates.model, tiny_tokenizer(), gates)
     assert (scorer.alphas, scorer.eps, scorer.ifd) == (list(config.collect.alphas), config.collect.eps, True)

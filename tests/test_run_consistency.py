@@ -118,7 +118,7 @@ def test_warmup_refuses_to_resume_under_another_lr_or_past_its_steps(run):
 
     config = load_config([f"out={run}"], recorded=run / "config.yaml")
     recorded_gate = json.loads((run / "warmup" / "settings.json").read_text())["gate"]
-    assert "contrast" in recorded_gate and "gain" not in recorded_gate  # off: checkpoints from before it resume
+    assert recorded_gate["gain"] == "auto"  # recorded unless false, so gain=false resumes checkpoints made before it
     with pytest.raises(IdentityMismatch, match=r"warmup\.lr"):
         warmup.run(load_config([f"out={run}", "warmup.lr=0.05", "steps=3"], recorded=run / "config.yaml"))
     with pytest.raises(IdentityMismatch, match=r"loss\.quality_loss_weight"):
