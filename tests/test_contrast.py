@@ -121,7 +121,7 @@ def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     rows = encoded(tok, [chat(i, answer="x " * (i + 1)) for i in range(4)])  # padded to the longest in a batch
     plain = Scorer(model, tok, attach_gates(model, mode="probe"), alphas=[0.0], ifd=True).score(rows)
     model.qgate_gates.remove()
-    gates = contrast_gates(model, evidence=True, summary=True)
+    gates = contrast_gates(model, evidence=True, summary=True, gain=True)
     together = Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score(rows)
     alone = [Scorer(model, tok, gates, alphas=[0.0, 1.0], ifd=True).score([r])[0] for r in rows]
     for a, b in zip(together, alone):

@@ -231,4 +231,7 @@ def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(tin
     selected = pq.read_table(out / "selection" / "scores.parquet").to_pandas().set_index("id")
     ids = [r["id"] for r in originals[:6]]
     np.testing.assert_allclose(q, selected.loc[ids, "q"].to_numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(blend, selected.loc[ids, "score"].to_numpy(), atol=1e-6)
+    # q agrees to float noise (rtol 1e-4: other batch mates, other padding); near a reference value that can move
+    # a row one step of the reference's q ranks, which the blend averages with the IFD rank: half a step
+    rank_step = 0.5 / len(references["q"])
+    np.testing.assert_allclose(blend, selected.loc[ids, "score"].to_numpy(), atol=rank_step + 1e-6)
