@@ -245,6 +245,14 @@ class GateSet:
         self.model.qgate_gates = None
 
 
+def resolved(name: str, setting: bool | str, auto: bool) -> bool:
+    """A `gate.<name>` setting as a bool: `auto` where it is "auto"; anything else but true/false is refused."""
+    value = auto if setting == "auto" else setting
+    if value not in (True, False):
+        raise ValueError(f"gate.{name} must be true, false or auto, got {setting!r}")
+    return bool(value)
+
+
 def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GATE.init_mean,
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
@@ -268,25 +276,13 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
         raise ValueError("this model already has quality gates; call .remove() on them first")
     moe.settings_of(trash_can)
     trash_cans = (kind or ("trash_can" if moe.is_moe(model) else "dense")) == moe.KIND
-    if contrast == "auto":
-        contrast = not trash_cans
-    if contrast not in (True, False):
-        raise ValueError(f"gate.contrast must be true, false or auto, got {contrast!r}")
-    if evidence == "auto":
-        evidence = contrast
-    if evidence not in (True, False):
-        raise ValueError(f"gate.evidence must be true, false or auto, got {evidence!r}")
-    if summary == "auto":
-        summary = contrast and mode == "probe"
-    if summary not in (True, False):
-        raise ValueError(f"gate.summary must be true, false or auto, got {summary!r}")
+    contrast = resolved("contrast", contrast, not trash_cans)
+    evidence = resolved("evidence", evidence, contrast)
+    summary = resolved("summary", summary, contrast and mode == "probe")
+    gain = resolved("gain", gain, contrast and mode == "probe")
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
-    if gain == "auto":
-        gain = contrast and mode == "probe"
-    if gain not in (True, False):
-        raise ValueError(f"gate.gain must be true, false or auto, got {gain!r}")
     if gain and mode != "probe":
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
