@@ -47,7 +47,11 @@ ENV = {"RAY_AUTH_MODE": "disabled",  # driver and cluster alike: no token to han
 
 
 def short_temp_dir() -> str:
-    """Ray's AF_UNIX sockets live under the temp dir and need paths < 107 bytes: pytest's tmp paths are too long."""
+    """Ray's AF_UNIX sockets live under the temp dir and need paths < 107 bytes: pytest's tmp paths are too long.
+    Ray still writes the head's address into its default temp dir, which a fresh machine does not have yet."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     return tempfile.mkdtemp(prefix="qgs-", dir="/tmp")
 
 
