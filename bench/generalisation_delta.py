@@ -1,5 +1,6 @@
 """Two runs of bench/generalisation.py on the same folds and test rows, paired: AUROC(B) − AUROC(A) of each
-scorer on the left-out and on the warmup kinds, with a 95% paired-bootstrap interval, over the folds both hold.
+scorer on the left-out and on the warmup kinds, with a 95% paired-bootstrap interval, over the folds both hold;
+then q per kind where it was left out.
 
     python bench/generalisation_delta.py /tmp/gen/A.json /tmp/gen/B.json
 """
@@ -11,6 +12,8 @@ import sys
 
 from generalisation import pooled
 from selection_metrics import bootstrap_delta
+
+from qgate.scoring import auroc
 
 
 def folds_of(cache: str) -> dict[str, dict]:
@@ -31,6 +34,15 @@ def main(argv: list[str] | None = None) -> None:
         for scorer in ("q", "q+IFD"):
             delta, lo, hi = bootstrap_delta(b[f"score:{scorer}"][keep], a[f"score:{scorer}"][keep], rows)
             print(f"{group}, {scorer}: {delta:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    for kind in sorted(set(a["kind"][left & (clean == 0)])):
+        keep = (clean == 1) | (left & (a["kind"] == kind))
+        rows = [{"is_clean": int(c)} for c in clean[keep]]
+        delta, lo, hi = bootstrap_delta(b["score:q"][keep], a["score:q"][keep], rows)
+        print(f"left out {kind}, q: {auroc_of(a, keep):.3f} -> {auroc_of(b, keep):.3f}, {delta:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+
+
+def auroc_of(run: dict, keep) -> float:
+    return auroc(run["score:q"][keep].tolist(), run["is_clean"][keep].tolist())
 
 
 if __name__ == "__main__":
