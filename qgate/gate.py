@@ -14,10 +14,12 @@ A gain gate (`gain=True`, on top of contrast, probe mode only) adds, on the fina
 much the prompt helps predict each token, `√H · [g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
 NLL(token | prompt + response): an answer that belongs to another question is fluent but its prompt does not help.
 The gain comes from the LM head, after the pass, so it joins the logits in `GateSet.logits(gain)`.
-A band gate (`band=True`, on top of gain) adds `√H · [r_t, r_t²] · b` with r_t = Σ_{u≤t} g_u / Σ_{u≤t} NLL(u | alone),
-the share of the response's loss that the prompt explains, clipped to [−1, 1]: clean answers sit in a band between
-"the prompt explains nothing" (another question's answer, a fluent wrong one) and "the prompt explains everything"
-(an echo of the prompt, a cut answer), which a read linear in the gain cannot rate high on both sides.
+A row-gain gate (`row_gain=True`, on top of gain) adds to every token of the row one read of its whole response's
+gain, `√H · [m, r, r²] · b`, m the mean gain over the response's tokens and r = Σ g / Σ NLL(token | alone) the share
+of its loss that the prompt explains, clipped to [−1, 1]: the per-token reads reach only the response's tokens, so
+in a row's S they are diluted by its prompt's, which an answer to another question leaves as they were; and r²
+lets a gate rate a band high, between "the prompt explains nothing" (another question's answer) and "it explains
+everything" (an echo of the prompt).
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -44,7 +46,7 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "band")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "row_gain")
 
 
 class QualityGate(nn.Module):
@@ -54,12 +56,12 @@ class QualityGate(nn.Module):
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
     with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`);
-    with `band`, an `nn.Linear(2, 1)` (init 0) reads √H · [r, r²] of the share of the loss the prompt explains.
+    with `row_gain`, an `nn.Linear(3, 1)` (init 0) adds √H · the whole response's gain to every token.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False, gain: bool = False, band: bool = False):
+                 summary: bool = False, gain: bool = False, row_gain: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -74,16 +76,16 @@ class QualityGate(nn.Module):
             raise ValueError("gate.summary finds the row's end through the contrast pass; it needs gate.contrast")
         if gain and not contrast:
             raise ValueError("gate.gain reads the prompt's gain from the contrast pass; it needs gate.contrast")
-        if band and not gain:
-            raise ValueError("gate.band reads the share of the loss the prompt explains, from the gain; it needs gate.gain")
+        if row_gain and not gain:
+            raise ValueError("gate.row_gain reads the response's gain; it needs gate.gain")
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
         self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
         self.gain = nn.Linear(2, 1, bias=False) if gain else None
-        self.band = nn.Linear(2, 1, bias=False) if band else None
+        self.row_gain = nn.Linear(3, 1, bias=False) if row_gain else None
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
         self.gain_scale = hidden_size ** 0.5
-        for extra in (self.evidence, self.summary, self.gain, self.band):
+        for extra in (self.evidence, self.summary, self.gain, self.row_gain):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -104,15 +106,15 @@ class QualityGate(nn.Module):
         return logits
 
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
-        """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
+        """What the prompt's gain adds to this gate's logits: per-token reads on the known response tokens (0
+        elsewhere), and with `row_gain` one read of the whole response's gain on every token. -> [B, T]"""
         values, known = gain.values.float(), gain.known.float()
         features = self.gain_scale * torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
         logits = self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
-        if self.band is None:
+        if self.row_gain is None:
             return logits
-        share = explained_share(gain)  # [B, T]
-        band = self.gain_scale * torch.stack([share, share * share], dim=-1)  # [B, T, 2]
-        return logits + self.band(band.to(self.band.weight.dtype)).squeeze(-1)
+        row = self.gain_scale * whole_response_gain(gain)  # [B, 3]
+        return logits + self.row_gain(row.to(self.row_gain.weight.dtype))  # [B, T] + [B, 1]
 
 
 @dataclass
@@ -124,12 +126,14 @@ class PromptGain:
     alone: torch.Tensor  # [B, T]: NLL alone at the known positions, 0 elsewhere
 
 
-def explained_share(gain: PromptGain) -> torch.Tensor:
-    """Σ gain / Σ NLL alone over the known positions up to each one, in [−1, 1]; 0 elsewhere. -> [B, T] float32"""
+def whole_response_gain(gain: PromptGain) -> torch.Tensor:
+    """[m, r, r²] of each row's final response: its mean gain, and r = Σ gain / Σ NLL alone in [−1, 1].
+    -> [B, 3] float32; 0 for a row without known tokens."""
     known = gain.known.float()
-    explained = (gain.values.float() * known).cumsum(dim=1)
-    total = (gain.alone.float() * known).cumsum(dim=1).clamp_min(1e-6)
-    return (explained / total).clamp(-1.0, 1.0) * known
+    explained = (gain.values.float() * known).sum(dim=1)  # [B]
+    mean = explained / known.sum(dim=1).clamp_min(1.0)
+    share = (explained / (gain.alone.float() * known).sum(dim=1).clamp_min(1e-6)).clamp(-1.0, 1.0)
+    return torch.stack([mean, share, share * share], dim=-1)
 
 
 @dataclass
@@ -173,7 +177,7 @@ class GateSet:
         self.evidence = any(gate.evidence is not None for gate in gates)
         self.summary = any(gate.summary is not None for gate in gates)
         self.gain = any(gate.gain is not None for gate in gates)
-        self.band = any(gate.band is not None for gate in gates)
+        self.row_gain = any(gate.row_gain is not None for gate in gates)
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -239,7 +243,7 @@ class GateSet:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence and summary gates add
         `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight`, `layers.{i}.summary.weight`,
-        `layers.{i}.gain.weight` and `layers.{i}.band.weight`."""
+        `layers.{i}.gain.weight` and `layers.{i}.row_gain.weight`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -280,7 +284,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
-                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, band: bool | str = GATE.band,
+                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, row_gain: bool | str = GATE.row_gain,
                  **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
@@ -290,7 +294,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
-    ("auto": as summary); `band` the read of the share of the loss it explains ("auto": off).
+    ("auto": as summary); `row_gain` the read of the whole response's gain at every token ("auto": off).
     """
     from qgate import moe
 
@@ -304,7 +308,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     evidence = resolved("evidence", evidence, contrast)
     summary = resolved("summary", summary, contrast and mode == "probe")
     gain = resolved("gain", gain, contrast and mode == "probe")
-    band = resolved("band", band, False)
+    row_gain = resolved("row_gain", row_gain, False)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
@@ -312,7 +316,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain or band:
+        if contrast or evidence or summary or gain or row_gain:
             raise ValueError("gate.contrast, gate.evidence, gate.summary and gate.gain are for dense gates; MoE "
                              "trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
@@ -324,7 +328,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain, band) for _ in layers]
+                             summary, gain, row_gain) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -348,7 +352,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
-            "summary": gates.summary, "gain": gates.gain, "band": gates.band,
+            "summary": gates.summary, "gain": gates.gain, "row_gain": gates.row_gain,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -382,7 +386,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
-                         gain=meta.get("gain", False), band=meta.get("band", False), **extra)
+                         gain=meta.get("gain", False), row_gain=meta.get("row_gain", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 
