@@ -106,7 +106,7 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
         made = [own.get(c["source_id"], c) for c in made]
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
-    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain, row_gain=args.row_gain)
+    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain)
     gates = attach(model, recipe, seed)
     try:
         warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), recipe, args.steps, args, seed)
@@ -218,8 +218,6 @@ def parse(argv):
     parser.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
                         help="the gates also read the prompt's gain on each response token (gate.gain, the "
                         "product's default); --no-gain: the recipe before it")
-    parser.add_argument("--row-gain", action="store_true", help="every token's gate also reads the whole response's "
-                        "gain (gate.row_gain)")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
@@ -236,8 +234,7 @@ SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "step
 def main(argv: list[str] | None = None) -> None:
     args, started = parse(argv), time.perf_counter()
     torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
-        | ({"row_gain": True} if args.row_gain else {})  # caches from before --gain and --row-gain stay valid
+    settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {})  # caches before --gain
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")

@@ -58,7 +58,6 @@ class Variant:
     evidence: bool = False  # the contrast gate also adds the running mean of its evidence over the response
     summary: bool = False  # the contrast gate also reads the row's last token (probe mode)
     gain: bool = False  # the contrast gate also reads how much the prompt helps predict each response token
-    row_gain: bool = False  # every token's gate also reads the whole response's gain
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -71,7 +70,6 @@ class Variant:
         extra += ", evidence" if self.evidence else ""
         extra += ", summary" if self.summary else ""
         extra += ", gain" if self.gain else ""
-        extra += ", row gain" if self.row_gain else ""
         return f"{self.mode}, {loss}, {self.init} init, {steps} steps{extra}"
 
 
@@ -156,8 +154,7 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
-                        evidence=variant.evidence, summary=variant.summary, gain=variant.gain,
-                        row_gain=variant.row_gain, **bias)
+                        evidence=variant.evidence, summary=variant.summary, gain=variant.gain, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:

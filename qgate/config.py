@@ -54,7 +54,6 @@ CHOICES = {
     "gate.evidence": ("auto", True, False),
     "gate.summary": ("auto", True, False),
     "gate.gain": ("auto", True, False),
-    "gate.row_gain": ("auto", True, False),
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
     "selection.strategy": STRATEGIES,

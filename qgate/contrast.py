@@ -131,8 +131,6 @@ def prompt_gain(full_nll: torch.Tensor, alone_nll: torch.Tensor, pairs: torch.Te
     full_row, full_at, alone_row, alone_at = pairs.to(full_nll.device).unbind(1)  # [K] each
     values = torch.zeros_like(full_nll, dtype=torch.float32)  # [B, T]
     known = torch.zeros_like(values)
-    alone = torch.zeros_like(values)
-    alone[full_row, full_at] = alone_nll[alone_row, alone_at].detach().float()
-    values[full_row, full_at] = alone[full_row, full_at] - full_nll[full_row, full_at].detach().float()
+    values[full_row, full_at] = (alone_nll[alone_row, alone_at] - full_nll[full_row, full_at]).detach().float()
     known[full_row, full_at] = 1.0
-    return PromptGain(values, known, alone)
+    return PromptGain(values, known)

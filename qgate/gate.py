@@ -14,12 +14,6 @@ A gain gate (`gain=True`, on top of contrast, probe mode only) adds, on the fina
 much the prompt helps predict each token, `√H · [g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
 NLL(token | prompt + response): an answer that belongs to another question is fluent but its prompt does not help.
 The gain comes from the LM head, after the pass, so it joins the logits in `GateSet.logits(gain)`.
-A row-gain gate (`row_gain=True`, on top of gain) adds to every token of the row one read of its whole response's
-gain, `√H · [m, r, r²] · b`, m the mean gain over the response's tokens and r = Σ g / Σ NLL(token | alone) the share
-of its loss that the prompt explains, clipped to [−1, 1]: the per-token reads reach only the response's tokens, so
-in a row's S they are diluted by its prompt's, which an answer to another question leaves as they were; and r²
-lets a gate rate a band high, between "the prompt explains nothing" (another question's answer) and "it explains
-everything" (an echo of the prompt).
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -46,7 +40,7 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "row_gain")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain")
 
 
 class QualityGate(nn.Module):
@@ -55,13 +49,12 @@ class QualityGate(nn.Module):
     With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
-    with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`);
-    with `row_gain`, an `nn.Linear(3, 1)` (init 0) adds √H · the whole response's gain to every token.
+    with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`).
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False, gain: bool = False, row_gain: bool = False):
+                 summary: bool = False, gain: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -76,16 +69,13 @@ class QualityGate(nn.Module):
             raise ValueError("gate.summary finds the row's end through the contrast pass; it needs gate.contrast")
         if gain and not contrast:
             raise ValueError("gate.gain reads the prompt's gain from the contrast pass; it needs gate.contrast")
-        if row_gain and not gain:
-            raise ValueError("gate.row_gain reads the response's gain; it needs gate.gain")
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
         self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
         self.gain = nn.Linear(2, 1, bias=False) if gain else None
-        self.row_gain = nn.Linear(3, 1, bias=False) if row_gain else None
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
         self.gain_scale = hidden_size ** 0.5
-        for extra in (self.evidence, self.summary, self.gain, self.row_gain):
+        for extra in (self.evidence, self.summary, self.gain):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -106,15 +96,10 @@ class QualityGate(nn.Module):
         return logits
 
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
-        """What the prompt's gain adds to this gate's logits: per-token reads on the known response tokens (0
-        elsewhere), and with `row_gain` one read of the whole response's gain on every token. -> [B, T]"""
+        """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
         values, known = gain.values.float(), gain.known.float()
         features = self.gain_scale * torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
-        logits = self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
-        if self.row_gain is None:
-            return logits
-        row = self.gain_scale * whole_response_gain(gain)  # [B, 3]
-        return logits + self.row_gain(row.to(self.row_gain.weight.dtype))  # [B, T] + [B, 1]
+        return self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
 
 
 @dataclass
@@ -123,17 +108,6 @@ class PromptGain:
 
     values: torch.Tensor  # [B, T]: NLL alone − NLL with the prompt at the known positions, 0 elsewhere
     known: torch.Tensor  # [B, T]: 1 on the final response's tokens that the alone pass holds
-    alone: torch.Tensor  # [B, T]: NLL alone at the known positions, 0 elsewhere
-
-
-def whole_response_gain(gain: PromptGain) -> torch.Tensor:
-    """[m, r, r²] of each row's final response: its mean gain, and r = Σ gain / Σ NLL alone in [−1, 1].
-    -> [B, 3] float32; 0 for a row without known tokens."""
-    known = gain.known.float()
-    explained = (gain.values.float() * known).sum(dim=1)  # [B]
-    mean = explained / known.sum(dim=1).clamp_min(1.0)
-    share = (explained / (gain.alone.float() * known).sum(dim=1).clamp_min(1e-6)).clamp(-1.0, 1.0)
-    return torch.stack([mean, share, share * share], dim=-1)
 
 
 @dataclass
@@ -177,7 +151,6 @@ class GateSet:
         self.evidence = any(gate.evidence is not None for gate in gates)
         self.summary = any(gate.summary is not None for gate in gates)
         self.gain = any(gate.gain is not None for gate in gates)
-        self.row_gain = any(gate.row_gain is not None for gate in gates)
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -242,8 +215,8 @@ class GateSet:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence and summary gates add
-        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight`, `layers.{i}.summary.weight`,
-        `layers.{i}.gain.weight` and `layers.{i}.row_gain.weight`."""
+        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight`, `layers.{i}.summary.weight` and
+        `layers.{i}.gain.weight`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -284,8 +257,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
-                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, row_gain: bool | str = GATE.row_gain,
-                 **trash_can) -> GateSet:
+                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -294,7 +266,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
-    ("auto": as summary); `row_gain` the read of the whole response's gain at every token ("auto": off).
+    ("auto": as summary).
     """
     from qgate import moe
 
@@ -308,7 +280,6 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     evidence = resolved("evidence", evidence, contrast)
     summary = resolved("summary", summary, contrast and mode == "probe")
     gain = resolved("gain", gain, contrast and mode == "probe")
-    row_gain = resolved("row_gain", row_gain, False)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
@@ -316,7 +287,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain or row_gain:
+        if contrast or evidence or summary or gain:
             raise ValueError("gate.contrast, gate.evidence, gate.summary and gate.gain are for dense gates; MoE "
                              "trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
@@ -328,7 +299,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain, row_gain) for _ in layers]
+                             summary, gain) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -352,7 +323,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
-            "summary": gates.summary, "gain": gates.gain, "row_gain": gates.row_gain,
+            "summary": gates.summary, "gain": gates.gain,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -386,7 +357,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
-                         gain=meta.get("gain", False), row_gain=meta.get("row_gain", False), **extra)
+                         gain=meta.get("gain", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

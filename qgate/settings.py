@@ -47,9 +47,6 @@ class GateSettings:
                                 "predict each token (NLL alone − NLL with the prompt, and its running mean): an "
                                 "answer to another question is fluent, but its prompt does not help | auto: "
                                 "wherever the contrast is on in probe mode | true | false")
-    row_gain: Any = setting("auto", "every token's gate also reads the whole response's gain (its mean, and the share "
-                                    "r of the response's loss the prompt explains, with r²): an answer to another "
-                                    "question then shows in its prompt's tokens too | auto: off | true | false")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "

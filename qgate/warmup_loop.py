@@ -247,8 +247,7 @@ def check_checkpoints(config: DictConfig) -> None:
                          "new out directory for fewer steps")
     optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
     optimizer += ("compose_share",) if w.compose_share else ()  # absent at 0: checkpoints made before it resume
-    gate = {k: v for k, v in gate_kwargs(config).items()  # as compose_share: absent where checkpoints before it match
-            if not (k == "gain" and v is False) and not (k == "row_gain" and v in ("auto", False))}
+    gate = {k: v for k, v in gate_kwargs(config).items() if k != "gain" or v is not False}  # as compose_share
     settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
                 "seed": config.seed, "gate": gate, "loss": as_dict(config.loss),
                 "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}

@@ -32,11 +32,11 @@ def encoded(tok, rows, max_length=64):
     return [encode_row(tok, r, max_length, "all", ifd=True) for r in rows]
 
 
-def contrast_gates(model, layers=None, evidence=False, summary=False, gain=False, row_gain=False):
+def contrast_gates(model, layers=None, evidence=False, summary=False, gain=False):
     gates = attach_gates(model, mode="probe", contrast=True, layers=layers, evidence=evidence, summary=summary,
-                         gain=gain, row_gain=row_gain, bias=False)
-    for gate in gates.gates:  # the extra weights start at 0; make them read something
-        for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain, gate.row_gain):
+                         gain=gain, bias=False)
+    for gate in gates.gates:  # contrast, evidence, summary and gain weights start at 0; make them read something
+        for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain):
             if extra is not None:
                 torch.nn.init.normal_(extra.weight, std=0.5)
     return gates
@@ -129,11 +129,11 @@ def test_contrast_scores_do_not_depend_on_batch_mates_and_ifd_is_unchanged(tok):
     assert [r["ifd"] for r in together] == pytest.approx([r["ifd"] for r in plain], rel=1e-5)
 
 
-@pytest.mark.parametrize("evidence, summary, gain, row_gain", [(False, False, False, False), (True, False, False, False),
-                                                           (True, True, False, False), (True, True, True, True)])
-def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence, summary, gain, row_gain):
+@pytest.mark.parametrize("evidence, summary, gain", [(False, False, False), (True, False, False),
+                                                     (True, True, False), (True, True, True)])
+def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evidence, summary, gain):
     model = tiny_model("tiny-llama")
-    gates = contrast_gates(model, evidence=evidence, summary=summary, gain=gain, row_gain=row_gain)
+    gates = contrast_gates(model, evidence=evidence, summary=summary, gain=gain)
     rows = encoded(tok, [chat(i) for i in range(3)])
     expected = Scorer(model, tok, gates, alphas=[0.0]).score(rows)
     save_gates(gates, tmp_path)
@@ -141,7 +141,6 @@ def test_contrast_gates_save_and_reload_to_identical_scores(tok, tmp_path, evide
     assert reads_contrast(tmp_path) and (meta["evidence"], meta["summary"], meta["gain"]) == (evidence, summary, gain)
     reloaded = load_gates(tiny_model("tiny-llama"), tmp_path)
     assert reloaded.contrast and (reloaded.evidence, reloaded.summary, reloaded.gain) == (evidence, summary, gain)
-    assert meta["row_gain"] == reloaded.row_gain == row_gain
     assert Scorer(reloaded.model, tok, reloaded, alphas=[0.0]).score(rows) == expected
 
 
@@ -169,42 +168,10 @@ def test_gain_gates_add_how_much_the_prompt_helps_each_response_token(tok):
     with torch.no_grad(), contrasted(model, batch, attention) as alone_nll:
         nll = token_nll(model, torch.tensor([row["input_ids"]]), attention)
     gain = prompt_gain(nll, alone_nll, batch["pairs"])
-    added = gates.logits(gain)[0, 0] - gates.logits(PromptGain(gain.values * 0, gain.known, gain.alone))[0, 0]  # [T]
+    added = gates.logits(gain)[0, 0] - gates.logits(PromptGain(gain.values * 0, gain.known))[0, 0]  # [T]
     assert torch.allclose(added, torch.tensor([expected.get(t, 0.0) for t in range(len(added))]), atol=1e-4)
     assert gain.known.sum() == len(pairs) and added.abs().sum() > 1e-3
-    assert torch.equal(gates.logits(), gates.logits(PromptGain(gain.values * 0, gain.known, gain.alone)))  # no gain
-
-
-def test_row_gain_gates_add_the_whole_responses_gain_to_every_token(tok):
-    model = tiny_model("tiny-llama")
-    plain, with_row = (contrast_gates(tiny_model("tiny-llama"), layers=[1], gain=True),
-                       contrast_gates(model, layers=[1], gain=True, row_gain=True))
-    with_row.gates[0].gain.load_state_dict(plain.gates[0].gain.state_dict())
-    rows = encoded(tok, [chat(0), chat(1, answer="a much longer answer than the first one")])
-    b = with_row.gates[0].row_gain.weight[0].detach() * model.config.hidden_size ** 0.5
-    expected = []
-    for row in rows:  # √H · [mean gain, r, r²] · b on every token, r = Σ gain / Σ NLL alone
-        full, alone = token_nll_of(model, row["input_ids"]), token_nll_of(model, row["ifd_input_ids"])
-        gains = [alone[a] - full[f] for f, a in response_pairs(row)]
-        share = min(max(sum(gains) / sum(alone[a] for _, a in response_pairs(row)), -1.0), 1.0)
-        expected.append(b[0] * sum(gains) / len(gains) + b[1] * share + b[2] * share ** 2)
-
-    batch = alone_batch(rows, tok.pad_token_id)
-    ids, attention = (torch.tensor([r["input_ids"] + [tok.pad_token_id] * (len(rows[1]["input_ids"]) - len(r["input_ids"]))
-                                    for r in rows]),
-                      torch.tensor([[1] * len(r["input_ids"]) + [0] * (len(rows[1]["input_ids"]) - len(r["input_ids"]))
-                                    for r in rows]))
-    with torch.no_grad(), contrasted(model, batch, attention) as alone_nll:
-        nll = token_nll(model, ids, attention)
-    gain = prompt_gain(nll, alone_nll, batch["pairs"])
-    assert torch.equal(gain.values, gain.alone - nll * gain.known)
-    row_term = with_row.gates[0].gain_logits(gain) - plain.gates[0].gain_logits(gain)  # [B, T]
-    for term, value in zip(row_term, expected):
-        assert torch.allclose(term, torch.full_like(term, float(value)), atol=1e-4)  # prompt tokens too
-    assert abs(float(expected[0] - expected[1])) > 1e-3
-    with pytest.raises(ValueError, match="needs gate.gain"):
-        attach_gates(tiny_model("tiny-llama"), mode="probe", contrast=True, gain=False, row_gain=True)
-    assert not attach_gates(tiny_model("tiny-llama"), mode="probe", contrast=True, row_gain="auto").row_gain
+    assert torch.equal(gates.logits(), gates.logits(PromptGain(gain.values * 0, gain.known)))  # no gain: no term
 
 
 def test_gain_gates_are_probe_gates_on_the_contrast():
@@ -234,14 +201,14 @@ def test_evidence_of_a_token_reads_only_the_response_up_to_it(tok):
 
 def test_warmup_trains_the_contrast_weights_and_needs_the_responses_alone(tok):
     model = tiny_model("tiny-qwen3")
-    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, summary=True, gain=True, row_gain=True,
-                         bias=True, init_bias=3.0)
+    gates = attach_gates(model, mode="probe", contrast=True, evidence=True, summary=True, gain=True, bias=True,
+                         init_bias=3.0)
     optimizer = torch.optim.AdamW(freeze_backbone(model), lr=1e-2)
     rows = encoded(tok, [chat(0), chat(1)]) + [{**r, "is_clean": 0} for r in encoded(tok, [chat(2, answer="zq")])]
     cfg = WarmupLossConfig(negatives_weight=1.0, quality_loss_weight=0.0)
     parts = train_step(model, optimizer, collate(rows, tok.pad_token_id, contrast=True), cfg)
     assert all(extra.weight.abs().sum() > 0 for gate in gates.gates
-               for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain, gate.row_gain))
+               for extra in (gate.contrast, gate.evidence, gate.summary, gate.gain))
     assert "ce" not in parts  # the gain needs the NLL; probe gates still train on the negatives loss alone
     with pytest.raises(ValueError, match="contrast=True"):
         train_step(model, optimizer, collate(rows, tok.pad_token_id), cfg)
