@@ -37,7 +37,7 @@ from planted_noise import ALPHAS, Splits, Variant, attach, copies_of, score, war
 from results import command_line, table
 
 from qgate.corruption import CORRUPTIONS, compose_copies
-from qgate.model_negatives import answer_elsewhere
+from qgate.model_negatives import answer_elsewhere, answer_own
 from qgate.models import load_model, load_tokenizer
 from qgate.scoring import auroc, blend_q_ifd, quality_scores, sorted_reference
 from qgate.selfcheck import auroc_interval
@@ -103,6 +103,10 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     if args.model_negatives:  # a share of the rows get the model's own answer to another prompt instead
         chosen = random.Random(f"{seed}/model").sample(train, round(args.model_negatives * len(train)))
         own = {c["source_id"]: c for c in answer_elsewhere(chosen, model, tokenizer, seed)}
+        made = [own.get(c["source_id"], c) for c in made]
+    if args.own_answers:  # a share of the rows get the model's own answer to their own prompt instead
+        chosen = random.Random(f"{seed}/own").sample(train, round(args.own_answers * len(train)))
+        own = {c["source_id"]: c for c in answer_own(chosen, model, tokenizer, seed)}
         made = [own.get(c["source_id"], c) for c in made]
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
@@ -215,6 +219,8 @@ def parse(argv):
                         "applied on the other (qgate.corruption.compose_copies)")
     parser.add_argument("--model-negatives", type=float, default=0.0,
                         help="share of the warmup copies replaced by the model's own answer to another prompt")
+    parser.add_argument("--own-answers", type=float, default=0.0,
+                        help="share of the warmup copies replaced by the model's own answer to the row's prompt")
     parser.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
                         help="the gates also read the prompt's gain on each response token (gate.gain, the "
                         "product's default); --no-gain: the recipe before it")
@@ -234,7 +240,8 @@ SETTINGS = ("model", "max_length", "test_rows", "train_rows", "pool_rows", "step
 def main(argv: list[str] | None = None) -> None:
     args, started = parse(argv), time.perf_counter()
     torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {})  # caches before --gain
+    settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
+        | ({"own_answers": args.own_answers} if args.own_answers else {})  # caches from before these stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")

@@ -1,9 +1,11 @@
-"""Negatives the model makes itself: its own sampled answer to another row's prompt, set under this row's prompt.
+"""Negatives the model makes itself: its own sampled answer to another row's prompt, set under this row's prompt
+(`answer_elsewhere`), or to this row's own prompt (`answer_own`).
 
 Copies made by the registered corruption kinds carry marks of their kind (a shuffle, a loop, residue), and gates
 trained on them learn those marks. The model's own answer to a different question carries none: it is fluent, in the
 model's style, on some topic, and it does not answer the prompt it stands under. What is left to learn is whether a
-response answers its prompt.
+response answers its prompt. Its near-greedy answer to the row's own prompt is the other end: the response the
+prompt explains best, which teaches the model nothing it would not say itself (an echo, a boilerplate reply).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import random
 
 import torch
 
-from qgate.corruption import prompt_of, with_response
+from qgate.corruption import prompt_of, response_of, with_response
 
 KIND = "model_answer_elsewhere"  # the `corruption` of these copies
+OWN_KIND = "model_own_answer"
 
 
 def answer_elsewhere(rows: list[dict], model, tokenizer, seed: int = 0, max_new_tokens: int = 48,
@@ -29,6 +32,17 @@ def answer_elsewhere(rows: list[dict], model, tokenizer, seed: int = 0, max_new_
                               max_new_tokens, temperature, batch_size)
     return [{**row, "messages": with_response(row["messages"], answer), "source_id": row["id"], "corruption": KIND}
             for row, answer in zip(rows, answers) if answer.strip()]
+
+
+def answer_own(rows: list[dict], model, tokenizer, seed: int = 0, max_new_tokens: int = 48,
+               temperature: float = 0.3, batch_size: int = 16) -> list[dict]:
+    """One copy per row (`source_id`, `corruption` set): its response replaced by the model's own low-temperature
+    answer to the same prompt. Rows whose answer comes out empty or as their own response get none."""
+    answers = sampled_answers(model, tokenizer, [row["messages"] for row in rows], seed, max_new_tokens, temperature,
+                              batch_size)
+    return [{**row, "messages": with_response(row["messages"], answer), "source_id": row["id"], "corruption": OWN_KIND}
+            for row, answer in zip(rows, answers)
+            if answer.strip() and answer != " ".join(response_of(row["messages"]).split())]
 
 
 @torch.inference_mode()
