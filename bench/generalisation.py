@@ -104,11 +104,12 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
         chosen = random.Random(f"{seed}/model").sample(train, round(args.model_negatives * len(train)))
         own = {c["source_id"]: c for c in answer_elsewhere(chosen, model, tokenizer, seed)}
         made = [own.get(c["source_id"], c) for c in made]
-    if args.own_answers:  # a share of the rows get the model's own answer to their own prompt instead
+    own = {}
+    if args.own_answers:  # a share of the rows get the model's own answer to their own prompt, instead or beside
         chosen = random.Random(f"{seed}/own").sample(train, round(args.own_answers * len(train)))
-        own = {c["source_id"]: c for c in answer_own(chosen, model, tokenizer, seed)}
-        made = [own.get(c["source_id"], c) for c in made]
+        own = {c["source_id"]: c for c in with_labels(enc(answer_own(chosen, model, tokenizer, seed)), clean=False)}
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
+    copies = {i: [c, own[i]] if i in own and args.own_beside else own.get(i, c) for i, c in copies.items()}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
     start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain)
     gates = attach(model, recipe, seed)
@@ -221,6 +222,8 @@ def parse(argv):
                         help="share of the warmup copies replaced by the model's own answer to another prompt")
     parser.add_argument("--own-answers", type=float, default=0.0,
                         help="share of the warmup copies replaced by the model's own answer to the row's prompt")
+    parser.add_argument("--own-beside", action="store_true", help="the own answers join the row's registered copy "
+                        "as a second negative instead of replacing it")
     parser.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
                         help="the gates also read the prompt's gain on each response token (gate.gain, the "
                         "product's default); --no-gain: the recipe before it")
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     args, started = parse(argv), time.perf_counter()
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
-        | ({"own_answers": args.own_answers} if args.own_answers else {})  # caches from before these stay valid
+        | ({"own_answers": args.own_answers} if args.own_answers else {}) \
+        | ({"own_beside": True} if args.own_beside else {})  # caches from before these stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")

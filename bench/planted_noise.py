@@ -105,7 +105,7 @@ def follow_ups(best: Variant, step_options: list[int], lr: float) -> list[Varian
 @dataclass
 class Splits:
     warmup: list[dict]  # encoded clean rows
-    copies: dict[str, dict]  # source id -> encoded corrupted copy (warmup kinds), is_clean 0
+    copies: dict[str, dict | list[dict]]  # source id -> encoded corrupted copy (or copies) (warmup kinds), is_clean 0
     evaluation: list[dict]  # encoded originals then copies; `is_clean`, `corruption` set
 
 
@@ -163,10 +163,14 @@ def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, ar
     loss = WarmupLossConfig(quality_loss_type=variant.loss, negatives_weight=1.0 if variant.negatives else 0.0,
                             quality_loss_weight=variant.quality_weight, negatives_alpha=variant.alpha)
     negatives = splits.copies if variant.negatives else {}
-    shard = [{**row, "negatives": [negatives[row["id"]]] if row["id"] in negatives else []} for row in splits.warmup]
+    shard = [{**row, "negatives": as_list(negatives.get(row["id"], []))} for row in splits.warmup]
     return warm_up_alone(model, shard, loss, steps=steps, batch_size=args.batch_size,
                          lr=args.lr if variant.lr is None else variant.lr, pad_id=pad_id, seed=seed,
                          contrast=variant.contrast, autocast=args.autocast)
+
+
+def as_list(copies: dict | list[dict]) -> list[dict]:
+    return copies if isinstance(copies, list) else [copies]
 
 
 def score(model, tokenizer, gates, rows: list[dict], ifd: bool, args) -> list[dict]:
