@@ -104,12 +104,13 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
         chosen = random.Random(f"{seed}/model").sample(train, round(args.model_negatives * len(train)))
         own = {c["source_id"]: c for c in answer_elsewhere(chosen, model, tokenizer, seed)}
         made = [own.get(c["source_id"], c) for c in made]
-    own = {}
+    own_answers = {}
     if args.own_answers:  # a share of the rows get the model's own answer to their own prompt, instead or beside
         chosen = random.Random(f"{seed}/own").sample(train, round(args.own_answers * len(train)))
-        own = {c["source_id"]: c for c in with_labels(enc(answer_own(chosen, model, tokenizer, seed)), clean=False)}
+        own_answers = {c["source_id"]: c for c in with_labels(enc(answer_own(chosen, model, tokenizer, seed)), clean=False)}
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
-    copies = {i: [c, own[i]] if i in own and args.own_beside else own.get(i, c) for i, c in copies.items()}
+    copies = {i: [c, own_answers[i]] if i in own_answers and args.own_beside else own_answers.get(i, c)
+              for i, c in copies.items()}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
     start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain)
     gates = attach(model, recipe, seed)
