@@ -269,6 +269,15 @@ def blend_q_ifd(q, ifd, q_reference, ifd_reference, higher: bool = True) -> np.n
     return (q_rank + np.where(np.isnan(ifd_rank), 0.5, ifd_rank)) / 2.0
 
 
+def band_ranks(values, reference) -> np.ndarray:
+    """How close each value sits to the reference's median, in shares of the reference: `1 − 2·|rank(x) − ½|`.
+
+    For a score whose clean rows sit in a band with noise on both sides (IFD: an answer to another question gains
+    nothing from its prompt, an echo gains everything). values [N] -> [N] in [0, 1], 1 at the median; NaN stays NaN.
+    """
+    return 1.0 - 2.0 * np.abs(percentile_ranks(values, reference) - 0.5)
+
+
 # --- evaluation helpers -----------------------------------------------------------------------------------
 
 

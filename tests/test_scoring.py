@@ -11,6 +11,7 @@ from qgate.scoring import (
     LayerStats,
     auroc,
     auroc_of_pairs,
+    band_ranks,
     blend_q_ifd,
     layer_scores,
     one_step_mapping,
@@ -340,6 +341,14 @@ def test_blend_gives_rows_without_ifd_the_neutral_rank():
     q, ifd = np.array([0.1, 0.5, 0.9]), np.array([1.0, np.nan, 2.0])
     blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd))
     np.testing.assert_allclose(blend, [(1 / 3 + 1.0) / 2, (2 / 3 + 0.5) / 2, (1.0 + 0.5) / 2])
+
+
+def test_band_ranks_peak_at_the_median_and_fall_on_both_sides():
+    reference = sorted_reference(np.arange(1.0, 11.0))  # 1..10
+    band = band_ranks([0.0, 3.0, 5.0, 8.0, 11.0, np.nan], reference)
+    np.testing.assert_allclose(band, [0.0, 0.6, 1.0, 0.4, 0.0, np.nan])  # 1 − 2·|rank − ½|
+    echo, typical, unrelated = band_ranks([0.5, 5.5, 10.5], reference)  # an echo's IFD, a clean one's, a swap's
+    assert typical > max(echo, unrelated)
 
 
 def test_quantiles():
