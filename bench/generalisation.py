@@ -210,6 +210,17 @@ def seen_and_unseen(rows: dict) -> str:
                   "q+IFD, trained on"], lines)
 
 
+def per_fold(results: dict[str, dict]) -> str:
+    """Each fold's originals against its own left-out copies: one set of gates per AUROC, which the pooled table
+    mixes."""
+    lines = []
+    for key, result in sorted(results.items()):
+        values, clean = scorer_values(result), np.asarray(result["is_clean"])
+        keep = (clean == 1) | np.asarray(result["left_out"])
+        lines.append([f"{key}: {', '.join(result['left_out_kinds'])}"] + [cell(values[s], clean, keep) for s in SCORERS])
+    return table(["seed/fold: left-out kinds", *SCORERS], lines)
+
+
 # ---- the run -------------------------------------------------------------------------------------
 
 
@@ -295,7 +306,8 @@ def report(args, cache: dict) -> None:
         return
     body = (f"Command: `{command_line()}`  \n{len(done)} fold runs ({', '.join(sorted(cache['folds']))}; "
             f"seed/fold), {sum(r['seconds'] for r in done) / 60:.0f} min.  \nFolds (left-out kinds): "
-            + "; ".join(", ".join(f) for f in folds(args.folds)) + "\n\n" + headline(pooled(done)) + "\n")
+            + "; ".join(", ".join(f) for f in folds(args.folds)) + "\n\n" + headline(pooled(done)) + "\n\n"
+            + per_fold(cache["folds"]) + "\n")
     print(body)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
