@@ -49,7 +49,7 @@ ROTATION = ("fluent_wrong", "word_shuffle", "response_swap", "char_noise", "inst
             "truncate", "scraped_residue", "refusal_boilerplate", "repetition_loop", "language_mix", "wrong_format")
 RECIPE = Variant("probe", "linear", negatives=True, init="open", alpha=0.0, quality_weight=0.0, contrast=True,
                  evidence=True, summary=True, gain=True)
-SCORERS = ("q", "q+IFD", "q+IFD+PPL", "IFD", "response PPL", "IFD band", "q+IFD band")
+SCORERS = ("q", "q+IFD", "q+IFD+PPL", "IFD", "response PPL", "IFD band", "PPL band", "q+IFD band")
 
 
 def kinds_in_rotation() -> list[str]:
@@ -140,19 +140,20 @@ def scorer_values(result: dict) -> dict[str, np.ndarray]:
     higher = auroc(q[seen], clean[seen]) >= 0.5  # decided on warmup kinds only: the left-out ones stay unseen
     blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
     ppl = -np.asarray(result["response_nll"], dtype=np.float64)
-    band = ifd_band(ifd, np.asarray(result["corpus"]))
+    corpus = np.asarray(result["corpus"])
+    band = in_band(ifd, corpus)
     return {"q": q if higher else -q, "q+IFD": blend, "q+IFD+PPL": rank_mean([q if higher else -q, -ifd, ppl]),
-            "IFD": -ifd, "response PPL": ppl, "IFD band": band,
+            "IFD": -ifd, "response PPL": ppl, "IFD band": band, "PPL band": in_band(ppl, corpus),
             "q+IFD band": rank_mean([q if higher else -q, np.nan_to_num(band, nan=0.5)])}
 
 
-def ifd_band(ifd: np.ndarray, corpus: np.ndarray) -> np.ndarray:
-    """How close each row's IFD sits to its corpus's median IFD (`qgate.scoring.band_ranks`), the corpus's scored
+def in_band(values: np.ndarray, corpus: np.ndarray) -> np.ndarray:
+    """How close each row's value sits to its corpus's median (`qgate.scoring.band_ranks`), the corpus's scored
     rows, noise included, as the reference, as select's reference sample is the user's whole corpus. [N] -> [N]"""
-    band = np.full_like(ifd, np.nan)
+    band = np.full_like(values, np.nan)
     for name in np.unique(corpus):
         rows = corpus == name
-        band[rows] = band_ranks(ifd[rows], sorted_reference(ifd[rows]))
+        band[rows] = band_ranks(values[rows], sorted_reference(values[rows]))
     return band
 
 
