@@ -98,30 +98,8 @@ class QualityGate(nn.Module):
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
         """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
         values, known = gain.values.float(), gain.known.float()
-        mean = running_mean(values, known)  # [B, T]
-        features = self.gain_scale * torch.stack([values * known, mean], dim=-1)  # [B, T, 2]
-        logits = self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
-        if getattr(self, "tent", None) is None:
-            return logits
-        distance = self.gain_scale * (mean - self.gain_center).abs() * known  # [B, T]: from the clean rows' centre
-        return logits + self.tent(distance.unsqueeze(-1).to(self.tent.weight.dtype)).squeeze(-1)
-
-    def add_tent(self) -> None:
-        """Also read how far the running mean gain sits from the clean rows' (tracked in warmup): clean answers sit
-        between "the prompt explains nothing" and "it explains everything", whichever side the negatives were on."""
-        self.tent = nn.Linear(1, 1, bias=False).to(self.linear.weight.device)
-        nn.init.zeros_(self.tent.weight)
-        self.register_buffer("gain_center", torch.zeros((), device=self.linear.weight.device))
-        self.centered = False
-
-    def track_center(self, gain: PromptGain, clean: torch.Tensor) -> None:
-        """EMA of the clean rows' running mean gain over their known tokens."""
-        known = gain.known.float() * (clean > 0.5).float().unsqueeze(1)  # [B, T]
-        if known.sum() == 0:
-            return
-        value = (running_mean(gain.values, gain.known) * known).sum() / known.sum()
-        self.gain_center.copy_(value if not self.centered else 0.9 * self.gain_center + 0.1 * value)
-        self.centered = True
+        features = self.gain_scale * torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
+        return self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
 
 
 @dataclass
