@@ -15,7 +15,8 @@ fresh gates of the product's recipe (probe, contrast + evidence + summary + gain
 in the product's loop (`qgate.warmup_loop.warm_up_alone`) on copies of the other kinds only, then score the test
 originals and copies: two thirds of the originals get a copy of a left-out kind (the headline), one third a copy of a warmup kind
 (reported apart). Every AUROC has a stratified-bootstrap 95% interval. Baselines (response PPL, IFD) come from
-the same forward passes; `q+IFD` is the product's rank blend. A run starts no new fold after --budget-min
+the same forward passes, one-sided and in a band (how close a row's value sits to its corpus's median);
+`q+IFD` is the product's rank blend. A run starts no new fold after --budget-min
 minutes; rerun the same command with the same --cache to go on.
 """
 
