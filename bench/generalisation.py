@@ -143,7 +143,7 @@ def scorer_values(result: dict) -> dict[str, np.ndarray]:
     band = in_band(ifd, corpus)
     return {"q": q if higher else -q, "q+IFD": blend, "q+IFD+PPL": rank_mean([q if higher else -q, -ifd, ppl]),
             "IFD": -ifd, "response PPL": ppl, "IFD band": band, "PPL band": in_band(ppl, corpus),
-            "q+IFD band": rank_mean([q if higher else -q, np.nan_to_num(band, nan=0.5)])}
+            "q+IFD band": rank_mean([q if higher else -q, band])}
 
 
 def in_band(values: np.ndarray, corpus: np.ndarray) -> np.ndarray:
