@@ -43,6 +43,17 @@ def init_ray(config: DictConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def read_parquet(files: list[str], columns: list[str]):
+    """`ray.data.read_parquet` through Ray's first Parquet datasource: the second one's file listing holds every
+    pass ~3 s (0.1 s of it CPU) whatever the data's size (Ray 2.60), and select makes four passes."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    if hasattr(context, "use_datasource_v2"):
+        context.use_datasource_v2 = False
+    return ray.data.read_parquet(files, columns=columns)
+
+
 def gpus_available() -> int:
     import ray
 

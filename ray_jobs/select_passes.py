@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from qgate import selection as policy
 from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares
 from qgate.scoring import LayerStats, sorted_reference
+from ray_jobs.common import read_parquet
 
 # Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
 SCORE_ROWS_PER_PARTITION, LINE_ROWS_PER_PARTITION = 2_000_000, 50_000
@@ -25,13 +26,11 @@ DRIVER_SORT_ROWS = {SCORE_ROWS_PER_PARTITION: 200_000, LINE_ROWS_PER_PARTITION: 
 
 def datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kwargs: dict):
     """One map_batches over the shards of every stats directory, each with its own α spec, as one dataset."""
-    import ray
-
     parts = []
     for path, spec in zip(dirs, specs):
         files = sorted(str(p) for p in path.rglob("*.parquet"))
         if files:
-            ds = ray.data.read_parquet(files, columns=columns + policy.s_columns(spec))
+            ds = read_parquet(files, columns + policy.s_columns(spec))
             parts.append(ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec, **fn_kwargs}))
     if not parts:
         raise FileNotFoundError(f"no stats shards in {', '.join(map(str, dirs))}")

@@ -37,6 +37,7 @@ from qgate.selfcheck import collected_stats, without_stats
 from ray_jobs.common import (
     config_from_argv,
     init_ray,
+    read_parquet,
     record_config,
     run_paths,
     setup_logging,
@@ -62,7 +63,7 @@ def sample_rows(config: DictConfig, exclude: set[tuple[str, str]]) -> list[dict]
     if total <= DRIVER_SAMPLE_ROWS:
         rows = collected_stats(pa.concat_tables([pq.read_table(f, columns=columns) for f in files]), spec).to_pylist()
     else:
-        ds = ray.data.read_parquet(files, columns=columns)
+        ds = read_parquet(files, columns)
         fraction = min(1.0, 3.0 * config.selfcheck.rows / max(total - len(exclude), 1))
         ds = ds.random_sample(fraction, seed=config.seed) if fraction < 1 else ds
         rows = ds.map_batches(collected_stats, batch_format="pyarrow", fn_kwargs={"spec": spec}).take_all()
