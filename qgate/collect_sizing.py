@@ -17,6 +17,14 @@ PROGRESS_PIECES = 20  # write tasks of a small corpus (collect's bar moves once 
 MAX_PARTITIONS, PARTITION_ROWS = 64, 2_000_000  # hash partitions of the judging pass (`judging_partitions`)
 
 
+def scoring_batch_rows(batch_rows: int, n_todo: int | None, actors: int) -> int:
+    """Rows per scoring batch: `collect.batch_rows`, but a corpus too small to give every actor of the pool two
+    batches is cut finer, so that no actor idles while another scores the whole corpus."""
+    if n_todo is None:
+        return int(batch_rows)
+    return int(max(1, min(batch_rows, math.ceil(n_todo / (2 * actors)))))
+
+
 def write_rows(shard_rows: int, batch_rows: int, n_todo: int | None) -> int:
     """Rows per write task: `collect.shard_rows`, but a corpus smaller than `PROGRESS_PIECES` shards is written in
     about that many pieces (never under one scoring batch each), so collect's bar moves while it scores."""

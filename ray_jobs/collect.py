@@ -26,6 +26,7 @@ from qgate.collect_sizing import (
     actor_resources,
     judging_partitions,
     pool_size,
+    scoring_batch_rows,
     write_rows,
 )
 from qgate.config import scorer_config
@@ -77,24 +78,31 @@ def build_pipeline(config, files: list[str], index_dir: Path, paths: dict, attem
                    gpu: bool, n_todo: int | None = None):
     """The Ray dataset of write summaries: rows read, spread over the pool, scored, and written by the workers."""
     c = config.collect
+    actors = pool_size(c, gpu, ray.cluster_resources().get("GPU", 0))
+    per_batch = scoring_batch_rows(int(c.batch_rows), n_todo, actors)
     rows = file_items(files).map_batches(
         collection.read_files, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        fn_kwargs={"index_dir": str(index_dir), "block_rows": int(c.batch_rows)})
-    rows = spread(rows, int(c.batch_rows))
+        fn_kwargs={"index_dir": str(index_dir), "block_rows": per_batch})
+    rows = spread(rows, per_batch)
     if c.max_rows:
         rows = rows.limit(int(c.max_rows))
     # On CPU the tokenizing step asks for what an actor holds, so Ray fuses it into the actors; with GPUs it
     # stays in CPU tasks that feed them.
     resources = actor_resources(c, gpu, ray.cluster_resources().get("CPU", 0.0))
-    encoded = rows.map_batches(collection.encode_batch, batch_format="pyarrow", batch_size=int(c.batch_rows),
+    encoded = rows.map_batches(collection.encode_batch, batch_format="pyarrow", batch_size=per_batch,
                                fn_kwargs=collection.encode_args(config, gates_dir), **({} if gpu else resources))
-    pool = ray.data.ActorPoolStrategy(size=pool_size(c, gpu, ray.cluster_resources().get("GPU", 0)))
     scored = encoded.map_batches(
         collection.ScoreBatch, fn_constructor_kwargs=scorer_config(config, gates_dir, "cuda" if gpu else "cpu"),
-        batch_format="pyarrow", batch_size=int(c.batch_rows), compute=pool, **resources)
+        batch_format="pyarrow", batch_size=per_batch, compute=scoring_pool(actors, gpu), **resources)
     return scored.map_batches(write_batch, batch_format="pyarrow", num_cpus=WRITE_CPUS,
-                              batch_size=write_rows(c.shard_rows, c.batch_rows, n_todo),
+                              batch_size=write_rows(c.shard_rows, per_batch, n_todo),
                               fn_kwargs=collection.write_args(c, paths, attempt))
+
+
+def scoring_pool(actors: int, gpu: bool):
+    """A fixed pool; on CPU each actor holds one batch at a time, so the first actor up does not queue the batches
+    of a small corpus while the others load the model (a GPU actor keeps Ray's prefetching)."""
+    return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=None if gpu else 1)
 
 
 def spread(rows, block_rows: int):

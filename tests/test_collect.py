@@ -216,6 +216,13 @@ def test_a_one_file_corpus_keeps_every_actor_of_the_pool_busy(local_ray, tmp_pat
     assert output_keys(out) == input_keys(data) and summary["scored"] == 400
 
 
+def test_a_small_corpus_is_cut_into_two_batches_per_actor():
+    assert collect_sizing.scoring_batch_rows(64, n_todo=60, actors=2) == 15
+    assert collect_sizing.scoring_batch_rows(64, n_todo=10_000, actors=2) == 64
+    assert collect_sizing.scoring_batch_rows(64, n_todo=1, actors=4) == 1
+    assert collect_sizing.scoring_batch_rows(64, n_todo=None, actors=2) == 64  # no count: the setting
+
+
 def test_a_batch_written_again_replaces_its_files(tmp_path):
     """A write task that Ray runs again (retry, lost node) writes the same files, not a second copy; shards are
     cut by bytes; files no reported task wrote are removed."""

@@ -69,7 +69,7 @@ def test_real_smollm2_end_to_end(ray_local, corpus, tmp_path):
 
     out = tmp_path / "run"
     config = load_config([f"data={corpus['data_dir']}", f"out={out}", "steps=2", "warmup.batch_size=2",
-                          "max_length=128", "collect.actors=1", "selfcheck.rows=12", "selection_percentage=0.3",
+                          "max_length=128", "collect.actors=2", "collect.max_batch_tokens=2048", "selfcheck.rows=12", "selection_percentage=0.3",
                           "warmup.checkpoint_every=2"])
     start = time.time()
     run(config)
