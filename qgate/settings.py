@@ -109,7 +109,8 @@ class CollectSettings:
     actors: Any = setting("auto", "scoring actors, one GPU each when GPUs are used; auto: one per GPU of the cluster "
                                   "then, else 2")
     cpus_per_actor: float = setting(1.0, "CPU-only runs: cores per scoring actor")
-    batch_rows: int = setting(64, "rows per map_batches batch")
+    batch_rows: int = setting(64, "rows per scoring batch; a corpus too small to give each actor two is cut "
+                                  "finer")
     max_batch_tokens: int = setting(8192, "padded tokens per forward pass")
     alphas: List[float] = setting(lambda: [0.0, 0.5, 1.0, 2.0], "α of the token weights S is kept for "
                                                                   "(selection.alpha picks one)")
