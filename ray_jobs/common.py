@@ -45,13 +45,18 @@ def init_ray(config: DictConfig) -> None:
 
 def read_parquet(files: list[str], columns: list[str]):
     """`ray.data.read_parquet` through Ray's first Parquet datasource: the second one's file listing holds every
-    pass ~3 s (0.1 s of it CPU) whatever the data's size (Ray 2.60), and select makes four passes."""
+    pass ~3 s (0.1 s of it CPU) whatever the data's size (Ray 2.60), and select makes four passes. The choice is
+    made when the dataset is built, so the driver's context is put back after it."""
     import ray
 
     context = ray.data.DataContext.get_current()
-    if hasattr(context, "use_datasource_v2"):
-        context.use_datasource_v2 = False
-    return ray.data.read_parquet(files, columns=columns)
+    if not hasattr(context, "use_datasource_v2"):
+        return ray.data.read_parquet(files, columns=columns)
+    before, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, columns=columns)
+    finally:
+        context.use_datasource_v2 = before
 
 
 def gpus_available() -> int:
