@@ -113,7 +113,7 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     copies = {i: [c, own_answers[i]] if i in own_answers and args.own_beside else own_answers.get(i, c)
               for i, c in copies.items()}
     rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
-    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain)
+    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain, tent=args.tent)
     gates = attach(model, recipe, seed)
     try:
         warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), recipe, args.steps, args, seed)
@@ -253,6 +253,8 @@ def parse(argv):
     parser.add_argument("--gain", action=argparse.BooleanOptionalAction, default=True,
                         help="the gates also read the prompt's gain on each response token (gate.gain, the "
                         "product's default); --no-gain: the recipe before it")
+    parser.add_argument("--tent", action="store_true", help="gain gates also read how far the running mean gain "
+                        "sits from the clean warmup rows' (gate.tent)")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
         | ({"own_answers": args.own_answers} if args.own_answers else {}) \
-        | ({"own_beside": True} if args.own_beside else {})  # caches from before these stay valid
+        | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {})
+    # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")

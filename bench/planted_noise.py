@@ -58,6 +58,7 @@ class Variant:
     evidence: bool = False  # the contrast gate also adds the running mean of its evidence over the response
     summary: bool = False  # the contrast gate also reads the row's last token (probe mode)
     gain: bool = False  # the contrast gate also reads how much the prompt helps predict each response token
+    tent: bool = False  # the gain gate also reads how far the running mean gain sits from the clean rows' (gate.tent)
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -154,7 +155,8 @@ def make_splits(tokenizer, rows: list[dict], args, score_on: str) -> Splits:
 def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
-                        evidence=variant.evidence, summary=variant.summary, gain=variant.gain, **bias)
+                        evidence=variant.evidence, summary=variant.summary, gain=variant.gain, tent=variant.tent,
+                        **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:

@@ -14,6 +14,10 @@ A gain gate (`gain=True`, on top of contrast, probe mode only) adds, on the fina
 much the prompt helps predict each token, `√H · [g_t, mean_{u≤t} g_u] · c` with g_t = NLL(token | response alone) −
 NLL(token | prompt + response): an answer that belongs to another question is fluent but its prompt does not help.
 The gain comes from the LM head, after the pass, so it joins the logits in `GateSet.logits(gain)`.
+A tent gate (`tent=True`, on top of gain) also reads how far the running mean gain sits from the clean warmup rows'
+(an EMA kept in warmup, saved with the gate): a clean answer sits between "the prompt explains nothing" (an answer
+to another question) and "it explains everything" (an echo, the model's own answer), whichever side the negatives
+were on.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -40,7 +44,8 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent")
+CENTER_EMA = 0.9  # tent gates: weight of the kept clean-row centre against each new batch's
 
 
 class QualityGate(nn.Module):
@@ -49,12 +54,13 @@ class QualityGate(nn.Module):
     With `contrast`, a second `nn.Linear(hidden, 1)` (init 0) reads the prompt's effect x − x̃ where it is known;
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
-    with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`).
+    with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`);
+    with `tent`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean gain − `gain_center`| there.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False, gain: bool = False):
+                 summary: bool = False, gain: bool = False, tent: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -72,10 +78,17 @@ class QualityGate(nn.Module):
         self.evidence = nn.Linear(2 * hidden_size, 1, bias=False) if evidence else None
         self.summary = nn.Linear(hidden_size, 1, bias=False) if summary else None
         self.gain = nn.Linear(2, 1, bias=False) if gain else None
+        if tent and not gain:
+            raise ValueError("gate.tent reads how far the prompt's gain sits from its clean centre; it needs "
+                             "gate.gain")
+        # made without drawing from the RNG, so that adding it leaves every other weight of a seed as it was
+        self.tent = nn.utils.skip_init(nn.Linear, 1, 1, bias=False) if tent else None
+        self.register_buffer("gain_center", torch.zeros(()) if tent else None)  # the clean rows' mean gain
+        self.centered = False  # whether warmup has tracked the centre yet (a loaded one has)
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
         self.gain_scale = hidden_size ** 0.5
-        for extra in (self.evidence, self.summary, self.gain):
+        for extra in (self.evidence, self.summary, self.gain, self.tent):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -98,8 +111,19 @@ class QualityGate(nn.Module):
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
         """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
         values, known = gain.values.float(), gain.known.float()
-        features = self.gain_scale * torch.stack([values * known, running_mean(values, known)], dim=-1)  # [B, T, 2]
-        return self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
+        mean = running_mean(values, known)  # [B, T]
+        features = self.gain_scale * torch.stack([values * known, mean], dim=-1)  # [B, T, 2]
+        logits = self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
+        if self.tent is None:
+            return logits
+        distance = self.gain_scale * (mean - self.gain_center.float()).abs() * known  # [B, T]
+        return logits + self.tent(distance.unsqueeze(-1).to(self.tent.weight.dtype)).squeeze(-1)
+
+    def track_center(self, value: torch.Tensor) -> None:
+        """Tent gates: move the kept clean-row centre towards a batch's `value` (`clean_mean_gain`), an EMA."""
+        value = value.to(self.gain_center.dtype)
+        self.gain_center.copy_(CENTER_EMA * self.gain_center + (1 - CENTER_EMA) * value if self.centered else value)
+        self.centered = True
 
 
 @dataclass
@@ -117,6 +141,16 @@ class LayerReference:
     alone: torch.Tensor  # [B, T, H]: x̃ at the known positions of the full rows, 0 elsewhere
     known: torch.Tensor  # [B, T]: 1 on the final response's tokens that the alone pass holds
     last: torch.Tensor  # [B] long: each full row's last position
+
+
+def clean_mean_gain(gain: PromptGain, is_clean: torch.Tensor) -> torch.Tensor | None:
+    """The running mean gain of the clean rows averaged over their known tokens, summed over every DDP rank first
+    (so one or N workers see the same value); None when the batch holds no such token. gain [B, T]; is_clean [B]."""
+    known = gain.known.float() * (is_clean.to(gain.known.device) > 0.5).float().unsqueeze(1)  # [B, T]
+    totals = torch.stack([(running_mean(gain.values, gain.known) * known).sum(), known.sum()]).detach()  # [2]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return None if totals[1] == 0 else totals[0] / totals[1]
 
 
 def running_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -151,6 +185,7 @@ class GateSet:
         self.evidence = any(gate.evidence is not None for gate in gates)
         self.summary = any(gate.summary is not None for gate in gates)
         self.gain = any(gate.gain is not None for gate in gates)
+        self.tent = any(gate.tent is not None for gate in gates)
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -197,6 +232,12 @@ class GateSet:
         return torch.stack([logits + gate.gain_logits(gain).to(logits.dtype)
                             for logits, gate in zip(self._logits, self.gates)], dim=1)
 
+    def track_center(self, gain: PromptGain, is_clean: torch.Tensor) -> None:
+        """Tent gates: the clean rows of this batch move every gate's kept centre of the gain (warmup)."""
+        value = clean_mean_gain(gain, is_clean)
+        for gate in self.gates if value is not None else ():
+            gate.track_center(value)
+
     def clear(self) -> None:
         self._logits = [None] * len(self.gates)
         self.captured = [None] * len(self.gates)
@@ -214,15 +255,16 @@ class GateSet:
         return [p for gate in self.gates for p in gate.parameters()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence and summary gates add
-        `layers.{i}.contrast.weight`, `layers.{i}.evidence.weight`, `layers.{i}.summary.weight` and
-        `layers.{i}.gain.weight`."""
+        """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence, summary, gain and tent gates add
+        `layers.{i}.{contrast,evidence,summary,gain,tent}.weight`; tent gates also `layers.{i}.gain_center`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
             for name in EXTRA_INPUTS:
                 if getattr(gate, name) is not None:
                     state[f"layers.{index}.{name}.weight"] = getattr(gate, name).weight
+            if gate.tent is not None:
+                state[f"layers.{index}.gain_center"] = gate.gain_center
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -230,10 +272,14 @@ class GateSet:
             prefix = f"layers.{index}."
             extra = tuple(f"{prefix}{name}." for name in EXTRA_INPUTS)
             gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                         if k.startswith(prefix) and not k.startswith(extra)})
+                                         if k.startswith(prefix) and not k.startswith(extra)
+                                         and k != f"{prefix}gain_center"})
             for name in EXTRA_INPUTS:
                 if getattr(gate, name) is not None:
                     getattr(gate, name).load_state_dict({"weight": state[f"{prefix}{name}.weight"]})
+            if gate.tent is not None:
+                gate.gain_center.copy_(state[f"{prefix}gain_center"])
+                gate.centered = True
 
     def remove(self) -> None:
         """Detach hooks and gate modules: the model is the plain backbone again."""
@@ -257,7 +303,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
-                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, **trash_can) -> GateSet:
+                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool = GATE.tent,
+                 **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -266,7 +313,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
-    ("auto": as summary).
+    ("auto": as summary); `tent` the read of its distance from the clean rows' (needs `gain`).
     """
     from qgate import moe
 
@@ -280,6 +327,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     evidence = resolved("evidence", evidence, contrast)
     summary = resolved("summary", summary, contrast and mode == "probe")
     gain = resolved("gain", gain, contrast and mode == "probe")
+    tent = resolved("tent", tent, False)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
@@ -287,9 +335,9 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain:
-            raise ValueError("gate.contrast, gate.evidence, gate.summary and gate.gain are for dense gates; MoE "
-                             "trash-can experts have no contrast input")
+        if contrast or evidence or summary or gain or tent:
+            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain and gate.tent are for dense "
+                             "gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -299,7 +347,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain) for _ in layers]
+                             summary, gain, tent) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -323,7 +371,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
-            "summary": gates.summary, "gain": gates.gain,
+            "summary": gates.summary, "gain": gates.gain, "tent": gates.tent,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -357,7 +405,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
-                         gain=meta.get("gain", False), **extra)
+                         gain=meta.get("gain", False), tent=meta.get("tent", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

@@ -45,6 +45,18 @@ def answer_own(rows: list[dict], model, tokenizer, seed: int = 0, max_new_tokens
             if answer.strip() and answer != " ".join(response_of(row["messages"]).split())]
 
 
+def load_and_answer_own(rows: list[dict], model: str, dtype: str = "float32", trust_remote_code: bool = False,
+                        seed: int = 0) -> list[dict]:
+    """`answer_own` by a freshly loaded `model` (on the GPU when there is one): the warmup driver's task for
+    `warmup.own_answers`, which it runs where the scoring hardware is."""
+    from qgate.models import load_model, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return answer_own(rows, loaded, tokenizer, seed)
+
+
 @torch.inference_mode()
 def sampled_answers(model, tokenizer, conversations: list[list[dict]], seed: int = 0, max_new_tokens: int = 48,
                     temperature: float = 0.8, batch_size: int = 16) -> list[str]:

@@ -160,6 +160,7 @@ class TrashCanGateSet(GateSet):
     evidence = False
     summary = False
     gain = False
+    tent = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

@@ -53,6 +53,8 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
         else:  # probe gates, uniform token weights, no gain read: the LM head would change nothing
             decoder_pass(model, batch["input_ids"], batch["attention_mask"])
     gain = prompt_gain(nll, alone_nll, batch["pairs"]) if gates.gain else None
+    if gain is not None and gates.tent and torch.is_grad_enabled():  # tent gates learn the clean rows' centre
+        gates.track_center(gain, batch["is_clean"])
     logits = gates.logits(gain)  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.
     aux = gates.aux_loss(batch["attention_mask"]) if hasattr(gates, "aux_loss") else None

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -57,12 +59,16 @@ def sample_rows(config: DictConfig, counts: Counter) -> list[dict]:
     return [row for _, _, row in sorted(heap, key=lambda item: (-item[0], item[1]))[:k]]
 
 
-def warmup_items(config: DictConfig, tokenizer) -> tuple[list[dict], list[dict], Counter]:
+OwnAnswers = Callable[[list[dict]], list[dict]]  # rows -> their `qgate.model_negatives.answer_own` copies
+
+
+def warmup_items(config: DictConfig, tokenizer, own_answers: OwnAnswers | None = None
+                 ) -> tuple[list[dict], list[dict], Counter]:
     """The sampled rows, their encoded items (`encode_items`) and the counts of both; raises when no item is left."""
     counts = Counter()
     log.info("sampling warmup rows from %s", config.data)
     rows = sample_rows(config, counts)
-    items = encode_items(config, tokenizer, rows, counts)
+    items = encode_items(config, tokenizer, rows, counts, own_answers)
     log.info("warmup rows: %s", dict(sorted(counts.items())))
     if not items:
         raise ValueError(f"no rows to warm up on in {config.data}: {dict(counts)}")
@@ -83,9 +89,12 @@ def _sample_key(seed: int, row: dict) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter) -> list[dict]:
+def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counter,
+                 own_answers: OwnAnswers | None = None) -> list[dict]:
     """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`; a
-    `warmup.compose_share` of the copies carry two kinds.
+    `warmup.compose_share` of the copies carry two kinds; a seeded `warmup.own_answers` share of the originals get
+    the model's own answer to their prompt as their copy instead (made by `own_answers`; an original whose answer
+    comes out empty or as its own response keeps its registered copy).
 
     With negatives on, an original whose copy cannot be made or encoded is left out (`no_negative`), so every
     batch holds as many copies as originals and the loss averages the same way on any number of workers.
@@ -101,6 +110,8 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
     copies = corrupt_samples(indexed, kinds, config.seed)
     if config.warmup.compose_share > 0:
         copies = compose_copies(copies, kinds, config.seed, float(config.warmup.compose_share), pool=indexed)
+    if config.warmup.own_answers > 0:
+        copies = with_own_answers(config, indexed, copies, own_answers, counts)
     for copy in copies:
         enc = _encoded(config, tokenizer, {**copy, "reason": ""}, counts, clean=0.0, prefix="negative_reject:")
         if enc is not None:
@@ -108,6 +119,22 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
     items = [{**enc, "negatives": by_source[i]} for i, (_, enc) in enumerate(kept) if i in by_source]
     counts["no_negative"] += len(kept) - len(items)
     return items
+
+
+def with_own_answers(config: DictConfig, rows: list[dict], copies: list[dict], own_answers: OwnAnswers | None,
+                     counts: Counter) -> list[dict]:
+    """`copies` with those of a seeded `warmup.own_answers` share of `rows` replaced by the rows' own answers."""
+    if own_answers is None:
+        raise ValueError("warmup.own_answers > 0 needs the model to answer the rows' prompts; none was given")
+    share = float(config.warmup.own_answers)
+    if not 0 < share <= 1:
+        raise ValueError(f"warmup.own_answers is a share of the warmup rows, in (0, 1]; got {share}")
+    chosen = random.Random(f"{config.seed}/own").sample(rows, round(share * len(rows)))
+    own = {copy["source_id"]: copy for copy in own_answers(chosen)}
+    counts["own_answers"] += len(own)
+    counts["own_answer_failed"] += len(chosen) - len(own)
+    replaced = [copy for copy in copies if copy["source_id"] not in own]
+    return replaced + list(own.values())
 
 
 def _encoded(config: DictConfig, tokenizer, row: dict, counts: Counter, clean: float = 1.0,

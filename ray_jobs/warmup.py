@@ -4,7 +4,8 @@
     python -m ray_jobs.warmup data=corpus.jsonl model=tiny-qwen3 out=/tmp/q workers=2 warmup.steps=20  # tiny CPU
 
 The driver samples `warmup.warmup_fraction` of the good rows (seeded, at most `warmup.max_rows`), encodes them and,
-with `loss.negatives_weight > 0`, one corrupted copy of each (`warmup.negative_kinds`). Worker r gets the shard
+with `loss.negatives_weight > 0`, one corrupted copy of each (`warmup.negative_kinds`; with `warmup.own_answers`,
+a share of them is the model's own answer to the row's prompt, made by one Ray task first). Worker r gets the shard
 `rows[r::workers]` of that seeded order. A step reads one global batch of `batch_size × workers` originals (plus
 their copies) chosen by the step alone, so the same seed and global batch give the same gates on 1 or N workers.
 
@@ -108,6 +109,22 @@ def trainer(config: DictConfig, loop_cfg: dict):
     return TorchTrainer(train_loop, train_loop_config=loop_cfg, scaling_config=scaling, run_config=run_config)
 
 
+def own_answers_on_ray(config: DictConfig):
+    """`warmup.own_answers`: the model's own answers to the chosen rows' prompts, made by one Ray task that loads the
+    model (on a GPU when the run uses them); None when the setting is off."""
+    if config.warmup.own_answers <= 0:
+        return None
+    from qgate.model_negatives import load_and_answer_own
+
+    resources = {"num_gpus": 1} if use_gpu(config) else {"num_cpus": config.warmup.cpus_per_worker}
+    task = ray.remote(**resources)(load_and_answer_own)
+
+    def answer(rows: list[dict]) -> list[dict]:
+        log.info("warmup.own_answers: the model answers %d rows' prompts", len(rows))
+        return ray.get(task.remote(rows, config.model, config.dtype, config.trust_remote_code, config.seed))
+    return answer
+
+
 def run(config: DictConfig) -> Path:
     """Warm up the gates on `config.data`; returns the gates directory `out/gates`."""
     from qgate.models import load_tokenizer
@@ -118,7 +135,7 @@ def run(config: DictConfig) -> Path:
     with stage_log(config.out, "warmup"):
         check_checkpoints(config)
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        rows, items, counts = warmup_items(config, tokenizer)
+        rows, items, counts = warmup_items(config, tokenizer, own_answers_on_ray(config))
         shards = [ray.put(s) for s in shard_items(items, config.warmup.batch_size, config.warmup.workers)]
         log.info("starting Ray Train: %d worker(s), %d steps of %d originals each (the workers load the model "
                  "first, then log progress)", config.warmup.workers, config.warmup.steps, config.warmup.batch_size)

@@ -118,3 +118,43 @@ def test_gates_stay_float32_on_a_bf16_backbone():
     logits.sigmoid().mean().backward()
     optimizer.step()
     assert all(state["exp_avg"].dtype == torch.float32 for state in optimizer.state.values())
+
+
+def test_tent_gates_leave_every_other_weight_of_a_seed_and_save_their_centre(tmp_path):
+    from qgate.gate import PromptGain
+
+    kwargs = {"mode": "probe", "contrast": True, "gain": True, "seed": 4}
+    plain = attach_gates(tiny_model("tiny-qwen3"), **kwargs).state_dict()
+    model = tiny_model("tiny-qwen3")
+    tent = attach_gates(model, tent=True, **kwargs)
+    assert {k: v for k, v in tent.state_dict().items() if k in plain}.keys() == plain.keys()
+    assert all(torch.equal(tent.state_dict()[k], v) for k, v in plain.items())
+    assert all(float(tent.state_dict()[f"layers.{i}.tent.weight"]) == 0 for i in tent.layers)
+
+    # two rows of known gain [1, 3] and [5, 5]; only the first is clean: running means 1, 2 -> centre 1.5
+    gain = PromptGain(values=torch.tensor([[1.0, 3.0], [5.0, 5.0]]), known=torch.ones(2, 2))
+    tent.track_center(gain, torch.tensor([1.0, 0.0]))
+    assert float(tent.gates[0].gain_center) == pytest.approx(1.5)
+    tent.track_center(PromptGain(values=torch.tensor([[4.0, 4.0]]), known=torch.ones(1, 2)), torch.tensor([1.0]))
+    assert float(tent.gates[1].gain_center) == pytest.approx(0.9 * 1.5 + 0.1 * 4.0)
+    tent.track_center(gain, torch.tensor([0.0, 0.0]))  # no clean token: the centre stays
+    assert float(tent.gates[1].gain_center) == pytest.approx(1.75)
+
+    for gate in tent.gates:
+        torch.nn.init.constant_(gate.tent.weight, 0.5)
+    expected = [gate.gain_logits(gain) for gate in tent.gates]
+    torch.nn.init.zeros_(tent.gates[0].tent.weight)
+    # the tent adds 0.5 · √H · |running mean − 1.75| to the gain's own read
+    distance = (torch.tensor([[1.0, 2.0], [5.0, 5.0]]) - 1.75).abs() * tent.gates[0].gain_scale
+    assert torch.allclose(expected[0] - tent.gates[0].gain_logits(gain), 0.5 * distance, atol=1e-4)
+    torch.nn.init.constant_(tent.gates[0].tent.weight, 0.5)
+    save_gates(tent, tmp_path, {"base_model": "tiny-qwen3"})
+    reloaded = load_gates(tiny_model("tiny-qwen3"), tmp_path)
+    assert reloaded.tent and all(gate.centered for gate in reloaded.gates)
+    assert [float(g.gain_center) for g in reloaded.gates] == pytest.approx([1.75, 1.75])
+    assert all(torch.allclose(g.gain_logits(gain), e) for g, e in zip(reloaded.gates, expected))
+
+
+def test_a_tent_needs_the_gain_it_reads():
+    with pytest.raises(ValueError, match="needs gate.gain"):
+        attach_gates(tiny_model("tiny-qwen3"), mode="probe", contrast=True, gain=False, tent=True)
