@@ -3,6 +3,9 @@ scorer on the left-out and on the warmup kinds, with a 95% paired-bootstrap inte
 then q per kind where it was left out.
 
     python bench/generalisation_delta.py /tmp/gen/A.json /tmp/gen/B.json
+    python bench/generalisation_delta.py /tmp/gen/S5.json,/tmp/gen/S6.json /tmp/gen/TO5.json,/tmp/gen/TO6.json
+
+Each side is one cache or a comma-separated list of them (their folds pooled: several seeds, parallel folds).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from selection_metrics import bootstrap_delta
 from qgate.scoring import auroc
 
 
-def folds_of(cache: str) -> dict[str, dict]:
-    return json.loads(open(cache).read())["folds"]
+def folds_of(caches: str) -> dict[str, dict]:
+    """The folds of one cache, or of a comma-separated list of caches."""
+    return {key: fold for cache in caches.split(",") for key, fold in json.loads(open(cache).read())["folds"].items()}
 
 
 def main(argv: list[str] | None = None) -> None:
