@@ -64,6 +64,7 @@ from qgate.encoding import encode_row
 from qgate.facts_corpus import build_facts_corpus
 from qgate.finetune import LoraSettings, evaluate_model, train
 from qgate.gate import GateSet, attach_gates
+from qgate.model_negatives import answer_own
 from qgate.models import autocast_dtype, load_model, load_tokenizer
 from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, selection_count, sorted_reference
 from qgate.selection import resolve_score
@@ -146,7 +147,8 @@ def warm_up(config, model, tokenizer, device: torch.device) -> tuple[GateSet, li
     they warmed up on and a log (row counts, loss parts of the first and last step)."""
     w, counts = config.warmup, Counter()
     rows = sample_rows(config, counts)
-    items = encode_items(config, tokenizer, rows, counts)  # each original with its corrupted copies
+    answer = lambda chosen: answer_own(chosen, model, tokenizer, config.seed)  # warmup.own_answers, on this GPU
+    items = encode_items(config, tokenizer, rows, counts, answer)  # each original with its corrupted copies
     if len(items) < w.batch_size:
         raise ValueError(f"{len(items)} warmup rows for batches of {w.batch_size}: {dict(counts)}")
     shard = shard_items(items, w.batch_size, 1)[0]

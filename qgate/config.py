@@ -54,6 +54,7 @@ CHOICES = {
     "gate.evidence": ("auto", True, False),
     "gate.summary": ("auto", True, False),
     "gate.gain": ("auto", True, False),
+    "gate.tent": ("auto", True, False),
     "encoding.score_on": ("all", "response"),
     "loss.quality_loss_type": ("linear", "beta_moment_matching", "mean_variance_regularization"),
     "selection.strategy": STRATEGIES,

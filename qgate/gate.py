@@ -303,7 +303,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  init_std: float = GATE.init_std, bias: bool = GATE.bias, init_bias: float = GATE.init_bias,
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
-                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool = GATE.tent,
+                 summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool | str = GATE.tent,
                  **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
@@ -313,7 +313,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
-    ("auto": as summary); `tent` the read of its distance from the clean rows' (needs `gain`).
+    ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on).
     """
     from qgate import moe
 
@@ -327,7 +327,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     evidence = resolved("evidence", evidence, contrast)
     summary = resolved("summary", summary, contrast and mode == "probe")
     gain = resolved("gain", gain, contrast and mode == "probe")
-    tent = resolved("tent", tent, False)
+    tent = resolved("tent", tent, gain)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")

@@ -11,6 +11,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -93,8 +94,8 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
                  own_answers: OwnAnswers | None = None) -> list[dict]:
     """Encoded originals (is_clean=1), each with its encoded corrupted copies (is_clean=0) under `negatives`; a
     `warmup.compose_share` of the copies carry two kinds; a seeded `warmup.own_answers` share of the originals get
-    the model's own answer to their prompt as their copy instead (made by `own_answers`; an original whose answer
-    comes out empty or as its own response keeps its registered copy).
+    the model's own answer to their prompt as their copy instead (made by `own_answers`, by default the model loaded
+    in this process; an original whose answer comes out empty or as its own response keeps its registered copy).
 
     With negatives on, an original whose copy cannot be made or encoded is left out (`no_negative`), so every
     batch holds as many copies as originals and the loss averages the same way on any number of workers.
@@ -125,7 +126,13 @@ def with_own_answers(config: DictConfig, rows: list[dict], copies: list[dict], o
                      counts: Counter) -> list[dict]:
     """`copies` with those of a seeded `warmup.own_answers` share of `rows` replaced by the rows' own answers."""
     if own_answers is None:
-        raise ValueError("warmup.own_answers > 0 needs the model to answer the rows' prompts; none was given")
+        from qgate.model_negatives import load_and_answer_own
+
+        log.info("warmup.own_answers: the model answers %d rows' prompts in this process",
+                 round(float(config.warmup.own_answers) * len(rows)))
+
+        own_answers = partial(load_and_answer_own, model=config.model, dtype=config.dtype,
+                              trust_remote_code=config.trust_remote_code, seed=config.seed)
     share = float(config.warmup.own_answers)
     if not 0 < share <= 1:
         raise ValueError(f"warmup.own_answers is a share of the warmup rows, in (0, 1]; got {share}")

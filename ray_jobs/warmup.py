@@ -5,7 +5,8 @@
 
 The driver samples `warmup.warmup_fraction` of the good rows (seeded, at most `warmup.max_rows`), encodes them and,
 with `loss.negatives_weight > 0`, one corrupted copy of each (`warmup.negative_kinds`; with `warmup.own_answers`,
-a share of them is the model's own answer to the row's prompt, made by one Ray task first). Worker r gets the shard
+a share of them is the model's own answer to the row's prompt, made first by a GPU task, or by the driver on CPU
+runs). Worker r gets the shard
 `rows[r::workers]` of that seeded order. A step reads one global batch of `batch_size × workers` originals (plus
 their copies) chosen by the step alone, so the same seed and global batch give the same gates on 1 or N workers.
 
@@ -110,17 +111,17 @@ def trainer(config: DictConfig, loop_cfg: dict):
 
 
 def own_answers_on_ray(config: DictConfig):
-    """`warmup.own_answers`: the model's own answers to the chosen rows' prompts, made by one Ray task that loads the
-    model (on a GPU when the run uses them); None when the setting is off."""
-    if config.warmup.own_answers <= 0:
+    """`warmup.own_answers` on GPU runs: the model's own answers to the chosen rows' prompts, made by one Ray task
+    that loads the model on a GPU. None on CPU runs, where the driver answers in its own process
+    (`qgate.warmup_rows.with_own_answers`), and when the setting is off."""
+    if config.warmup.own_answers <= 0 or not use_gpu(config):
         return None
     from qgate.model_negatives import load_and_answer_own
 
-    resources = {"num_gpus": 1} if use_gpu(config) else {"num_cpus": config.warmup.cpus_per_worker}
-    task = ray.remote(**resources)(load_and_answer_own)
+    task = ray.remote(num_gpus=1)(load_and_answer_own)
 
     def answer(rows: list[dict]) -> list[dict]:
-        log.info("warmup.own_answers: the model answers %d rows' prompts", len(rows))
+        log.info("warmup.own_answers: the model answers %d rows' prompts on a GPU", len(rows))
         return ray.get(task.remote(rows, config.model, config.dtype, config.trust_remote_code, config.seed))
     return answer
 

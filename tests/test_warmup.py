@@ -106,21 +106,14 @@ def test_a_global_batch_holds_neighbours_in_length():
         assert blocks == [[3, 7, 12, 19], [5, 26, 33, 40]]  # the row of 5 pads to its 30-token copy
 
 
-TENT = {"gate.tent": "true", "warmup.own_answers": 0.5}  # the experiment's settings
-
-
-@pytest.fixture(scope="module")
-def tent_two_workers(ray_local, corpus, tmp_path_factory):
-    return run(corpus, tmp_path_factory.mktemp("tent"), **{"warmup.workers": 2, "warmup.batch_size": 2, **TENT})
-
-
 def test_compose_share_gives_every_other_original_a_copy_of_two_kinds(corpus, tmp_path):
     from qgate.models import load_tokenizer
     from qgate.warmup_rows import warmup_items
 
     tokenizer = load_tokenizer("tiny-qwen3")
-    _, plain, _ = warmup_items(config(corpus, tmp_path), tokenizer)
-    _, mixed, _ = warmup_items(config(corpus, tmp_path, **{"warmup.compose_share": 0.5}), tokenizer)
+    registered = {"warmup.own_answers": 0}  # every copy made by the registered kinds
+    _, plain, _ = warmup_items(config(corpus, tmp_path, **registered), tokenizer)
+    _, mixed, _ = warmup_items(config(corpus, tmp_path, **registered, **{"warmup.compose_share": 0.5}), tokenizer)
     assert [item["input_ids"] for item in mixed] == [item["input_ids"] for item in plain]  # the same originals
     changed = [p["negatives"][0]["input_ids"] != m["negatives"][0]["input_ids"] for p, m in zip(plain, mixed)]
     # every other copy got a second kind; a few changes fall past max_length 64 and do not show
@@ -138,6 +131,11 @@ def test_one_worker_writes_gates_that_load_and_moved(one_worker):
     assert meta["base_model"] == "tiny-qwen3" and meta["layers"] == [0, 1]
     assert meta["rows"]["reject:bad_json"] == 1 and meta["rows"]["reject:empty_messages"] == 1
     assert meta["rows"]["sampled"] == 20 and meta["rows"]["no_negative"] == 0
+    # a quarter of the copies are the model's own answers, made by a Ray task; the tent kept the clean centre
+    assert meta["tent"] and meta["rows"]["own_answers"] + meta["rows"]["own_answer_failed"] == 5
+    assert meta["rows"]["own_answers"] >= 3
+    centres = {float(v) for k, v in one_worker["gates"].items() if k.endswith("gain_center")}
+    assert len(centres) == 1 and centres != {0.0}
     assert [m["step"] for m in one_worker["history"]] == [1, 2, 3, 4]
     assert set(meta["final_metrics"]) >= {"quality", "negatives", "good_ratio", "steps_per_s", "eta_s"}
     assert "ce" not in meta["final_metrics"]  # probe gates cannot change the LM loss: the head is skipped
@@ -161,7 +159,7 @@ def test_the_loop_without_ray_trains_the_gates_ray_train_trains(one_worker, corp
 
     cfg = config(corpus, tmp_path)
     tokenizer = load_tokenizer(cfg.model)
-    _, items, _ = warmup_items(cfg, tokenizer)
+    _, items, _ = warmup_items(cfg, tokenizer)  # without Ray: the model loaded here makes the own answers
     model = tiny_model("tiny-qwen3")
     attach_gates(model, **gate_kwargs(cfg))
     history = warm_up_alone(model, shard_items(items, cfg.warmup.batch_size, 1)[0],
@@ -175,7 +173,8 @@ def test_the_loop_without_ray_trains_the_gates_ray_train_trains(one_worker, corp
 
 
 def test_two_workers_stay_in_sync_and_match_one_worker(one_worker, two_workers):
-    """Also after the injected failure: the resumed attempt replays the same batches with the restored optimizer."""
+    """Also after the injected failure: the resumed attempt replays the same batches with the restored optimizer,
+    and the tent's clean-rows centre, summed over both ranks, is the one worker's."""
     checksums = two_workers["meta"]["final_metrics"]["gate_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert max_diff(two_workers["gates"], one_worker["gates"]) < 1e-5
@@ -200,45 +199,3 @@ def test_a_worker_failure_resumes_and_finishes(two_workers):
     assert meta["steps_done"] == 4 and meta["resumed_from"] == 2
     assert [m["step"] for m in two_workers["history"]] == [1, 2, 3, 4]
     assert [m["start_step"] for m in two_workers["history"]] == [0, 0, 2, 2]
-
-
-def test_own_answers_and_a_tent_warm_up_on_two_workers_as_the_loop_without_ray(tent_two_workers, corpus, tmp_path):
-    """The Ray task's own answers replace half the copies; the clean-rows centre, summed over both ranks, is the
-    one a single process keeps on the same global batches."""
-    from functools import partial
-
-    from qgate.config import as_dict
-    from qgate.model_negatives import load_and_answer_own
-    from qgate.models import load_tokenizer
-    from qgate.training import WarmupLossConfig
-    from qgate.warmup_loop import gate_kwargs, warm_up_alone
-    from qgate.warmup_rows import warmup_items
-
-    meta, gates = tent_two_workers["meta"], tent_two_workers["gates"]
-    assert meta["tent"] and meta["rows"]["own_answers"] + meta["rows"]["own_answer_failed"] == 10  # half of 20
-    assert meta["rows"]["own_answers"] >= 5
-    checksums = meta["final_metrics"]["gate_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
-    centres = {float(v) for k, v in gates.items() if k.endswith("gain_center")}
-    assert len(centres) == 1 and centres != {0.0}
-
-    cfg = config(corpus, tmp_path, **TENT)
-    tokenizer = load_tokenizer(cfg.model)
-    answer = partial(load_and_answer_own, model=cfg.model, dtype=cfg.dtype, seed=cfg.seed)
-    _, items, counts = warmup_items(cfg, tokenizer, answer)
-    assert counts["own_answers"] == meta["rows"]["own_answers"]
-    model = tiny_model("tiny-qwen3")
-    attach_gates(model, **gate_kwargs(cfg))
-    warm_up_alone(model, shard_items(items, cfg.warmup.batch_size, 1)[0], WarmupLossConfig(**as_dict(cfg.loss)),
-                  steps=cfg.warmup.steps, batch_size=cfg.warmup.batch_size, lr=cfg.warmup.lr,
-                  pad_id=tokenizer.pad_token_id, seed=cfg.seed, contrast=cfg.gate.contrast, autocast=cfg.autocast)
-    assert max_diff(model.qgate_gates.state_dict(), gates) < 1e-5
-    assert load_gates(tiny_model("tiny-qwen3"), tent_two_workers["out"] / "gates").tent
-
-
-def test_own_answers_need_a_model_to_answer(corpus, tmp_path):
-    from qgate.models import load_tokenizer
-    from qgate.warmup_rows import warmup_items
-
-    with pytest.raises(ValueError, match="needs the model"):
-        warmup_items(config(corpus, tmp_path, **TENT), load_tokenizer("tiny-qwen3"))
