@@ -47,10 +47,11 @@ class GateSettings:
                                 "predict each token (NLL alone − NLL with the prompt, and its running mean): an "
                                 "answer to another question is fluent, but its prompt does not help | auto: "
                                 "wherever the contrast is on in probe mode | true | false")
-    tent: Any = setting("auto", "gain gates also read how far the running mean gain sits from the clean warmup "
-                                "rows' mean (kept in warmup, saved with the gates): a clean answer sits between one "
-                                "the prompt explains nothing of and one it explains wholly | auto: wherever gate.gain "
-                                "is on | true | false")
+    tent: Any = setting(False, "gain gates also read how far the running mean gain sits from the clean warmup "
+                               "rows' mean (kept in warmup, saved with the gates): a clean answer sits between one "
+                               "the prompt explains nothing of and one it explains wholly | auto: wherever gate.gain "
+                               "is on | true | false. Off: it lifts the leave-kinds-out blend but lowered the demo's "
+                               "grade (docs/experiments/generalisation.md, 2026-12-04)")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "
@@ -102,9 +103,10 @@ class WarmupSettings:
     compose_share: float = setting(0.0, "share of the warmup copies that carry a second kind on top of their "
                                         "first (qgate.corruption.compose_copies); 0.5 left q on kinds warmup "
                                         "never used where it was (BENCHMARKS.md, leave kinds out)")
-    own_answers: float = setting(0.25, "share of the warmup originals whose corrupted copy is the model's own "
-                                       "low-temperature answer to their prompt instead (qgate.model_negatives: the "
-                                       "high-gain side of the tent), made before training (by a GPU task on GPU runs); 0: off")
+    own_answers: float = setting(0.0, "share of the warmup originals whose corrupted copy is the model's own "
+                                      "low-temperature answer to their prompt instead (qgate.model_negatives: the "
+                                      "high-gain side of gate.tent), made before training (by a GPU task on GPU "
+                                      "runs); 0: off")
     report_every: int = setting(10, "steps between loss reports")
     checkpoint_every: int = setting(25, "steps between checkpoints (a resumed warmup starts from the newest)")
     max_failures: int = setting(2, "worker failures survived (Ray Train FailureConfig)")

@@ -49,10 +49,13 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
+TENT = {"gate.tent": "true", "warmup.own_answers": 0.25}  # every run here also trains a tent on own answers
+
+
 def config(data, out, **overrides):
     args = {"data": data, "out": out, "model": "tiny-qwen3", "use_gpu": "false", "encoding.max_length": 64,
             "warmup.warmup_fraction": 0.5, "warmup.batch_size": 4, "warmup.workers": 1, "warmup.steps": 4,
-            "warmup.report_every": 1, "warmup.checkpoint_every": 2, "warmup.lr": 0.01, **overrides}
+            "warmup.report_every": 1, "warmup.checkpoint_every": 2, "warmup.lr": 0.01, **TENT, **overrides}
     return load_config([f"{key}={value}" for key, value in args.items()])
 
 
@@ -131,7 +134,7 @@ def test_one_worker_writes_gates_that_load_and_moved(one_worker):
     assert meta["base_model"] == "tiny-qwen3" and meta["layers"] == [0, 1]
     assert meta["rows"]["reject:bad_json"] == 1 and meta["rows"]["reject:empty_messages"] == 1
     assert meta["rows"]["sampled"] == 20 and meta["rows"]["no_negative"] == 0
-    # a quarter of the copies are the model's own answers, made by a Ray task; the tent kept the clean centre
+    # a quarter of the copies are the model's own answers (TENT); the tent kept the clean centre
     assert meta["tent"] and meta["rows"]["own_answers"] + meta["rows"]["own_answer_failed"] == 5
     assert meta["rows"]["own_answers"] >= 3
     centres = {float(v) for k, v in one_worker["gates"].items() if k.endswith("gain_center")}
