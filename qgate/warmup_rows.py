@@ -125,18 +125,16 @@ def encode_items(config: DictConfig, tokenizer, rows: list[dict], counts: Counte
 def with_own_answers(config: DictConfig, rows: list[dict], copies: list[dict], own_answers: OwnAnswers | None,
                      counts: Counter) -> list[dict]:
     """`copies` with those of a seeded `warmup.own_answers` share of `rows` replaced by the rows' own answers."""
-    if own_answers is None:
-        from qgate.model_negatives import load_and_answer_own
-
-        log.info("warmup.own_answers: the model answers %d rows' prompts in this process",
-                 round(float(config.warmup.own_answers) * len(rows)))
-
-        own_answers = partial(load_and_answer_own, model=config.model, dtype=config.dtype,
-                              trust_remote_code=config.trust_remote_code, seed=config.seed)
     share = float(config.warmup.own_answers)
     if not 0 < share <= 1:
         raise ValueError(f"warmup.own_answers is a share of the warmup rows, in (0, 1]; got {share}")
     chosen = random.Random(f"{config.seed}/own").sample(rows, round(share * len(rows)))
+    if own_answers is None:
+        from qgate.model_negatives import load_and_answer_own
+
+        log.info("warmup.own_answers: the model answers %d rows' prompts in this process", len(chosen))
+        own_answers = partial(load_and_answer_own, model=config.model, dtype=config.dtype,
+                              trust_remote_code=config.trust_remote_code, seed=config.seed)
     own = {copy["source_id"]: copy for copy in own_answers(chosen)}
     counts["own_answers"] += len(own)
     counts["own_answer_failed"] += len(chosen) - len(own)
