@@ -58,6 +58,12 @@ def kinds_in_rotation() -> list[str]:
     return list(ROTATION) + sorted(set(CORRUPTIONS) - set(ROTATION))
 
 
+def kinds_setting() -> dict:
+    """The rotation in a cache's settings once it is more than ROTATION, so folds of other kinds never mix."""
+    kinds = kinds_in_rotation()
+    return {"kinds": kinds} if kinds != list(ROTATION) else {}
+
+
 def folds(n: int) -> list[list[str]]:
     kinds = kinds_in_rotation()
     return [kinds[i::n] for i in range(n)]
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
         | ({"own_answers": args.own_answers} if args.own_answers else {}) \
-        | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {})
+        | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting()
     # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}

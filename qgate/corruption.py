@@ -345,16 +345,24 @@ def fluent_wrong(messages: Messages, rng: random.Random, pool: list[Messages]) -
     """A fluent wrong answer: the response to the most similar other question of the same dataset
     (answers repeating this one's words are skipped), else this response with numbers changed and
     opposites swapped."""
-    prompt, response = prompt_of(messages), response_of(messages)
-    own_answer = _word_set(response)
-    others = [m for m in _others(messages, rng, pool, k=FLUENT_WRONG_CANDIDATES)
-              if prompt_of(m) != prompt and _jaccard(own_answer, _word_set(response_of(m))) < NEAR_DUPLICATE]
-    if others:
-        own = _word_set(prompt)
-        best = max(others, key=lambda m: sum(map(len, own & _word_set(prompt_of(m)))))
-        return with_response(messages, response_of(best))
+    other = _on_topic_answer(messages, rng, pool)
+    if other is not None:
+        return with_response(messages, other)
+    response = response_of(messages)
     falsified = _falsify(response, rng)
     return with_response(messages, falsified) if falsified != response else None
+
+
+def _on_topic_answer(messages: Messages, rng: random.Random, pool: list[Messages]) -> str | None:
+    """The response to the pool's question sharing most words with this one's (answers repeating this
+    one's words skipped), among `FLUENT_WRONG_CANDIDATES` drawn; None when none is left."""
+    prompt, own_answer = prompt_of(messages), _word_set(response_of(messages))
+    others = [m for m in _others(messages, rng, pool, k=FLUENT_WRONG_CANDIDATES)
+              if prompt_of(m) != prompt and _jaccard(own_answer, _word_set(response_of(m))) < NEAR_DUPLICATE]
+    if not others:
+        return None
+    own = _word_set(prompt)
+    return response_of(max(others, key=lambda m: sum(map(len, own & _word_set(prompt_of(m))))))
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -376,10 +384,17 @@ _OPPOSITE_PATTERN = re.compile(
 
 
 def _falsify(text: str, rng: random.Random) -> str:
-    """Numbers changed and opposites swapped (`is` <-> `is not`, `True` <-> `False`, ...)."""
+    """Numbers changed and one opposite swapped per sentence (`is` <-> `is not`, `True` <-> `False`, ...):
+    two swaps in one sentence could cancel ("is true" -> "is not false"); else one verb negated."""
     flips = {**_OPPOSITES, **{v: k for k, v in _OPPOSITES.items()}}
     out = re.sub(r"\d+", lambda m: str(int(m.group()) + rng.randint(1, 9)), text)
-    out = _OPPOSITE_PATTERN.sub(lambda m: _same_case(flips[m.group().lower()], m.group()), out)
+    sentences = re.split(r"(?<=[.!?])(\s+)", out)  # separators kept at odd indices
+    for i, sentence in enumerate(sentences):
+        matches = list(_OPPOSITE_PATTERN.finditer(sentence)) if i % 2 == 0 else []
+        if matches:
+            m = rng.choice(matches)
+            sentences[i] = sentence[:m.start()] + _same_case(flips[m.group().lower()], m.group()) + sentence[m.end():]
+    out = "".join(sentences)
     return out if out != text else re.sub(r"\b(are|returns|will|should)\b", r"\1 not", text, count=1)
 
 
@@ -427,3 +442,58 @@ def wrong_format(messages: Messages, rng: random.Random, pool: list[Messages]) -
     if form == "lines":
         return with_response(messages, "\n".join(f"- {w}" for w in words))
     return with_response(messages, re.sub(r"[^\w\s]", "", " ".join(words)).upper())
+
+
+# ---- content kinds no warmup default uses: the self-check holds them out -------------------------
+
+
+@register("falsified")
+def falsified(messages: Messages, rng: random.Random, pool: list[Messages]) -> Messages | None:
+    """The response's own words with its facts turned: numbers changed, opposites swapped, a verb negated."""
+    response = response_of(messages)
+    return with_response(messages, _falsify(response, rng))
+
+
+@register("topic_drift", pool="dataset")
+def topic_drift(messages: Messages, rng: random.Random, pool: list[Messages]) -> Messages | None:
+    """The response's first half, then the second half of the answer to a similar question of the same
+    dataset: it starts right and ends answering something else."""
+    other = _on_topic_answer(messages, rng, pool)
+    head, tail = _halves(response_of(messages)), _halves(other or "")
+    if head is None or tail is None:
+        return None
+    return with_response(messages, f"{head[0]} {tail[1]}")
+
+
+def _halves(text: str) -> tuple[str, str] | None:
+    """(first half, second half) of a text, split between sentences when it has two or more, else
+    between words; None when it has fewer than 4 words."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    parts = sentences if len(sentences) >= 2 else text.split()
+    if len(text.split()) < 4 or len(parts) < 2:
+        return None
+    middle = (len(parts) + 1) // 2
+    return " ".join(parts[:middle]), " ".join(parts[middle:])
+
+
+_EVASIONS = (
+    "Good question. When it comes to {topic}, the answer depends on your situation: there are several "
+    "approaches, each with its own trade-offs, so weigh them carefully and choose what fits your needs.",
+    "The question of {topic} has many aspects to consider. In general it depends on the context, and "
+    "different people prefer different solutions, so experiment and see what works best for you.",
+    "There is no single answer about {topic}. It varies from case to case, so keep your goals in mind, read "
+    "the relevant material and decide based on your own requirements.",
+    "That depends. The way {topic} behaves varies with how it is used, so the details matter. Consider "
+    "your use case and the options available before you decide.",
+)
+_QUESTION_WORDS = frozenset({"what", "which", "when", "where", "does", "how", "why", "with", "that", "this",
+                             "should", "would", "could", "there", "about", "from", "into", "have", "your"})
+
+
+@register("evasive")
+def evasive(messages: Messages, rng: random.Random, pool: list[Messages]) -> Messages | None:
+    """A fluent reply that names the question's topic (its longest word) and never answers it."""
+    words = [w.strip(".") for w in re.findall(r"[A-Za-z_][\w.]{3,}", prompt_of(messages))]
+    words = [w for w in words if w.lower() not in _QUESTION_WORDS]
+    topic = max(words, key=len) if words else "this"
+    return with_response(messages, rng.choice(_EVASIONS).format(topic=topic))

@@ -202,13 +202,22 @@ def summary_line(check: dict) -> str:
     value = (check.get("blend") or {}).get("auroc") if name == "q_ifd" else check["auroc"]
     warm = check.get("warmup") or {}
     warm_text = f"; warmup kinds apart: q {_auroc_text(warm.get('q'))}" if warm.get("n_copies") else ""
+    weakest = weakest_kind(check)
+    weak_text = f"; weakest held-out kind: {weakest[0]} {weakest[1]:.3f}" if weakest else ""
     on = (f"kinds warmup never used ({', '.join(check['heldout_kinds'])})" if check.get("heldout_kinds")
           else "warmup's own kinds only (no kind left to hold out)")
     return (f"self-check {check.get('verdict', 'passed' if check['passed'] else 'failed').upper()} on {on}: AUROC "
             f"{_auroc_text(value)}{ci} (score: {name}), q {_auroc_text(check['auroc'])}"
             + (f", q+IFD blend {_auroc_text(check['blend']['auroc'])}" if "blend" in check else "")
             + f" (direction: {check['direction']}, threshold {check['min_auroc']}) on {check['n_originals']} unseen "
-            f"rows and {check['n_copies']} corrupted copies{warm_text}")
+            f"rows and {check['n_copies']} corrupted copies{weak_text}{warm_text}")
+
+
+def weakest_kind(check: dict) -> tuple[str, float] | None:
+    """(kind, AUROC) of the held-out kind the sorted-on score separates worst; None when none was measured."""
+    per_kind = (check.get("blend") or {}).get("per_kind") if check.get("score") == "q_ifd" else check["per_kind"]
+    measured = {k: v for k, v in (per_kind or {}).items() if k in check.get("heldout_kinds", []) and v is not None}
+    return min(measured.items(), key=lambda item: item[1]) if measured else None
 
 
 def _auroc_text(value: float | None) -> str:

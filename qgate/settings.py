@@ -166,8 +166,10 @@ class SelfcheckSettings:
                              "±0.08 on the verdict")
     kinds: List[str] = setting(
         lambda: ["truncate", "repetition_loop", "gibberish", "refusal_boilerplate", "scraped_residue", "fluent_wrong",
-                 "response_swap", "word_shuffle", "char_noise", "instruction_echo", "language_mix", "wrong_format"],
-        "corruption kinds of the copies; minus warmup's: the held-out kinds")
+                 "response_swap", "word_shuffle", "char_noise", "instruction_echo", "language_mix", "wrong_format",
+                 "falsified", "topic_drift", "evasive"],
+        "corruption kinds of the copies; minus warmup's: the held-out kinds, format (gibberish, scraped_residue, "
+        "language_mix, wrong_format) and content (falsified, topic_drift, evasive) by default")
     warmup_share: float = setting(0.25, "share of the copies made with warmup's own kinds, reported apart from the "
                                         "verdict")
     min_auroc: float = setting(0.7, "the verdict's threshold, on the held-out kinds")

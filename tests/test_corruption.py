@@ -115,7 +115,38 @@ def test_fluent_wrong_falls_back_to_falsifying_the_answer():
     messages = _messages("How long do I boil an egg?", "Boil it for 7 minutes; the yolk is always firm.")
     out = apply_corruption("fluent_wrong", messages, random.Random(0), [messages])
     assert response_of(out) != response_of(messages)
-    assert "7 minutes" not in response_of(out) and "never" in response_of(out)
+    assert "7 minutes" not in response_of(out)
+    assert ("is never" in response_of(out)) != ("is not always" in response_of(out))  # one swap, not two
+
+
+def test_falsified_turns_facts_and_keeps_the_form():
+    messages = _messages("How long do I boil an egg?", "Boil it for 7 minutes. The yolk is always firm. It is true.")
+    out = response_of(apply_corruption("falsified", messages, random.Random(0), []))
+    assert "7 minutes" not in out and out.startswith("Boil it for ")
+    assert "never firm" in out or "is not always" in out  # one swap in that sentence, never both
+    assert "is not false" not in out  # two swaps in one sentence would cancel
+
+
+def test_topic_drift_starts_with_the_answer_and_ends_with_a_similar_questions():
+    copies = corrupt_samples(_samples(), ["topic_drift"], seed=0)
+    drifted = {c["source_id"]: response_of(c["messages"]) for c in copies}["s0"]
+    first_sentences = ". ".join(RESPONSE.split(". ")[:2]) + "."
+    assert drifted.startswith(first_sentences) and not drifted.startswith(RESPONSE)
+    docs_tails = [response_of(s["messages"]).split()[-3:] for s in _samples()[1:3]]
+    assert any(drifted.split()[-3:] == tail for tail in docs_tails)  # ends as another docs answer ends
+    assert POOL_SCOPES["topic_drift"] == "dataset"
+
+
+def test_evasive_names_the_topic_and_shares_no_sentence_with_the_answer():
+    messages = _samples()[2]["messages"]
+    out = response_of(apply_corruption("evasive", messages, random.Random(0), []))
+    assert "heapq.heappush" in out
+    assert not set(out.split(". ")) & set(response_of(messages).split(". "))
+
+
+def test_selfcheck_holds_out_content_kinds_as_well_as_format_kinds():
+    assert {"falsified", "topic_drift", "evasive"} <= set(DEFAULT_HELDOUT_KINDS)
+    assert {"gibberish", "wrong_format"} <= set(DEFAULT_HELDOUT_KINDS)
 
 
 def test_corrupt_samples_ids_and_fields():
@@ -137,7 +168,8 @@ def test_corrupt_samples_ids_and_fields():
 def test_corrupt_samples_round_robin_uses_every_kind():
     samples = [{"id": f"r{i}", "dataset": "d", "messages": _messages(f"Question {i}?", RESPONSE + f" ({i})")}
                for i in range(20)]
-    kinds = list(DEFAULT_WARMUP_KINDS) + list(DEFAULT_HELDOUT_KINDS)
+    # every answer here repeats the others: topic_drift finds none to drift into
+    kinds = [k for k in list(DEFAULT_WARMUP_KINDS) + list(DEFAULT_HELDOUT_KINDS) if k != "topic_drift"]
     copies = corrupt_samples(samples, kinds, seed=0)
     assert len(copies) == 20 and {c["corruption"] for c in copies} == set(kinds)
 

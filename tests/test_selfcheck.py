@@ -10,6 +10,7 @@ from qgate.demo_corpus import build_demo_corpus
 from qgate.encoding import encode_row
 from qgate.gate import attach_gates, freeze_backbone
 from qgate.scoring import LayerStats
+from qgate.settings import SELFCHECK
 from qgate.selfcheck import (
     auroc_interval,
     better_score,
@@ -110,6 +111,24 @@ def test_a_scorer_that_only_detects_warmup_kinds_fails_the_heldout_verdict(tmp_p
     assert good["verdict"] == "passed" and good["interval"][0] > 0.7
     few = measure(q[:60], labels[:60], kind_of[:60], {}, "auto", warmup_kinds=warmup_kinds, min_rows=40)
     assert few["verdict"] == "too_few" and not few["passed"]
+
+
+def test_a_scorer_that_only_sees_format_damage_is_caught_on_the_content_kinds(tmp_path):
+    from qgate.corruption import DEFAULT_HELDOUT_KINDS, DEFAULT_WARMUP_KINDS
+
+    heldout, seen = split_kinds(SELFCHECK.kinds, DEFAULT_WARMUP_KINDS)
+    assert heldout == list(DEFAULT_HELDOUT_KINDS)
+    rows = check_rows(demo_rows(tmp_path)[:280], heldout, seen, warmup_share=0.25, seed=0)
+    labels, kind_of = np.array([r["is_clean"] for r in rows]), [r["corruption"] for r in rows]
+    content = ["falsified", "topic_drift", "evasive"]
+    # perfect on every kind whose damage shows in the form of the text, blind to wrong or empty content
+    q = np.where((labels == 0) & ~np.isin(kind_of, content), -5.0, 0.0) + np.random.default_rng(0).normal(
+        0, 1, len(rows))
+    check = measure(q, labels, kind_of, {}, "auto", warmup_kinds=DEFAULT_WARMUP_KINDS, min_rows=40)
+    assert all(check["per_kind"][k] < 0.7 for k in content)
+    assert all(check["per_kind"][k] > 0.95 for k in heldout if k not in content)
+    assert check["auroc"] < 0.85  # format kinds alone would give it about 1.0
+    assert summary_line(check).split("weakest held-out kind: ")[1].split(" ")[0] in content
 
 
 def test_the_interval_narrows_with_rows_and_holds_the_auroc():
