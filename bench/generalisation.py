@@ -260,7 +260,8 @@ def parse(argv):
                         help="the gates also read the prompt's gain on each response token (gate.gain, the "
                         "product's default); --no-gain: the recipe before it")
     parser.add_argument("--tent", action="store_true", help="gain gates also read how far the running mean gain "
-                        "sits from the clean warmup rows' (gate.tent)")
+                        "sits from the clean warmup rows' (gate.tent, the product's default; without it the recipe of the earlier "
+                        "seeds)")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
