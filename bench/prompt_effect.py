@@ -7,7 +7,10 @@ response's tokens that the prompt-free pass holds:
 - `gain`: mean of NLL(token | response alone) − NLL(token | prompt + response), how much the prompt helps;
 - `1/IFD`: mean NLL alone / mean NLL with the prompt over the same tokens (IFD's ratio, turned so higher = clean);
 - `delta@l`: mean of ‖x − x̃‖ / ‖x‖ at layer l's FFN input, how much the prompt moves the token's state;
-- `cos@l`: mean cosine of x and x̃.
+- `cos@l`: mean cosine of x and x̃;
+- `-NLL`: minus the mean NLL with the prompt (response PPL's order); `-peak`: minus the mean of the 3 most
+  surprising tokens' NLL, where one wrong word in a fluent answer would show; `min gain`: the gain of the token the
+  prompt helps least (a token the prompt argues against).
 AUROC of each against the originals (clean = positive, higher = clean), with the direction left as measured:
 an AUROC under 0.5 means the signal runs the other way for that kind. No gate is trained; these are the inputs a
 gate could read.
@@ -32,6 +35,8 @@ from qgate.scoring import auroc
 from qgate.stats import token_nll
 from qgate.training import collate
 
+PEAK_TOKENS = 3  # the most surprising response tokens `-peak` averages
+
 
 def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list[dict]:
     """Per row: gain and, per chosen layer, delta and cos (means over the paired response tokens)."""
@@ -53,7 +58,10 @@ def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list
             here = full_row == b
             alone_here, full_here = alone_nll[alone_row[here], alone_at[here]], full_nll[b, full_at[here]]
             signals = {"gain": gain[here].mean().item(),
-                       "1/IFD": (alone_here.mean() / full_here.mean().clamp_min(1e-8)).item()}
+                       "1/IFD": (alone_here.mean() / full_here.mean().clamp_min(1e-8)).item(),
+                       "-NLL": -full_here.mean().item(),
+                       "-peak": -full_here.topk(min(PEAK_TOKENS, len(full_here))).values.mean().item(),
+                       "min gain": gain[here].min().item()}
             for layer in layers:
                 x = captured[layer][b, full_at[here]]  # [K_b, H]
                 x_alone = references[layer].alone[b, full_at[here]]  # [K_b, H]

@@ -77,14 +77,15 @@ def subsets(scores: pd.DataFrame, strategies: list[str], budget: float, seeds: l
             curve_strategies: list[str] = (),
             diversity: dict | None = None) -> dict[tuple[str, float | None, int], list[tuple]]:
     """`{(strategy, budget, seed): keys}`: every strategy at `ceil(budget · N)` rows (budget None for `all` and
-    `clean`), and the `curve_strategies` at each budget of `curve` as well."""
+    `clean`), and the `curve_strategies` at each budget of `curve` as well; seed-major, so that a run stopped by its
+    budget has every arm's first seed before any arm's second."""
     unknown = (set(strategies) | set(curve_strategies)) - set(STRATEGIES)
     if unknown:
         raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     plan = [(s, None if s in WHOLE else budget) for s in strategies]
     plan += [(s, b) for b in curve for s in curve_strategies if s not in WHOLE and (s, b) not in plan]
     return {(s, b, seed): pick(scores, s, math.ceil((b or 0) * len(scores)), seed, direction, labels, diversity)
-            for s, b in plan for seed in seeds}
+            for seed in seeds for s, b in plan}
 
 
 def run_name(strategy: str, budget: float | None, seed: int) -> str:

@@ -131,17 +131,28 @@ def direction_banner(check: dict) -> Banner:
     line = (f"Direction self-check {verdict}{on}: AUROC {_fmt(check.get('auroc'))}{blend_text} "
             f"(threshold {_fmt(check.get('min_auroc', check.get('threshold')))}, "
             f"direction: {check.get('direction')} q = clean)")
-    return Banner(passed, line, kind_table(check.get("per_kind") or {}, (blend or {}).get("per_kind")))
+    return Banner(passed, line, kind_table(check))
 
 
-def kind_table(per_kind: dict, blend_per_kind: dict | None) -> Table | None:
-    """AUROC per corruption kind, of q and (when measured) of the q + IFD blend."""
+BASELINE_NAMES = {"ifd": "IFD", "response_ppl": "response PPL"}
+
+
+def kind_table(check: dict) -> Table | None:
+    """AUROC per corruption kind, held-out kinds first: of q and, when measured, of the q + IFD blend and of each
+    baseline alone, so that a kind q misses shows which signal catches it."""
+    per_kind = check.get("per_kind") or {}
     if not per_kind:
         return None
-    if blend_per_kind is None:
-        return Table(["corruption kind", "AUROC"], [[k, v] for k, v in per_kind.items()])
-    return Table(["corruption kind", "AUROC q", "AUROC q+IFD blend"],
-                 [[k, v, blend_per_kind.get(k)] for k, v in per_kind.items()])
+    columns = {"AUROC q": per_kind}
+    if check.get("blend"):
+        columns["q+IFD blend"] = check["blend"].get("per_kind") or {}
+    for name, values in (check.get("baselines_per_kind") or {}).items():
+        columns[BASELINE_NAMES.get(name, name)] = values
+    heldout = set(check.get("heldout_kinds") or [])
+    kinds = sorted(per_kind, key=lambda k: (k not in heldout, k))
+    return Table(["corruption kind", "held out", *columns],
+                 [[k, "yes" if k in heldout else "no", *(values.get(k) for values in columns.values())]
+                  for k in kinds])
 
 
 def dataset_table(datasets: list, selected_mask: np.ndarray) -> Table:

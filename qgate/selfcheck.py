@@ -174,6 +174,7 @@ def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: di
         "warmup_kinds": sorted(set(kind_of[seen].tolist())), "verdict_on": verdict_on,
         "reference": "corpus" if references else "sample",
         "baselines": {name: on_heldout[name] for name in baselines}, "heldout": on_heldout, "warmup": on_warmup,
+        "baselines_per_kind": {name: _per_kind(-values, labels, kind_of) for name, values in baselines.items()},
     }
     if blend is not None:
         check["blend"] = {"auroc": on_heldout["q_ifd"], "interval": on_heldout["q_ifd_interval"],
@@ -203,7 +204,8 @@ def summary_line(check: dict) -> str:
     warm = check.get("warmup") or {}
     warm_text = f"; warmup kinds apart: q {_auroc_text(warm.get('q'))}" if warm.get("n_copies") else ""
     weakest = weakest_kind(check)
-    weak_text = f"; weakest held-out kind: {weakest[0]} {weakest[1]:.3f}" if weakest else ""
+    weak_text = f"; weakest held-out kind: {weakest[0]} {weakest[1]:.3f}{_baselines_on(check, weakest[0])}" \
+        if weakest else ""
     on = (f"kinds warmup never used ({', '.join(check['heldout_kinds'])})" if check.get("heldout_kinds")
           else "warmup's own kinds only (no kind left to hold out)")
     return (f"self-check {check.get('verdict', 'passed' if check['passed'] else 'failed').upper()} on {on}: AUROC "
@@ -218,6 +220,14 @@ def weakest_kind(check: dict) -> tuple[str, float] | None:
     per_kind = (check.get("blend") or {}).get("per_kind") if check.get("score") == "q_ifd" else check["per_kind"]
     measured = {k: v for k, v in (per_kind or {}).items() if k in check.get("heldout_kinds", []) and v is not None}
     return min(measured.items(), key=lambda item: item[1]) if measured else None
+
+
+def _baselines_on(check: dict, kind: str) -> str:
+    """" (IFD 0.702, response PPL 0.551)": what the baselines measured on one kind, when the check holds them."""
+    names = {"ifd": "IFD", "response_ppl": "response PPL"}
+    measured = [f"{names.get(name, name)} {_auroc_text(per_kind.get(kind))}"
+                for name, per_kind in (check.get("baselines_per_kind") or {}).items()]
+    return f" ({', '.join(measured)})" if measured else ""
 
 
 def _auroc_text(value: float | None) -> str:

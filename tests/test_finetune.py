@@ -224,6 +224,7 @@ def test_subsets_follow_each_strategy(tmp_path, corpus):
     assert ids["response_ppl", 0] == ["toy-0", "toy-1", "toy-2", "toy-3"]
     assert ids["ifd", 0] == ["toy-15", "toy-14", "toy-13", "toy-12"]
     assert ids["random", 0] != ids["random", 1] and ids["qgate", 0] == ids["qgate", 1]
+    assert [seed for _, _, seed in picked] == [0] * 4 + [1] * 4  # every arm's first seed before any second
 
 
 def test_the_qgate_subset_follows_the_score_the_run_sorted_on(tmp_path, corpus):

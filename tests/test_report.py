@@ -65,6 +65,19 @@ def test_failed_direction_check_shows_red_banner(tmp_path):
     assert "shuffle" in page and "truncate" in page
 
 
+def test_the_kind_table_puts_held_out_kinds_first_beside_the_baselines(tmp_path):
+    check = {"auroc": 0.8, "direction": "higher", "passed": True, "threshold": 0.7,
+             "per_kind": {"char_noise": 0.99, "falsified": 0.41}, "heldout_kinds": ["falsified"],
+             "blend": {"auroc": 0.82, "per_kind": {"char_noise": 0.98, "falsified": 0.52}},
+             "baselines_per_kind": {"ifd": {"char_noise": 0.9, "falsified": 0.63}}}
+    page = _render(tmp_path, direction_check=check)
+    for header in ("held out", "AUROC q", "q+IFD blend", "IFD"):
+        assert f"<th>{header}</th>" in page
+    assert page.index("falsified") < page.index("char_noise")
+    falsified_row = page[page.index("<td>falsified"):].split("</tr>")[0]
+    assert all(value in falsified_row for value in ("0.41", "0.52", "0.63"))
+
+
 def test_passed_direction_check_and_extra_sections(tmp_path):
     check = {"auroc": 0.91, "direction": "higher", "per_kind": {}, "passed": True, "threshold": 0.7}
     page = _render(tmp_path, direction_check=check, extra_sections=[("Peers", "<p>IFD 0.85</p>")])

@@ -131,6 +131,24 @@ def test_a_scorer_that_only_sees_format_damage_is_caught_on_the_content_kinds(tm
     assert summary_line(check).split("weakest held-out kind: ")[1].split(" ")[0] in content
 
 
+def test_the_weakest_kind_says_what_the_baselines_measured_on_it(tmp_path):
+    from qgate.corruption import DEFAULT_WARMUP_KINDS
+
+    heldout, seen = split_kinds(SELFCHECK.kinds, DEFAULT_WARMUP_KINDS)
+    rows = check_rows(demo_rows(tmp_path)[:200], heldout, seen, warmup_share=0.25, seed=0)
+    labels, kind_of = np.array([r["is_clean"] for r in rows]), np.array([r["corruption"] for r in rows])
+    noise = np.random.default_rng(1).normal(0, 1, (2, len(rows)))
+    q = np.where((labels == 0) & (kind_of != "falsified"), -5.0, 0.0) + noise[0]  # blind to falsified only
+    ppl = np.where(kind_of == "falsified", 5.0, 0.0) + noise[1]  # lower = clean: sees falsified only
+    check = measure(q, labels, list(kind_of), {"response_ppl": ppl}, "auto", score="q",
+                    warmup_kinds=DEFAULT_WARMUP_KINDS)
+    by_ppl = check["baselines_per_kind"]["response_ppl"]
+    assert by_ppl["falsified"] > 0.95 and check["per_kind"]["falsified"] < 0.7
+    assert by_ppl.keys() == check["per_kind"].keys()
+    weakest = summary_line(check).split("weakest held-out kind: ")[1]
+    assert weakest.startswith("falsified") and f"(response PPL {by_ppl['falsified']:.3f})" in weakest
+
+
 def test_the_interval_narrows_with_rows_and_holds_the_auroc():
     q, clean, _ = planted(n=400)
     q = clean + np.random.default_rng(0).normal(0, 1.0, len(clean))  # AUROC about 0.76
