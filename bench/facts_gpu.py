@@ -18,8 +18,8 @@ product's own pieces called in one process. On a machine without network, `--sco
    never used, which sets q's direction; the score sorted on: the q + IFD blend (`--score q_ifd`, ranked against
    the whole corpus as select ranks it), q alone (`--score q`) or the self-check's pick (`--score auto`).
    `out/gpu/scores.parquet` holds them in select's columns.
-4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, random, clean, ifd,
-   response_ppl, all at 30%; qgate and random at 10% and 50% too) every weight of a fresh copy of the target is
+4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, random, clean, clean_random: as many
+   random clean rows as the budget, ifd, response_ppl, all at 30%; qgate and random at 10% and 50% too) every weight of a fresh copy of the target is
    trained (`qgate.finetune.train`, method=full), then scored on the held-out rows' response loss and the fact
    multiple choice (`evaluate_model`); each run's record goes to `out/gpu/runs/<run>.json`.
 5. summary: `qgate.comparison`'s table, gaps in combined standard errors and budget curve in `out/gpu/compare.md`,
@@ -74,9 +74,9 @@ from qgate.warmup_loop import gate_kwargs, warm_up_alone
 from qgate.warmup_rows import encode_items, sample_rows, shard_items
 
 BUDGET, CURVE = 0.3, [0.1, 0.5]
-STRATEGIES = ["qgate", "random", "clean", "ifd", "response_ppl", "all"]
+STRATEGIES = ["qgate", "random", "clean", "clean_random", "ifd", "response_ppl", "all"]
 CURVE_STRATEGIES = ["qgate", "random"]
-VERSUS = ["random", "response_ppl", "ifd", "all", "clean"]
+VERSUS = ["random", "response_ppl", "ifd", "all", "clean", "clean_random"]
 MEASURES = ["heldout_loss", "mc_acc"]
 
 

@@ -25,7 +25,7 @@ from qgate.diversity import TextFeatures, row_text, similarity_threshold
 from qgate.evaluation import as_list
 
 log = logging.getLogger("qgate.compare")
-VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean")  # what OURS are measured against
+VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean", "clean_random")  # what OURS are measured against
 
 
 def record_path(out: Path, key) -> Path:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from qgate.data import read_jsonl
 
-STRATEGIES = ("qgate", "qgate_diverse", "random", "response_ppl", "ifd", "all", "clean")
+STRATEGIES = ("qgate", "qgate_diverse", "random", "response_ppl", "ifd", "all", "clean", "clean_random")
 OURS = ("qgate", "qgate_diverse")  # the strategies whose gaps to the others are reported
 WHOLE = ("all", "clean")  # strategies whose rows do not depend on the budget
 
@@ -37,7 +37,8 @@ def q_direction(scores: pd.DataFrame, direction: str = "auto") -> str:
 def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: str = "higher",
          labels: dict[tuple, bool] | None = None, diversity: dict | None = None) -> list[tuple]:
     """(dataset, id) of the `k` rows a strategy keeps; ties and missing values (last) ordered deterministically.
-    `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`. `qgate_diverse`: qgate's score
+    `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`; `clean_random` is `k` random
+    clean rows, a perfect filter at the same budget (what is left of the gap to `clean` is the budget's). `qgate_diverse`: qgate's score
     through the similarity filter on what each row says (`diversity`: `features` [N, D] in the rows' order,
     `n_clusters`, `threshold`, `seed`, `pool`)."""
     keys = list(zip(scores["dataset"], scores["id"]))
@@ -45,18 +46,23 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
         return _diverse_pick(scores, keys, k, direction, diversity)
     if strategy == "all":
         return sorted(keys)
-    if strategy == "clean":
+    if strategy in ("clean", "clean_random"):
         if labels is None:
-            raise ValueError("the clean strategy needs compare.labels")
-        return sorted(key for key in keys if not labels.get(key, False))
+            raise ValueError(f"the {strategy} strategy needs compare.labels")
+        clean = sorted(key for key in keys if not labels.get(key, False))
+        return clean if strategy == "clean" else _random_pick(clean, k, seed)
     if strategy == "random":
-        order = np.random.default_rng(seed).permutation(len(keys))
-        return [keys[i] for i in sorted(order[:k], key=lambda i: keys[i])]
+        return _random_pick(keys, k, seed)
     column, sign = {"qgate": (sorted_on(scores), -1.0 if direction == "higher" else 1.0), "response_ppl": ("response_nll", 1.0),
                     "ifd": ("ifd", 1.0)}[strategy]
     values = pd.to_numeric(scores[column], errors="coerce").to_numpy(np.float64) * sign
     order = sorted(range(len(keys)), key=lambda i: (math.isnan(values[i]), values[i], keys[i]))
     return [keys[i] for i in order[:k]]
+
+
+def _random_pick(keys: list[tuple], k: int, seed: int) -> list[tuple]:
+    order = np.random.default_rng(seed).permutation(len(keys))
+    return [keys[i] for i in sorted(order[:k], key=lambda i: keys[i])]
 
 
 def _diverse_pick(scores: pd.DataFrame, keys: list[tuple], k: int, direction: str, diversity: dict | None) -> list:

@@ -15,7 +15,8 @@ For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (l
 q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `qgate_diverse` (the same
 score through the similarity filter on text features, `selection.pool` and `selection.similarity_threshold`: one
 row per near-duplicate answer), `random`, `response_ppl` (lowest response perplexity),
-`ifd` (lowest IFD) and, when listed, `all` and `clean` (the rows `compare.labels` marks clean: the ceiling);
+`ifd` (lowest IFD) and, when listed, `all`, `clean` (the rows `compare.labels` marks clean: the ceiling) and
+`clean_random` (that many random clean rows: a perfect filter at the budget);
 `compare.curve` adds budgets for `compare.curve_strategies`. Each subset finetunes the same model with the same LoRA settings
 (`finetune:`) once per seed; the random subset is redrawn per seed. Every adapter is scored on the held-out
 rows' response loss, on `compare.mc` multiple choice and on the lm-eval tasks of `evaluate:`. Outputs:

@@ -18,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "facts_gpu.py"
 TINY = ["--scorer-model", "tiny-qwen3", "--objects", "40", "--target-size", "3m", "--warmup-steps", "2",
         "--epochs", "1", "--seeds", "1", "--batch-size", "8", "--device", "cpu", "--threads", "1"]
 PLANNED = {"qgate-30pct-s0", "random-30pct-s0", "ifd-30pct-s0", "response_ppl-30pct-s0", "clean-s0", "all-s0",
+           "clean_random-30pct-s0",
            "qgate-10pct-s0", "random-10pct-s0", "qgate-50pct-s0", "random-50pct-s0"}
 
 
@@ -52,6 +53,7 @@ def test_every_planned_finetune_runs_and_a_second_call_resumes(facts_gpu, tmp_pa
     assert runs["clean-s0"]["planted_share"] == 0 and runs["clean-s0"]["rows"] == n_clean
     assert runs["all-s0"]["rows"] == n_rows and runs["all-s0"]["planted_share"] > 0.3
     assert runs["qgate-30pct-s0"]["rows"] == math.ceil(0.3 * n_rows) == 48
+    assert runs["clean_random-30pct-s0"]["rows"] == 48 and runs["clean_random-30pct-s0"]["planted_share"] == 0
     scores = pd.read_parquet(out / "gpu" / "scores.parquet")
     assert len(scores) == n_rows and scores["selected"].sum() == 48 and scores["ifd"].notna().all()
     assert result["selection"]["score"] == "q_ifd" and result["q_direction"] == "higher"  # the blend: higher = clean

@@ -283,6 +283,11 @@ def test_the_curve_and_the_ceiling_pick_their_rows(tmp_path, corpus):
     assert len(picked["clean", None, 0]) == sum(not planted for planted in labels.values())
     with pytest.raises(ValueError, match="clean strategy needs"):
         comparison.subsets(scores, ["clean"], 0.25, [0], "lower")
+    perfect = comparison.subsets(scores, ["clean_random"], 0.25, [0, 1], "lower", labels)
+    for seed in (0, 1):  # a perfect filter at the budget: k clean rows, a different draw per seed
+        keys = perfect["clean_random", 0.25, seed]
+        assert len(keys) == 4 and set(keys) <= set(picked["clean", None, 0])
+    assert perfect["clean_random", 0.25, 0] != perfect["clean_random", 0.25, 1]
 
 
 def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
