@@ -327,7 +327,7 @@ def has_ifd(specs: list[dict]) -> bool:
 
 
 def resolve_score(setting: str, check: dict | None, direction: str, ifd: bool) -> tuple[str, str]:
-    """(score, where it came from): the setting, or for `auto` the better one by the self-check, else q."""
+    """(score, where it came from): the setting, or for `auto` the self-check's choice (`better_score`), else q."""
     if setting not in (*SCORES, "auto"):
         raise ValueError(f"selection.score must be auto, q or q_ifd, got {setting!r}")
     if setting == "q_ifd" and not ifd:

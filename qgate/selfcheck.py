@@ -4,8 +4,8 @@ the gates were never shown?
 Originals that warmup never saw get corrupted copies; most copies use kinds warmup never used (the held-out
 kinds), a few use warmup's own kinds, reported apart. q is mapped with the corpus's a/b/μ, and the q + IFD blend
 ranks q and IFD against the corpus reference sample that select uses, so a row scores here as it scores there.
-On the held-out copies: the direction (`direction=auto`), the score (`score=auto`: the better of q and the blend)
-and the verdict, an AUROC with a stratified-bootstrap 95% interval:
+On the held-out copies: the direction (`direction=auto`), the score (`score=auto`: the blend of two signals, unless
+q alone beats it with the whole paired 95% interval of the difference above zero) and the verdict, an AUROC with a stratified-bootstrap 95% interval:
 - `passed`: the AUROC is at or above `min_auroc`;
 - `below`: under it, but the interval reaches it (not enough evidence to fail);
 - `failed`: the whole interval is under it (a strict run stops);
@@ -106,6 +106,20 @@ def auroc_interval(scores: np.ndarray, labels: np.ndarray, n: int = BOOTSTRAP,
     return [float(lo), float(hi)]
 
 
+def difference_interval(a: np.ndarray, b: np.ndarray, labels: np.ndarray, n: int = BOOTSTRAP,
+                        seed: int = 0) -> list[float] | None:
+    """95% interval of AUROC(a) − AUROC(b) on the same rows: one stratified resample drives both (paired)."""
+    finite = np.isfinite(a) & np.isfinite(b)
+    pos, neg = np.flatnonzero(finite & (labels == 1)), np.flatnonzero(finite & (labels == 0))  # [P], [M]
+    if len(pos) < 2 or len(neg) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    pos_at, neg_at = rng.choice(pos, (n, len(pos))), rng.choice(neg, (n, len(neg)))  # [n, P], [n, M]
+    values = auroc_of_pairs(a[pos_at], a[neg_at]) - auroc_of_pairs(b[pos_at], b[neg_at])  # [n]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def _per_kind(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict[str, float | None]:
     """AUROC of originals vs the copies of each kind."""
     return {kind: _auroc_or_none(scores[(labels == 1) | (kinds == kind)], labels[(labels == 1) | (kinds == kind)])
@@ -139,9 +153,16 @@ def verdict_of(value: float | None, interval: list[float] | None, min_auroc: flo
 
 
 def better_score(check: dict) -> str:
-    """What `selection.score=auto` sorts on: "q_ifd" when the check measured the blend above q, else "q"."""
-    q, blend = check.get("auroc"), (check.get("blend") or {}).get("auroc")
-    return "q_ifd" if q is not None and blend is not None and blend > q else "q"
+    """What `selection.score=auto` sorts on: the blend when the check measured one, unless q alone beat it with the
+    whole paired interval of the difference above zero ("q" then, and when there is no blend). A check written
+    before the interval was kept decides on the two point values."""
+    q, blend = check.get("auroc"), check.get("blend") or {}
+    if q is None or blend.get("auroc") is None:
+        return "q"
+    interval = blend.get("q_minus_blend_interval")
+    if interval is None:
+        return "q_ifd" if blend["auroc"] > q else "q"
+    return "q" if interval[0] > 0 else "q_ifd"
 
 
 def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: dict[str, np.ndarray],
@@ -178,7 +199,9 @@ def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: di
     }
     if blend is not None:
         check["blend"] = {"auroc": on_heldout["q_ifd"], "interval": on_heldout["q_ifd_interval"],
-                          "per_kind": _per_kind(blend, labels, kind_of)}
+                          "per_kind": _per_kind(blend, labels, kind_of),
+                          "q_minus_blend_interval": difference_interval(scores["q"][heldout], blend[heldout],
+                                                                        labels[heldout], seed=seed)}
     check["score"] = better_score(check) if score == "auto" else score
     name = "q_ifd" if check["score"] == "q_ifd" and blend is not None else "q"
     enough = min(on_heldout["n_originals"], on_heldout["n_copies"]) >= min_rows

@@ -82,6 +82,19 @@ def test_a_blend_that_beats_q_is_the_score_and_the_verdict():
         measure(q, clean, kinds, {}, "auto", score="best")
 
 
+
+
+def test_a_q_barely_above_the_blend_does_not_displace_it():
+    q, clean, kinds = planted(n=60, seed=0)
+    ifd, _, _ = planted(n=60, seed=1)
+    ifd = -(ifd + np.random.default_rng(3).normal(0, 0.8, len(clean)))  # weaker than q: the blend trails it (0.961 < 0.971)
+    check = measure(q, clean, kinds, {"ifd": ifd}, "auto", min_auroc=0.5)
+    lo, hi = check["blend"]["q_minus_blend_interval"]
+    assert check["auroc"] > check["blend"]["auroc"] and lo < 0 < hi  # q ahead by a point value, not by evidence
+    assert check["score"] == "q_ifd"
+    assert better_score({**check, "blend": {"auroc": check["blend"]["auroc"]}}) == "q"  # older checks: points
+    strong = measure(clean + np.random.default_rng(4).uniform(0, 0.5, len(clean)), clean, kinds, {"ifd": ifd})
+    assert strong["blend"]["q_minus_blend_interval"][0] > 0 and strong["score"] == "q"
 def demo_rows(tmp_path, n_rows=240):
     corpus = build_demo_corpus(tmp_path, n_rows=n_rows, seed=0)
     return [r for f in list_input_files(corpus["data_dir"]) for r in iter_file_rows(f) if not r["reason"]]
