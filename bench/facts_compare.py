@@ -13,7 +13,8 @@
    through the similarity filter on text features, one row per near-duplicate answer), a random 30%, the lowest
    response PPL and IFD 30%, the full corpus, the clean rows only (the ceiling) and a random 30% of the clean rows
    (a perfect filter at the budget); 3 seeds each; qgate and random
-   at 10% and 50% too (the budget curve). Table, gaps in combined standard errors and the curve in `run/compare/compare.md`.
+   at 10% and 50% too (the budget curve). Table, gaps in combined standard errors, the goal's verdict and the
+   curve in `run/compare/compare.md`.
 
 Each step skips what an earlier call finished; compare starts no new finetune once --budget-min minutes have
 passed since this call began, and keeps the finished ones for the next call.
@@ -31,7 +32,8 @@ from qgate.facts_corpus import build_facts_corpus
 
 PIPELINE = ["encoding.max_length=128", "warmup.steps=48", "warmup.batch_size=4", "collect.actors=2",
             "selfcheck.rows=64", "selfcheck.strict=false", "selection_percentage=0.3", "progress=false"]
-COMPARE = ["compare.strategies=[qgate,qgate_diverse,random,clean,clean_random,ifd,response_ppl,all]", "compare.curve=[0.1,0.5]",
+COMPARE = ["compare.strategies=[qgate,qgate_diverse,random,clean,clean_random,ifd,response_ppl,all]",
+           "compare.curve=[0.1,0.5]",
            "compare.curve_strategies=[qgate,random]", "compare.seeds=3", "compare.keep_models=false",
            "evaluate.tasks=[]", "finetune.method=full", "finetune.max_length=128", "finetune.batch_size=16",
            "use_gpu=false"]

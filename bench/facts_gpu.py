@@ -18,15 +18,17 @@ product's own pieces called in one process. On a machine without network, `--sco
    never used, which sets q's direction; the score sorted on: the q + IFD blend (`--score q_ifd`, ranked against
    the whole corpus as select ranks it), q alone (`--score q`) or the self-check's pick (`--score auto`).
    `out/gpu/scores.parquet` holds them in select's columns.
-4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, random, clean, clean_random: as many
-   random clean rows as the budget, ifd, response_ppl, all at 30%; qgate and random at 10% and 50% too) every weight of a fresh copy of the target is
-   trained (`qgate.finetune.train`, method=full), then scored on the held-out rows' response loss and the fact
+4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, random, clean,
+   clean_random: as many random clean rows as the budget, ifd, response_ppl, all at 30%; qgate and random at 10%
+   and 50% too) every weight of a fresh copy of the target is trained (`qgate.finetune.train`, method=full), then
+   scored on the held-out rows' response loss and the fact
    multiple choice (`evaluate_model`); each run's record goes to `out/gpu/runs/<run>.json`.
 5. summary: `qgate.comparison`'s table, gaps in combined standard errors and budget curve in `out/gpu/compare.md`,
    everything (and the seconds of every phase) in `out/gpu/compare.json`.
 
 The same command again resumes: the corpus, the scores and every finished run are kept (scores made under other
-settings are made again, and a run whose rows or settings changed trains again). No new finetune starts once --budget-min minutes have passed since the call began.
+settings are made again, and a run whose rows or settings changed trains again). No new finetune starts once
+--budget-min minutes have passed since the call began.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 from qgate import selfcheck
 from qgate.comparison import (
     format_gaps,
+    format_goal,
     format_table,
     gaps,
     pick,
@@ -338,15 +341,15 @@ def collect_result(records: list[dict], base: dict, scores: pd.DataFrame, skippe
 
 def write_report(gpu: Path, result: dict) -> str:
     """`compare.md` (and the budget curve beside it); returns the table and gaps as printed."""
-    table, gap_table = format_table(result), format_gaps(result["gaps"])
+    table, gap_table, goal = format_table(result), format_gaps(result["gaps"]), format_goal(result["gaps"])
     header = (f"budget {BUDGET:.0%} of {result['n_scored']} scored rows, qgate = {result['selection']['score']} "
               f"(q direction {result['selection']['direction']}); mean over seeds [95% interval, Student's t]\n\n")
     plot = plot_budget_curve(result, gpu / "budget_curve.png")
     text = (header + table + "\n\nqgate against the others (combined standard error: seeds and evaluation items)"
-            "\n\n" + gap_table + (f"\n\n![budget curve]({plot.name})" if plot else "")
+            "\n\n" + gap_table + (f"\n\n{goal}" if goal else "") + (f"\n\n![budget curve]({plot.name})" if plot else "")
             + (f"\n\nnot run (--budget-min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
     (gpu / "compare.md").write_text(text + "\n")
-    return header + table + "\n\n" + gap_table
+    return header + table + "\n\n" + gap_table + (f"\n\n{goal}" if goal else "")
 
 
 def kept_scores(gpu: Path, settings: list[str]) -> tuple[pd.DataFrame | None, dict | None]:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from qgate.comparison import (
     OURS,
     format_gaps,
+    format_goal,
     format_table,
     gaps,
     plot_budget_curve,
@@ -87,13 +88,15 @@ def comparison_result(section, records: list[dict], base_record: dict, tasks: li
 def write_comparison(out: Path, result: dict, command: str) -> str:
     """`compare.md` (table, gaps, budget curve) and `compare.json`; returns the table and gaps as text."""
     table, gap_table = format_table(result), format_gaps(result["gaps"])
+    goal = format_goal(result["gaps"])
     header = (f"budget {result['budget']:.0%} of {result['n_scored']} scored rows, qgate = the run's sorted-on "
               f"score, {result['q_direction']} first; mean over seeds [95% interval, Student's t]\n\n")
     plot = plot_budget_curve(result, out / "budget_curve.png")
     text = ((f"`{command}`\n\n" if command else "") + header + table
             + "\n\nqgate against the others (combined standard error: seeds and evaluation items)\n\n" + gap_table
+            + (f"\n\n{goal}" if goal else "")
             + (f"\n\n![budget curve]({plot.name})" if plot else "")
             + (f"\n\nnot run (compare.budget_min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
     (out / "compare.md").write_text(text + "\n")
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=str))
-    return header + table + "\n\n" + gap_table
+    return header + table + "\n\n" + gap_table + (f"\n\n{goal}" if goal else "")

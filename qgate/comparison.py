@@ -38,8 +38,9 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
          labels: dict[tuple, bool] | None = None, diversity: dict | None = None) -> list[tuple]:
     """(dataset, id) of the `k` rows a strategy keeps; ties and missing values (last) ordered deterministically.
     `all` and `clean` (the rows `labels` marks clean: the ceiling) ignore `k`; `clean_random` is `k` random
-    clean rows, a perfect filter at the same budget (what is left of the gap to `clean` is the budget's). `qgate_diverse`: qgate's score
-    through the similarity filter on what each row says (`diversity`: `features` [N, D] in the rows' order,
+    clean rows, a perfect filter at the same budget (what is left of the gap to `clean` is the budget's).
+    `qgate_diverse`: qgate's score through the similarity filter on what each row says (`diversity`: `features`
+    [N, D] in the rows' order,
     `n_clusters`, `threshold`, `seed`, `pool`)."""
     keys = list(zip(scores["dataset"], scores["id"]))
     if strategy == "qgate_diverse":
@@ -53,8 +54,8 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
         return clean if strategy == "clean" else _random_pick(clean, k, seed)
     if strategy == "random":
         return _random_pick(keys, k, seed)
-    column, sign = {"qgate": (sorted_on(scores), -1.0 if direction == "higher" else 1.0), "response_ppl": ("response_nll", 1.0),
-                    "ifd": ("ifd", 1.0)}[strategy]
+    column, sign = {"qgate": (sorted_on(scores), -1.0 if direction == "higher" else 1.0),
+                    "response_ppl": ("response_nll", 1.0), "ifd": ("ifd", 1.0)}[strategy]
     values = pd.to_numeric(scores[column], errors="coerce").to_numpy(np.float64) * sign
     order = sorted(range(len(keys)), key=lambda i: (math.isnan(values[i]), values[i], keys[i]))
     return [keys[i] for i in order[:k]]
@@ -171,6 +172,32 @@ def gaps(summary: list[dict], budget: float, measure: str, versus: list[str], st
     return out
 
 
+def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
+    """Per measure, the question a user runs the comparison for: does `strategy` beat random by more than twice
+    the combined standard error, and is it within one of the clean-rows ceiling? Lower loss is better."""
+    lines = []
+    for measure in dict.fromkeys(g["measure"] for g in gap_rows if g["strategy"] == strategy):
+        by = {g["versus"]: g for g in gap_rows if g["strategy"] == strategy and g["measure"] == measure}
+        better = -1.0 if measure == "heldout_loss" else 1.0
+        parts = []
+        if "random" in by:
+            z = better * by["random"]["z"]
+            parts.append(f"{'beats' if z > 2 else 'does not beat'} random by 2 SE ({z:+.1f} SE)")
+        if "clean" in by:
+            z = better * by["clean"]["z"]
+            parts.append(f"{'is' if z >= -1 else 'is not'} within 1 SE of the clean rows ({z:+.1f} SE)")
+        if parts:
+            lines.append(f"{measure}: {strategy} " + "; ".join(parts))
+    return lines
+
+
+def format_goal(gap_rows: list[dict]) -> str:
+    """The goal's paragraph of a compare report, or "" when no gap answers it."""
+    lines = goal_of(gap_rows)
+    return ("The goal: better than random by more than 2 combined SE, within 1 SE of the clean rows (signs: + is "
+            "better, lower loss)\n\n" + "\n".join(f"- {line}" for line in lines)) if lines else ""
+
+
 # ---- tables and the budget curve -----------------------------------------------------------------
 
 
@@ -197,8 +224,8 @@ def format_table(result: dict) -> str:
 def format_gaps(gap_rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"]
-            for g in gap_rows]
+    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}",
+             f"{g['z']:+.1f}"] for g in gap_rows]
     return tabulate(rows, ["measure", "difference", "value", "combined SE", "in SEs"], tablefmt="github",
                     disable_numparse=True)
 

@@ -5,7 +5,8 @@ Originals that warmup never saw get corrupted copies; most copies use kinds warm
 kinds), a few use warmup's own kinds, reported apart. q is mapped with the corpus's a/b/μ, and the q + IFD blend
 ranks q and IFD against the corpus reference sample that select uses, so a row scores here as it scores there.
 On the held-out copies: the direction (`direction=auto`), the score (`score=auto`: the blend of two signals, unless
-q alone beats it with the whole paired 95% interval of the difference above zero) and the verdict, an AUROC with a stratified-bootstrap 95% interval:
+q alone beats it with the whole paired 95% interval of the difference above zero) and the verdict, an AUROC with a
+stratified-bootstrap 95% interval:
 - `passed`: the AUROC is at or above `min_auroc`;
 - `below`: under it, but the interval reaches it (not enough evidence to fail);
 - `failed`: the whole interval is under it (a strict run stops);

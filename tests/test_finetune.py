@@ -270,6 +270,18 @@ def test_gaps_count_combined_standard_errors_against_each_baseline():
     assert gaps["random"]["z"] == pytest.approx(2.0) and gaps["clean"]["diff"] == pytest.approx(-0.02)
 
 
+def test_the_goal_reads_the_gaps_with_the_sign_of_each_measure():
+    gap_rows = [{"measure": "heldout_loss", "strategy": "qgate", "versus": "random", "z": -2.5},
+                {"measure": "heldout_loss", "strategy": "qgate", "versus": "clean", "z": 3.0},
+                {"measure": "mc_acc", "strategy": "qgate", "versus": "random", "z": 1.5},
+                {"measure": "mc_acc", "strategy": "qgate", "versus": "clean", "z": -0.5},
+                {"measure": "mc_acc", "strategy": "qgate_diverse", "versus": "random", "z": 9.0}]
+    loss, mc = comparison.goal_of(gap_rows)
+    assert loss == ("heldout_loss: qgate beats random by 2 SE (+2.5 SE); is not within 1 SE of the clean rows "
+                    "(-3.0 SE)")  # lower loss is better: a negative gap to random is a win
+    assert mc == "mc_acc: qgate does not beat random by 2 SE (+1.5 SE); is within 1 SE of the clean rows (-0.5 SE)"
+
+
 def test_the_curve_and_the_ceiling_pick_their_rows(tmp_path, corpus):
     fake_run(tmp_path, corpus)
     scores = pq.read_table(tmp_path / "selection" / "scores.parquet").to_pandas()
@@ -356,6 +368,7 @@ def test_compare_end_to_end_writes_the_table_and_resumes(ray_local, corpus, tmp_
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
     assert ["qgate", "50%", "1", "8", "0.0%"] in [row[:5] for row in cells] and "fact MC acc_norm" in table
     assert "python_docs_mc acc_norm" in table and "![budget curve](budget_curve.png)" in table  # qgate at two budgets
+    assert "- mc_acc: qgate is" in table and "within 1 SE of the clean rows" in table  # the goal, read for the user
     assert (tmp_path / "compare" / "budget_curve.png").stat().st_size > 5000
     assert json.loads((tmp_path / "compare" / "compare.json").read_text())["q_direction"] == "lower"
     assert (tmp_path / "compare" / "adapters" / "qgate-25pct-s0" / "adapter_config.json").exists()
