@@ -291,6 +291,14 @@ class CompareSettings:
 
 
 @dataclass
+class GradeSettings:
+    """`qgate grade out=RUN grade.labels=FILE`: the run's scores on rows the user labelled (qgate/grading.py)."""
+
+    labels: Optional[str] = setting(None, "JSONL of {dataset, id, label}: label \"clean\" or the row's kind of noise")
+    min_auroc: float = setting(0.7, "the verdict's threshold on the AUROC of the score sorted on")
+
+
+@dataclass
 class Settings:
     """Override any key on the command line: `qgate pipeline gate.mode=probe`. Short aliases: qgate/config.py."""
 
@@ -327,6 +335,7 @@ class Settings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     compare: CompareSettings = field(default_factory=CompareSettings)
+    grade: GradeSettings = field(default_factory=GradeSettings)
 
 
 # The defaults, for the library's own signatures.

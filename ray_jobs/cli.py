@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": ("ray_jobs.finetune", "LoRA on the selected data (Ray Train + peft), a standard peft adapter"),
     "evaluate": ("ray_jobs.evaluate", "lm-eval harness on base and base+adapter, local task files included"),
     "compare": ("ray_jobs.compare", "select by the run's score, random, PPL, IFD; finetune each; evaluate; one table"),
+    "grade": ("ray_jobs.grade", "how the run's scores rank rows the user labelled, per kind, beside the baselines"),
     "serve": ("serve.app", "HTTP scoring of new samples relative to a run's corpus (Ray Serve)"),
     "demo-corpus": ("qgate.demo_corpus", "write the offline demo corpus of real Python documentation text"),
     "config": ("ray_jobs.cli", "print the resolved settings with their help: qgate config [section ...] [key=value ...]"),

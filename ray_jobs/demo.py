@@ -14,16 +14,16 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Sequence
 
-import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from qgate import grading, selfcheck
 from qgate.config import config_path
-from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
 from qgate.models import resolve_model_path
-from qgate.scoring import auroc
+from ray_jobs import grade as grade_job
 from ray_jobs import pipeline
 from ray_jobs.common import config_from_argv, run_paths, setup_logging
 
@@ -32,25 +32,22 @@ log = logging.getLogger("qgate.demo")
 DEMO_CONFIG = config_path("demo.yaml")
 
 
-def planted_noise_grade(out: str, labels_path: str) -> dict:
-    """AUROC for clean vs planted rows of the score the selection sorted on, of raw q (higher = clean) and of the
-    baselines; the planted share before and after selection."""
+def planted_noise_grade(out: str, labels_path: str, warmup_kinds: Sequence[str] = ()) -> dict:
+    """The run graded on its planted labels (`qgate.grading`), and its headline figures: the planted share before
+    and after selection, AUROC of the score sorted on, of q (in the run's direction) and of the baselines."""
     selection = run_paths(out)["selection"]
-    summary = json.loads((selection / "selection_stats.json").read_text())
-    scores = pq.read_table(selection / "scores.parquet").to_pandas()
-    labels = {r["id"]: r["label"] == "clean" for r in read_jsonl(labels_path)}
-    scores = scores[scores["id"].isin(labels)]
-    clean = scores["id"].map(labels).to_numpy().astype(int)
-    # q_ifd's blend is oriented (higher = clean); q itself follows the run's direction.
-    sign = -1.0 if summary["score"] == "q" and summary["direction"] == "lower" else 1.0
-    grade = {"n": len(clean), "planted_share_corpus": float(1 - clean.mean()),
-             "planted_share_selected": float(1 - clean[scores["selected"].to_numpy()].mean()),
-             "score": summary["score"], "direction": summary["direction"],
-             "auroc_score": float(auroc(sign * scores["score"].to_numpy(np.float64), clean)),
-             "auroc_q": float(auroc(scores["q"].to_numpy(), clean)),
-             "auroc_response_ppl": float(auroc(-scores["response_nll"].to_numpy(), clean))}
-    if scores["ifd"].notna().all():
-        grade["auroc_ifd"] = float(auroc(-scores["ifd"].to_numpy(np.float64), clean))
+    chosen = json.loads((selection / "selection_stats.json").read_text())
+    scores = pq.read_table(selection / "scores.parquet", columns=grade_job.COLUMNS).to_pandas()
+    check = grading.grade(scores, grading.read_labels(labels_path), chosen["direction"], chosen["score"],
+                          warmup_kinds)
+    (selection / "grade.json").write_text(json.dumps(check, indent=2))
+    everything = check["all_kinds"]
+    grade = {"n": check["n_labelled"], "planted_share_corpus": check["selection"]["noise_share_labelled"],
+             "planted_share_selected": check["selection"]["noise_share_selected"], "score": check["score"],
+             "direction": check["direction"], "auroc_score": check["auroc"], "auroc_q": everything["q"],
+             "auroc_response_ppl": everything["response_ppl"], "table": grading.grade_table(check)}
+    if everything.get("ifd") is not None:
+        grade["auroc_ifd"] = everything["ifd"]
     return grade
 
 
@@ -63,13 +60,15 @@ def run(config: DictConfig) -> dict:
                                noise_fraction=config.demo.noise_fraction, max_words=config.demo.max_words)
     config.data = str(corpus["data_dir"])
     timings = pipeline.run(config)
-    grade = planted_noise_grade(config.out, corpus["labels"])
-    (run_paths(config.out)["selection"] / "planted_noise.json").write_text(json.dumps(grade, indent=2))
+    grade = planted_noise_grade(config.out, corpus["labels"], selfcheck.warmed_kinds(config))
+    headline = {key: value for key, value in grade.items() if key != "table"}
+    (run_paths(config.out)["selection"] / "planted_noise.json").write_text(json.dumps(headline, indent=2))
     log.info("planted rows: %.1f%% of the corpus, %.1f%% of the selection; AUROC of the score sorted on (%s, "
              "q %s) %.3f, q %.3f, response PPL %.3f%s", 100 * grade["planted_share_corpus"],
              100 * grade["planted_share_selected"], grade["score"], grade["direction"], grade["auroc_score"],
              grade["auroc_q"],
              grade["auroc_response_ppl"], f", IFD {grade['auroc_ifd']:.3f}" if "auroc_ifd" in grade else "")
+    log.info("per planted kind (warmup kind: trained against it; share selected; AUROC):\n%s", grade["table"])
     log.info("stage wall times (s): %s", timings)
     log.info("report: %s", run_paths(config.out).report)
     return grade

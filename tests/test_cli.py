@@ -13,7 +13,7 @@ def test_the_core_stages_import_without_any_extra():
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in EXTRA_MODULES)
     code = (f"import sys; {blocked}; "
             "import ray_jobs.demo, ray_jobs.pipeline, ray_jobs.warmup, ray_jobs.collect, ray_jobs.selfcheck, "
-            "ray_jobs.select, qgate.demo_corpus")
+            "ray_jobs.select, ray_jobs.grade, qgate.demo_corpus, qgate.grading")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -1,0 +1,49 @@
+"""Grade a finished run on rows the user labelled: how its scores rank them, per kind, against the baselines.
+
+The ground truth a self-check cannot give: on a labelled sample of the corpus itself (a few hundred rows read by
+a person, or a corpus with planted rows), AUROC with a 95% interval of the score the selection sorted on, of q, the
+q + IFD blend, IFD and response PPL, per label, the kinds warmup trained on apart; the noise share of the labelled
+rows before and after selection (qgate/grading.py). Writes `out/selection/grade.json`; reads only the run's outputs.
+
+    python -m ray_jobs.grade out=runs/demo grade.labels=runs/demo/corpus/labels.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from qgate import grading, selfcheck
+from ray_jobs.common import config_from_argv, run_paths, setup_logging
+
+log = logging.getLogger("qgate.grade")
+
+COLUMNS = ["dataset", "id", "q", "selected", "ifd", "response_nll"]
+
+
+def run(config: DictConfig) -> dict:
+    if not config.grade.labels:
+        raise SystemExit("set the labels to grade on: grade.labels=FILE (JSONL of {dataset, id, label})")
+    selection = run_paths(config.out)["selection"]
+    if not (selection / "selection_stats.json").exists():
+        raise SystemExit(f"{config.out} has no finished selection to grade: run `qgate select out={config.out}`")
+    chosen = json.loads((selection / "selection_stats.json").read_text())
+    scores = pq.read_table(selection / "scores.parquet", columns=COLUMNS).to_pandas()
+    check = grading.grade(scores, grading.read_labels(config.grade.labels), chosen["direction"], chosen["score"],
+                          selfcheck.warmed_kinds(config), float(config.grade.min_auroc), int(config.seed))
+    (selection / "grade.json").write_text(json.dumps(check, indent=2))
+    log.info("%s (%d labels name no scored row)\n%s", grading.summary_line(check), check["n_labels_unscored"],
+             grading.grade_table(check))
+    return check
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    run(config_from_argv(argv))
+
+
+if __name__ == "__main__":
+    main()
