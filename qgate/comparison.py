@@ -237,15 +237,24 @@ def _interval(stat: dict, digits: int) -> str:
     return f"{stat['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
-    """Each measure against the budget for the strategies run at more than one budget, 95% intervals as bars,
-    whole-corpus strategies and the base model as lines; None when no strategy has two budgets."""
-    curves: dict[str, list[dict]] = {}
+def curve_series(result: dict) -> dict[str, dict[str, list[dict]]]:
+    """What the budget plot draws: `curves` (strategies at several budgets, by budget), `points` (strategies at one
+    budget, drawn there) and `lines` (whole-corpus strategies and the base model, across the plot)."""
+    by_strategy: dict[str, list[dict]] = {}
     for row in result["summary"]:
         if row["budget"] is not None:
-            curves.setdefault(row["strategy"], []).append(row)
-    curves = {s: sorted(rows, key=lambda r: r["budget"]) for s, rows in curves.items() if len(rows) > 1}
-    if not curves:
+            by_strategy.setdefault(row["strategy"], []).append(row)
+    return {"curves": {s: sorted(rows, key=lambda r: r["budget"]) for s, rows in by_strategy.items() if len(rows) > 1},
+            "points": {s: rows for s, rows in by_strategy.items() if len(rows) == 1},
+            "lines": {row["strategy"]: [row] for row in result["summary"] if row["budget"] is None}}
+
+
+def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
+    """Each measure against the budget: the strategies run at more than one budget as curves, those at one as
+    points, 95% intervals as bars, whole-corpus strategies and the base model as lines, every series its own
+    colour; None when no strategy has two budgets."""
+    series = curve_series(result)
+    if not series["curves"]:
         return None
     from matplotlib.figure import Figure  # without pyplot: the process's backend stays as it was
 
@@ -253,15 +262,19 @@ def plot_budget_curve(result: dict, path: str | Path) -> Path | None:
     fig = Figure(figsize=(5 * len(names), 3.6))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, (key, title) in zip(axes[0], names):
-        for strategy, rows in curves.items():
-            x = [100 * r["budget"] for r in rows]
-            y = [r[key]["mean"] for r in rows]
-            err = [[r[key]["mean"] - r[key]["ci"][0] for r in rows], [r[key]["ci"][1] - r[key]["mean"] for r in rows]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
-        for row in result["summary"]:
-            if row["budget"] is None:
-                ax.axhline(row[key]["mean"], linestyle="--" if row["seeds"] else ":", linewidth=1,
-                           color="grey" if row["seeds"] is None else None, label=row["strategy"])
+        colour = iter(f"C{i}" for i in range(100))
+        for kind, marker in (("curves", "o"), ("points", "s")):
+            for strategy, rows in series[kind].items():
+                x = [100 * r["budget"] for r in rows]
+                y = [r[key]["mean"] for r in rows]
+                err = [[r[key]["mean"] - r[key]["ci"][0] for r in rows],
+                       [r[key]["ci"][1] - r[key]["mean"] for r in rows]]
+                ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=strategy, color=next(colour),
+                            linestyle="-" if kind == "curves" else "none")
+        for strategy, (row,) in series["lines"].items():
+            base = row["seeds"] is None
+            ax.axhline(row[key]["mean"], linestyle=":" if base else "--", linewidth=1,
+                       color="grey" if base else next(colour), label=strategy)
         ax.set_xlabel("budget (% of the corpus)")
         ax.set_title(title)
     axes[0][0].legend(fontsize=8)

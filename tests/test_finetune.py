@@ -381,8 +381,13 @@ def test_the_budget_curve_is_drawn_for_strategies_at_several_budgets(tmp_path):
 
     result = {"tasks": [], "metric": "acc_norm", "mc": False,
               "summary": [{**row("base (no finetune)", None, 3.0), "seeds": None}, row("all", None, 2.0)]
-              + [row(s, b, 2.5 - b) for s in ("qgate", "random") for b in (0.1, 0.3, 0.5)]}
+              + [row(s, b, 2.5 - b) for s in ("qgate", "random") for b in (0.1, 0.3, 0.5)]
+              + [row("clean_random", 0.3, 1.9)]}
+    series = comparison.curve_series(result)
+    assert list(series["curves"]) == ["qgate", "random"] and list(series["points"]) == ["clean_random"]
+    assert [r["budget"] for r in series["curves"]["qgate"]] == [0.1, 0.3, 0.5]
+    assert list(series["lines"]) == ["base (no finetune)", "all"]
     path = comparison.plot_budget_curve(result, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    result["summary"] = result["summary"][:3]  # qgate at one budget only: no curve
+    result["summary"] = result["summary"][:3] + result["summary"][-1:]  # no strategy at two budgets: no curve
     assert comparison.plot_budget_curve(result, tmp_path / "none.png") is None
