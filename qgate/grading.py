@@ -1,7 +1,7 @@
 """How a finished run's scores rank the rows of its corpus that the user labelled: ground truth, per kind.
 
 `labels`: JSONL, one {"dataset", "id", "label"} per labelled row, label "clean" or the kind of noise the row holds
-(the demo's and the fact corpus's `labels.jsonl` have this form). Every score is measured as the self-check
+(the fact corpus's `labels.jsonl`), or a noisy label with the kind beside it (`"kind"`, the demo's). Every score is measured as the self-check
 measures its copies (`qgate.selfcheck.measure`): q in the run's direction, the q + IFD blend ranked against every
 scored row, IFD and response PPL; AUROC of the clean rows against the noisy ones with a stratified-bootstrap 95%
 interval, overall and per kind, the kinds warmup trained on apart from the rest. Beside it, what the selection
@@ -24,12 +24,14 @@ CLEAN = "clean"
 
 
 def read_labels(path) -> dict[tuple[str, str], str]:
-    """{(dataset, id): label} of a labels JSONL; a row without a label is an error, not a guess."""
+    """{(dataset, id): label} of a labels JSONL; a row without a label is an error, not a guess. A noisy row's
+    `kind`, when given, names its label (the demo's `{"label": "corrupt", "kind": "truncate"}`)."""
     labels = {}
     for number, row in enumerate(read_jsonl(str(path)), 1):
         if not row.get("id") or not row.get("label"):
             raise ValueError(f"{path}:{number}: a label row needs an id and a label, got {row}")
-        labels[(row.get("dataset", ""), row["id"])] = row["label"]
+        label = row["label"] if row["label"] == CLEAN else row.get("kind") or row["label"]
+        labels[(row.get("dataset", ""), row["id"])] = label
     return labels
 
 

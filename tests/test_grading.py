@@ -61,6 +61,11 @@ def test_labels_that_name_no_row_or_no_label_are_refused(tmp_path):
     write_jsonl(str(tmp_path / "labels.jsonl"), [{"dataset": "docs", "id": "r1", "label": "clean"}, {"id": "r2"}])
     with pytest.raises(ValueError, match=r"labels.jsonl:2: a label row needs an id and a label"):
         grading.read_labels(tmp_path / "labels.jsonl")
+    write_jsonl(str(tmp_path / "kinds.jsonl"), [{"dataset": "d", "id": "a", "label": "clean", "kind": None},
+                                                {"dataset": "d", "id": "b", "label": "corrupt", "kind": "truncate"},
+                                                {"dataset": "d", "id": "c", "label": "corrupt"}])
+    assert grading.read_labels(tmp_path / "kinds.jsonl") == {("d", "a"): "clean", ("d", "b"): "truncate",
+                                                             ("d", "c"): "corrupt"}  # the demo's form
 
 
 def test_the_grade_job_reads_a_finished_run_and_writes_its_grade(tmp_path):
