@@ -6,7 +6,8 @@
 
 The run directory holds `config.yaml` (resolved), `logs/<stage>.log`, `gates/`, `stats/`, `rejects/`,
 `selfcheck/` and `selection/` (scores.parquet, selected_data.jsonl, selection_stats.json, report.html).
-Every stage resumes: re-running the same command continues where a killed run stopped.
+Every stage resumes: re-running the same command continues where a killed run stopped. With `grade.labels`
+(rows the user labelled), the finished selection is graded on them too (`selection/grade.json`, ray_jobs/grade.py).
 The run stops before select when the self-check fails on kinds warmup never used, its whole 95% interval under
 `selfcheck.min_auroc` (`strict=false` selects regardless; a verdict below the threshold within its interval warns).
 """
@@ -45,6 +46,10 @@ def run(config: DictConfig) -> dict:
         start = time.time()
         importlib.import_module(f"ray_jobs.{stage}").run(config)
         timings[stage] = round(time.time() - start, 1)
+    if "select" in config.stages and config.grade.labels:  # the user's labelled rows: graded on every run
+        start = time.time()
+        importlib.import_module("ray_jobs.grade").run(config)
+        timings["grade"] = round(time.time() - start, 1)
     paths = run_paths(config.out)
     (paths["logs"] / "timings.json").write_text(json.dumps(timings, indent=2))
     log.info("stage wall times (s): %s", timings)

@@ -97,7 +97,7 @@ def tiny_pipeline_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     corpus = build_demo_corpus(root / "corpus", n_rows=TINY_PIPELINE_ROWS, seed=0, noise_fraction=0.2)
-    args = [f"data={corpus['data_dir']}", f"out={root / 'run'}", *TINY_PIPELINE]
+    args = [f"data={corpus['data_dir']}", f"out={root / 'run'}", f"grade.labels={corpus['labels']}", *TINY_PIPELINE]
     started = not ray.is_initialized()
     if started:
         start_local_ray()

@@ -48,7 +48,10 @@ def test_pipeline_command_runs_every_stage(tiny_pipeline_run):
     out = Path(config.out)
     assert_complete_run(out, corpus["n_rows"], 0.25)
     assert set(json.loads((out / "logs" / "timings.json").read_text())) == {
-        "warmup", "collect", "selfcheck", "select"}
+        "warmup", "collect", "selfcheck", "select", "grade"}
+    grade = json.loads((out / "selection" / "grade.json").read_text())  # grade.labels: the planted rows
+    assert grade["n_labelled"] == corpus["n_rows"] and grade["n_labels_unscored"] == 0
+    assert set(grade["selection"]["selected_share_by_label"]) - {"clean"} == set(grade["per_kind"]["q"])
     # contrast gates: warmup trained the contrast weights, and serve scores a corpus row as collect did
     contrast = {k: v for k, v in load_file(str(out / "gates" / "gates.safetensors")).items() if "contrast" in k}
     assert len(contrast) == 2 and all(v.abs().sum() > 0 for v in contrast.values())
