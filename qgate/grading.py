@@ -1,12 +1,12 @@
 """How a finished run's scores rank the rows of its corpus that the user labelled: ground truth, per kind.
 
 `labels`: JSONL, one {"dataset", "id", "label"} per labelled row, label "clean" or the kind of noise the row holds
-(the fact corpus's `labels.jsonl`), or a noisy label with the kind beside it (`"kind"`, the demo's). Every score is measured as the self-check
-measures its copies (`qgate.selfcheck.measure`): q in the run's direction, the q + IFD blend ranked against every
-scored row, IFD and response PPL; AUROC of the clean rows against the noisy ones with a stratified-bootstrap 95%
-interval, overall and per kind, the kinds warmup trained on apart from the rest. Beside it, what the selection
-did: the noise share of the labelled rows in the corpus and in the selection, and per label the share of its rows
-selected. Labels that name no scored row are counted, never dropped in silence.
+(the fact corpus's `labels.jsonl`), or a noisy label with the kind beside it (`"kind"`, the demo's). Every score is
+measured as the self-check measures its copies (`qgate.selfcheck.measure`): q in the run's direction, the q + IFD
+blend ranked against every scored row, IFD and response PPL; AUROC of the clean rows against the noisy ones with a
+stratified-bootstrap 95% interval, overall and per kind, the kinds warmup trained on apart from the rest. Beside it,
+what the selection did: the noise share of the labelled rows in the corpus and in the selection, and per label the
+share of its rows selected. Labels that name no scored row are counted, never dropped in silence.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ q (oriented: higher = clean) and of −IFD, descending (qgate.scoring.blend_q_if
 0.5. The ranks are taken against a reference sample, gathered in one more pass before pass 2: q and IFD of a
 hash-seeded sample of at most 200k rows (every row up to that: the ranks are then exact), kept sorted as float32
 in `selection/score_reference.npz` (the server ranks new samples against it). The driver then also keeps the
-score (8 more bytes per row). `auto`: `q_ifd` when the run's self-check measured the blend above q, else `q`.
+score (8 more bytes per row). `auto`: the self-check's choice (`qgate.selfcheck.better_score`:
+the blend unless q beats it with the paired interval above zero), else `q`.
     python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher selection.score=q_ifd
 
 `selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with

@@ -16,7 +16,6 @@ import sys
 import threading
 from collections.abc import Sequence
 
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from qgate import grading, selfcheck
@@ -35,12 +34,7 @@ DEMO_CONFIG = config_path("demo.yaml")
 def planted_noise_grade(out: str, labels_path: str, warmup_kinds: Sequence[str] = ()) -> dict:
     """The run graded on its planted labels (`qgate.grading`), and its headline figures: the planted share before
     and after selection, AUROC of the score sorted on, of q (in the run's direction) and of the baselines."""
-    selection = run_paths(out)["selection"]
-    chosen = json.loads((selection / "selection_stats.json").read_text())
-    scores = pq.read_table(selection / "scores.parquet", columns=grade_job.COLUMNS).to_pandas()
-    check = grading.grade(scores, grading.read_labels(labels_path), chosen["direction"], chosen["score"],
-                          warmup_kinds)
-    (selection / "grade.json").write_text(json.dumps(check, indent=2))
+    check = grade_job.grade_run(out, labels_path, warmup_kinds)
     everything = check["all_kinds"]
     grade = {"n": check["n_labelled"], "planted_share_corpus": check["selection"]["noise_share_labelled"],
              "planted_share_selected": check["selection"]["noise_share_selected"], "score": check["score"],

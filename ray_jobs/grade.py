@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
@@ -24,17 +25,24 @@ log = logging.getLogger("qgate.grade")
 COLUMNS = ["dataset", "id", "q", "selected", "ifd", "response_nll"]
 
 
+def grade_run(out, labels_path, warmup_kinds: Sequence[str] = (), min_auroc: float = 0.7, seed: int = 0) -> dict:
+    """The finished selection in `out` graded on the labels (`qgate.grading.grade`), written to grade.json."""
+    selection = run_paths(out)["selection"]
+    if not (selection / "selection_stats.json").exists():
+        raise SystemExit(f"{out} has no finished selection to grade: run `qgate select out={out}`")
+    chosen = json.loads((selection / "selection_stats.json").read_text())
+    scores = pq.read_table(selection / "scores.parquet", columns=COLUMNS).to_pandas()
+    check = grading.grade(scores, grading.read_labels(labels_path), chosen["direction"], chosen["score"],
+                          warmup_kinds, min_auroc, seed)
+    (selection / "grade.json").write_text(json.dumps(check, indent=2))
+    return check
+
+
 def run(config: DictConfig) -> dict:
     if not config.grade.labels:
         raise SystemExit("set the labels to grade on: grade.labels=FILE (JSONL of {dataset, id, label})")
-    selection = run_paths(config.out)["selection"]
-    if not (selection / "selection_stats.json").exists():
-        raise SystemExit(f"{config.out} has no finished selection to grade: run `qgate select out={config.out}`")
-    chosen = json.loads((selection / "selection_stats.json").read_text())
-    scores = pq.read_table(selection / "scores.parquet", columns=COLUMNS).to_pandas()
-    check = grading.grade(scores, grading.read_labels(config.grade.labels), chosen["direction"], chosen["score"],
-                          selfcheck.warmed_kinds(config), float(config.grade.min_auroc), int(config.seed))
-    (selection / "grade.json").write_text(json.dumps(check, indent=2))
+    check = grade_run(config.out, config.grade.labels, selfcheck.warmed_kinds(config),
+                      float(config.grade.min_auroc), int(config.seed))
     log.info("%s (%d labels name no scored row)\n%s", grading.summary_line(check), check["n_labels_unscored"],
              grading.grade_table(check))
     return check
