@@ -38,7 +38,9 @@ class LoraSettings:
     alpha: float = 32.0  # lora_alpha; the update is scaled by alpha / rank (the seeds: alpha = 2 · rank)
     dropout: float = 0.05  # dropout on the LoRA input
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # Linear names adapted
-    lr: float = 2e-4  # AdamW learning rate, constant
+    lr: float = 2e-4  # AdamW peak learning rate
+    schedule: str = "constant"  # learning rate over the steps: constant | cosine | linear (transformers' schedulers)
+    warmup_ratio: float = 0.0  # share of the steps over which the learning rate rises linearly from 0 to lr
     epochs: int = 1  # passes over the rows
     batch_size: int = 8  # rows per worker per step (global batch = batch_size × workers)
     max_length: int = 512  # tokens per row; longer rows are truncated
@@ -48,8 +50,9 @@ class LoraSettings:
     method: str = "lora"  # lora: LoRA weights only | full: every weight (a small or from-scratch target)
 
 
-SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "epochs", "batch_size", "max_length",
-                "max_grad_norm", "method")
+SETTING_KEYS = ("rank", "alpha", "dropout", "target_modules", "lr", "schedule", "warmup_ratio", "epochs",
+                "batch_size", "max_length", "max_grad_norm", "method")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def settings_of(config: DictConfig, seed: int | None = None) -> LoraSettings:
@@ -171,16 +174,21 @@ def train(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSettings,
         raise ValueError(f"no row to finetune on: {len(rows)} rows, dropped {dict(dropped)}")
     if settings.method not in ("lora", "full"):
         raise ValueError(f"finetune method {settings.method!r}: lora | full")
+    if settings.schedule not in SCHEDULES or not 0.0 <= settings.warmup_ratio < 1.0:
+        raise ValueError(f"finetune schedule {settings.schedule!r} with warmup_ratio {settings.warmup_ratio}: "
+                         f"one of {SCHEDULES}, warmup_ratio in [0, 1)")
     peft_model = add_lora(model, settings) if settings.method == "lora" else model.requires_grad_(True)
     objective = prepare(ResponseLoss(peft_model)) if prepare else ResponseLoss(peft_model)
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    scheduler = learning_rate_schedule(optimizer, settings, len(items), world_size)
     autocast = autocast_dtype(settings.autocast, device.type)
     objective.train()
     for epoch in range(settings.epochs):
-        losses = [_step(objective, optimizer, params, collate([items[i] for i in batch], tokenizer.pad_token_id),
-                        device, autocast, settings.max_grad_norm)
+        losses = [_step(objective, optimizer, scheduler, params,
+                        collate([items[i] for i in batch], tokenizer.pad_token_id), device, autocast,
+                        settings.max_grad_norm)
                   for batch in epoch_batches(len(items), settings, epoch, rank, world_size)]
         if on_epoch:
             on_epoch({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "steps": len(losses),
@@ -188,7 +196,17 @@ def train(model: nn.Module, tokenizer, rows: list[dict], settings: LoraSettings,
     return peft_model.eval()
 
 
-def _step(objective, optimizer, params, batch, device, autocast, max_grad_norm: float) -> float:
+def learning_rate_schedule(optimizer, settings: LoraSettings, n_items: int, world_size: int):
+    """transformers' scheduler of `settings.schedule` over every step of the run, warming up linearly first."""
+    from transformers import get_scheduler
+
+    steps = settings.epochs * -(-n_items // (settings.batch_size * world_size))
+    return get_scheduler(settings.schedule if settings.warmup_ratio == 0 or settings.schedule != "constant"
+                         else "constant_with_warmup", optimizer,
+                         num_warmup_steps=round(settings.warmup_ratio * steps), num_training_steps=steps)
+
+
+def _step(objective, optimizer, scheduler, params, batch, device, autocast, max_grad_norm: float) -> float:
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         total, count = objective(**batch)
@@ -198,6 +216,7 @@ def _step(objective, optimizer, params, batch, device, autocast, max_grad_norm: 
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    scheduler.step()
     return loss.item()
 
 

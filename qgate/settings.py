@@ -235,7 +235,10 @@ class FinetuneSettings:
     target_modules: List[str] = setting(
         lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "those the model lacks are skipped")
-    lr: float = setting(2.0e-4, "AdamW, constant (the seeds: 2e-5 on 7B models)")
+    lr: float = setting(2.0e-4, "AdamW's peak learning rate (the seeds: 2e-5 on 7B models)")
+    schedule: str = setting("constant", "the learning rate over the steps: constant | cosine | linear (to 0 at the "
+                                        "last step)")
+    warmup_ratio: float = setting(0.0, "share of the steps over which the learning rate rises from 0 to lr")
     epochs: int = setting(1, "passes over the rows")
     batch_size: int = setting(8, "rows per worker per step")
     max_length: int = setting(512, "tokens per row; longer rows are truncated")

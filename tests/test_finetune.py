@@ -23,6 +23,7 @@ from qgate.finetune import (
     encode_rows,
     epoch_batches,
     heldout_loss,
+    learning_rate_schedule,
     train,
 )
 from qgate.tasks import build_python_docs_mc as mc
@@ -103,6 +104,29 @@ def test_global_batches_do_not_depend_on_the_number_of_workers():
         assert [sorted(a + b) for a, b in zip(*split)] == [sorted(s) for s in single]
     epoch = [i for batch in epoch_batches(10, one, 0, 0, 1) for i in batch]
     assert len(epoch) == 12 and set(epoch) == set(range(10))  # every row, two again to fill the last batch
+
+
+def test_the_learning_rate_warms_up_then_follows_its_schedule_to_the_last_step():
+    def rates(settings, n_items=10, world_size=1):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+        scheduler = learning_rate_schedule(optimizer, settings, n_items, world_size)
+        out = []
+        for _ in range(settings.epochs * -(-n_items // (settings.batch_size * world_size))):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert rates(LoraSettings(lr=0.1, epochs=2, batch_size=2)) == [0.1] * 10  # the default: constant
+    cosine = rates(LoraSettings(lr=0.1, epochs=2, batch_size=2, schedule="cosine", warmup_ratio=0.2))
+    assert cosine[:3] == pytest.approx([0.0, 0.05, 0.1])  # 2 warmup steps of 10
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and cosine[-1] < 0.01
+    # steps count global batches: two workers of batch 2 take 3 steps an epoch of 10 rows
+    assert len(rates(LoraSettings(lr=0.1, epochs=1, batch_size=2, schedule="linear"), world_size=2)) == 3
+    settings = finetune.settings_of(load_config(["finetune.schedule=cosine", "finetune.warmup_ratio=0.1"]))
+    assert (settings.schedule, settings.warmup_ratio) == ("cosine", 0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        train(tiny_model("tiny-qwen3"), tiny_tokenizer(), toy_rows(), LoraSettings(schedule="step"))
 
 
 def test_train_saves_an_adapter_that_loads_and_changes_outputs(tmp_path):
