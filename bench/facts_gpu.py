@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=150)
     parser.add_argument("--score", choices=("q_ifd", "q", "auto"), default="q_ifd", help="what qgate sorts on")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--schedule", default="cosine", help="constant | cosine | linear, after the warmup")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps warming up")
     parser.add_argument("--batch-size", type=int, default=64, help="finetune and evaluation rows per step")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per row, warmup, scores and finetunes")
     parser.add_argument("--seeds", type=int, default=3, help="finetunes per subset")
@@ -253,8 +255,9 @@ def select_rows(config, device: torch.device, phases: Phases) -> tuple[pd.DataFr
 
 
 def settings_for(args, config, seed: int) -> LoraSettings:
-    return LoraSettings(method="full", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                        max_length=args.max_length, seed=seed, autocast=config.autocast)
+    return LoraSettings(method="full", lr=args.lr, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
+                        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=seed,
+                        autocast=config.autocast)
 
 
 def fingerprint(keys: list[tuple], settings: LoraSettings) -> str:
