@@ -22,7 +22,7 @@ from qgate.comparison import (
     run_name,
     summarize,
 )
-from qgate.diversity import TextFeatures, row_text, similarity_threshold
+from qgate.diversity import TEXT_FEATURES, TextFeatures, feature_text, similarity_threshold
 from qgate.evaluation import as_list
 
 log = logging.getLogger("qgate.compare")
@@ -61,14 +61,17 @@ def keep(config, key, keys, record: dict, out: Path) -> dict:
 
 
 def diversity_of(config, scores, rows: dict) -> dict:
-    """What `qgate_diverse` picks with: the text features of every scored row (fitted on them all) and the run's
-    similarity-filter settings (its threshold when the run compared text, else the text default)."""
-    texts = [row_text(rows[key]["messages"]) if key in rows else "" for key in zip(scores["dataset"], scores["id"])]
-    fit = TextFeatures.fit(texts)
+    """What `qgate_diverse` picks with: text features of every scored row (fitted on them all; the run's own when it
+    selected on text features, else its response's) and the run's similarity-filter settings (its threshold when
+    it compared those features, else their default)."""
     s = config.selection
-    threshold = s.similarity_threshold if s.features == "text" else None
+    source = s.features if s.features in TEXT_FEATURES else "response"
+    texts = [feature_text(rows[key]["messages"], source) if key in rows else ""
+             for key in zip(scores["dataset"], scores["id"])]
+    fit = TextFeatures.fit(texts, source=source)
+    threshold = s.similarity_threshold if s.features == source else None
     return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
-            "threshold": similarity_threshold(threshold, "text"), "pool": s.pool}
+            "threshold": similarity_threshold(threshold, source), "pool": s.pool, "source": source}
 
 
 def comparison_result(section, records: list[dict], base_record: dict, tasks: list[str], direction: str,

@@ -8,6 +8,10 @@ Feature of a sample (`selection.features`):
   similarity filter keeps one of them and the k rows cover more distinct content. k-means on text groups rows
   by their common wording as much as by their content, so on text the filter compares across clusters:
   O(W · k · D) multiply-adds (D = TEXT_DIMS; about 10^13 at a million rows, minutes on one CPU).
+- `response`: the same on the row's final response alone: rows that give the same answer are near whatever they
+  were asked, so one answer under reworded questions counts once, and so does an answer pasted under a question
+  it does not belong to when the row it belongs to was kept (on the fact corpus: 5.4% planted rows in the 30% at
+  292 objects with a clean row, against the whole row's 13.3% at 294 and top k's 7.5% at 219; BENCHMARKS.md).
 - `fit_clusters`: k-means with a fixed seed on at most `max_fit_rows` rows (a seeded sample when there are more;
   MiniBatchKMeans above `MINIBATCH_ROWS`); `Clustering.assign` labels any number of rows in batches.
 - `round_robin`: rows in q order, one pick per cluster per round (within a round in q order) until k.
@@ -30,8 +34,9 @@ import numpy as np
 from qgate.scoring import top_k
 
 STRATEGIES = ("top_k", "cluster_round_robin", "similarity_filter")
-FEATURES = ("gates", "text")
-THRESHOLDS = {"gates": 0.95, "text": 0.8}  # similarity_filter's default cosine per feature kind
+FEATURES = ("gates", "text", "response")
+TEXT_FEATURES = ("text", "response")  # the features made of the row's words (`TextFeatures`)
+THRESHOLDS = {"gates": 0.95, "text": 0.8, "response": 0.8}  # similarity_filter's default cosine per feature kind
 TEXT_DIMS = 256  # folded buckets of the text features
 WORD_HASH_BITS = 22  # words hashed into 2^22 ids before the fold (idf is kept per id)
 MAX_FIT_ROWS = 200_000  # k-means fits on a seeded sample of at most this many rows
@@ -92,6 +97,20 @@ def row_text(messages: str | list[dict]) -> str:
     return "\n".join(str(turn.get("content", "")) for turn in turns)
 
 
+def response_text(messages: str | list[dict]) -> str:
+    """The content of a row's last assistant turn (its last turn when none is the assistant's)."""
+    turns = json.loads(messages) if isinstance(messages, str) else messages
+    answers = [turn for turn in turns if turn.get("role") == "assistant"] or turns[-1:]
+    return str(answers[-1].get("content", "")) if answers else ""
+
+
+def feature_text(messages: str | list[dict], features: str) -> str:
+    """What the text features of `features` ("text": the whole row, "response": its final answer) read."""
+    if features not in TEXT_FEATURES:
+        raise ValueError(f"no text features named {features!r}: one of {TEXT_FEATURES}")
+    return response_text(messages) if features == "response" else row_text(messages)
+
+
 @dataclass
 class TextFeatures:
     """tf-idf bag of words (sublinear tf; idf of each hashed word id in the fit sample), folded into `dims` buckets
@@ -102,6 +121,7 @@ class TextFeatures:
     idf: np.ndarray  # [V]
     unseen_idf: float  # idf of a word id the fit sample never held
     dims: int = TEXT_DIMS
+    source: str = "text"  # what of a row it reads (`feature_text`): the whole row, or its response
 
     @staticmethod
     def _counts(texts: list[str]):
@@ -111,11 +131,15 @@ class TextFeatures:
         return vectorizer.transform(texts).tocsr()  # [N, 2^22] sparse counts
 
     @classmethod
-    def fit(cls, texts: list[str], dims: int = TEXT_DIMS) -> TextFeatures:
+    def fit(cls, texts: list[str], dims: int = TEXT_DIMS, source: str = "text") -> TextFeatures:
         counts = cls._counts(texts)
         word_ids, df = np.unique(counts.indices, return_counts=True)  # [V]: rows holding each word id
         n = max(len(texts), 1)
-        return cls(word_ids, np.log((1 + n) / (1 + df)) + 1, float(np.log(1 + n) + 1), dims)
+        return cls(word_ids, np.log((1 + n) / (1 + df)) + 1, float(np.log(1 + n) + 1), dims, source)
+
+    def of_rows(self, messages: list) -> np.ndarray:
+        """The features of rows given as their messages (or collect's JSON of them). [N] -> [N, dims]"""
+        return self.transform([feature_text(m, self.source) for m in messages])
 
     def transform(self, texts: list[str]) -> np.ndarray:
         """[N] texts -> [N, dims] unit rows (zero for a text without words)."""
@@ -135,12 +159,12 @@ class TextFeatures:
 
     def to_dict(self) -> dict:
         return {"word_ids": self.word_ids.tolist(), "idf": self.idf.tolist(), "unseen_idf": self.unseen_idf,
-                "dims": self.dims}
+                "dims": self.dims, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> TextFeatures:
         return cls(np.asarray(d["word_ids"], dtype=np.int32), np.asarray(d["idf"], dtype=np.float64),
-                   float(d["unseen_idf"]), int(d["dims"]))
+                   float(d["unseen_idf"]), int(d["dims"]), d.get("source", "text"))
 
 
 def fit_sample(n: int, max_rows: int, seed: int) -> np.ndarray:

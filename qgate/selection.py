@@ -57,7 +57,8 @@ from qgate.diversity import (
     TextFeatures,
     fit_clusters,
     round_robin,
-    row_text,
+    TEXT_FEATURES,
+    feature_text,
     similarity_filter,
     similarity_threshold,
 )
@@ -254,32 +255,32 @@ def batch_features(table: pa.Table, spec: dict, text: TextFeatures | None) -> np
     """What the diversity strategies compare in a batch: S [B, L], or with a text fit the text features [B, D]."""
     if text is None:
         return batch_layer_scores(table, spec)
-    return text.transform([row_text(m) for m in table.column("messages").to_pylist()])
+    return text.of_rows(table.column("messages").to_pylist())
 
 
-def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int, text: bool) -> pa.Table:
-    """The k-means fit sample: id and S (with `text`: the row's text) of the rows whose hash of (seed, id) falls
-    below `fraction`."""
+def sampled_rows(table: pa.Table, spec: dict, fraction: float, seed: int, text: str | None) -> pa.Table:
+    """The k-means fit sample: id and S (with `text`, "text" or "response": what those features read of the row)
+    of the rows whose hash of (seed, id) falls below `fraction`."""
     ids = table.column("id").to_pylist()
     keep = in_sample(ids, fraction, seed)  # [B]
     columns = {"dataset": table.column("dataset").filter(pa.array(keep)),
                "id": pa.array(ids, pa.string()).filter(pa.array(keep))}
     if text:
         messages = table.column("messages").to_pylist()
-        columns["text"] = pa.array([row_text(m) for m, kept in zip(messages, keep) if kept], pa.string())
+        columns["text"] = pa.array([feature_text(m, text) for m, kept in zip(messages, keep) if kept], pa.string())
     else:
         columns["S"] = _fixed_lists(batch_layer_scores(table, spec)[keep])  # [M, L]
     return pa.table(columns)
 
 
-def fit_sample_clustering(sample: pa.Table, n_clusters: int, seed: int) -> Clustering:
+def fit_sample_clustering(sample: pa.Table, n_clusters: int, seed: int, source: str = "text") -> Clustering:
     """k-means on the fit sample (`sampled_rows` of every batch), sorted by (dataset, id) so that the fit is the
-    same whatever the block layout; text features are fitted (idf) on the same rows first."""
+    same whatever the block layout; text features (of `source`) are fitted (idf) on the same rows first."""
     sample = sample.sort_by([("dataset", "ascending"), ("id", "ascending")])
     text = None
     if "text" in sample.column_names:
         texts = sample.column("text").to_pylist()
-        text = TextFeatures.fit(texts)
+        text = TextFeatures.fit(texts, source=source)
         features = text.transform(texts)  # [M, D]
     else:
         features = sample.column("S").combine_chunks().flatten().to_numpy().reshape(sample.num_rows, -1)  # [M, L]
@@ -427,7 +428,7 @@ def diverse_pick(labels: np.ndarray, z: np.ndarray | None, k: int, s) -> np.ndar
     """Which rows a diversity strategy keeps [N] bool, from every row's cluster label [N] and (similarity_filter)
     features [N, F], both in score order; `s` the selection settings."""
     if s.strategy == "similarity_filter":
-        text = s.features == "text"  # on text the filter compares across clusters (qgate/diversity.py)
+        text = s.features in TEXT_FEATURES  # on text the filter compares across clusters (qgate/diversity.py)
         picked = similarity_filter(z, k, similarity_threshold(s.similarity_threshold, str(s.features)),
                                    None if text else labels, pool=s.pool)
     else:

@@ -144,9 +144,11 @@ class SelectionSettings:
     n_clusters: int = setting(8, "k-means clusters of the diversity strategies (fit on a seeded sample of ≤ 200k "
                                  "rows)")
     features: str = setting("gates", "what the diversity strategies compare: gates (each row's standardised S) | "
-                                     "text (tf-idf of what the row says: near-duplicate rows are near)")
+                                     "text (tf-idf of what the row says: near-duplicate rows are near) | response "
+                                     "(the same of its final answer alone: one answer under any question is near)")
     similarity_threshold: Optional[float] = setting(None, "similarity_filter: skip a row whose cosine to a kept row "
-                                                          "of its cluster is above; null: 0.95 on gates, 0.8 on text")
+                                                          "of its cluster is above; null: 0.95 on gates, 0.8 on text and "
+                                                          "response")
     pool: Optional[float] = setting(1.5, "similarity_filter: only the best pool · k rows are candidates (null: "
                                          "all), so coverage costs at most that much of the score order")
     direction: str = setting("auto", "auto: as the self-check finds | higher | lower")

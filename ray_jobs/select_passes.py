@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qgate import selection as policy
-from qgate.diversity import MAX_FIT_ROWS, Clustering, cluster_shares
+from qgate.diversity import MAX_FIT_ROWS, TEXT_FEATURES, Clustering, cluster_shares
 from qgate.scoring import LayerStats, sorted_reference
 from ray_jobs.common import read_parquet
 
@@ -68,20 +68,21 @@ def sorted_by_score(ds, higher: bool, n_rows: int, rows_per_partition: int):
 
 
 def fit_clustering(dirs: list[Path], specs: list[dict], n: int, n_clusters: int, seed: int,
-                   text: bool) -> Clustering:
-    """k-means on the features of a hash-seeded sample of about MAX_FIT_ROWS rows."""
+                   text: str | None) -> Clustering:
+    """k-means on the features (`text`: the text features of that name, else S) of a hash-seeded sample of about
+    MAX_FIT_ROWS rows."""
     fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
     sample = datasets(dirs, specs, ["id", "dataset", *(["messages"] if text else [])], policy.sampled_rows,
                       {"fraction": fraction, "seed": seed, "text": text})
     batches = sample.iter_batches(batch_format="pyarrow", batch_size=None)
-    return policy.fit_sample_clustering(pa.concat_tables(list(batches)), n_clusters, seed)
+    return policy.fit_sample_clustering(pa.concat_tables(list(batches)), n_clusters, seed, text or "text")
 
 
 def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: int, path: Path,
                    n_worst: int) -> dict:
     """`policy.write_scores` for a diversity strategy: cluster every row, walk them in score order, pick, then write."""
     s = config.selection
-    text = s.features == "text"
+    text = s.features if s.features in TEXT_FEATURES else None
     clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed), text)
     features = s.strategy == "similarity_filter"
     scored = datasets(dirs, specs, [*policy.SCORE_COLUMNS, *(["messages"] if text else [])], policy.clustered_rows,

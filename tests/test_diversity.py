@@ -12,7 +12,9 @@ from qgate.config import load_config
 from qgate.diversity import (
     TextFeatures,
     candidate_rows,
+    feature_text,
     fit_clusters,
+    response_text,
     round_robin,
     row_text,
     select_diverse,
@@ -105,6 +107,24 @@ def test_text_features_put_one_answer_under_reworded_questions_together():
     assert not fit.transform([""]).any()  # no words: a zero row
 
 
+def test_response_features_put_one_answer_together_under_any_question():
+    own = topic_messages(0)  # topic 0's answer to its own question
+    pasted = [{"role": "user", "content": "Which library reads spreadsheets for pandas users quickly and safely?"},
+              own[1]]  # the same answer under a question it does not answer
+    other = [{"role": "user", "content": "What is unit7 for?"},
+             {"role": "assistant", "content": "Scheduling delta jobs on remote hosts."}]
+    rows = [own, pasted, other]
+    by_row = TextFeatures.fit([feature_text(m, "text") for m in rows]).of_rows(rows)
+    fit = TextFeatures.fit([feature_text(m, "response") for m in rows], source="response")
+    by_answer = fit.of_rows([json.dumps(m) for m in rows])  # collect's JSON of the messages reads the same
+    assert by_answer[0] @ by_answer[1] == pytest.approx(1.0) and by_answer[0] @ by_answer[2] < 0.5
+    assert by_row[0] @ by_row[1] < 0.8  # the whole rows differ by their questions: the text default keeps both
+    assert TextFeatures.from_dict(fit.to_dict()).source == "response"
+    assert response_text([{"role": "user", "content": "only a prompt"}]) == "only a prompt"
+    with pytest.raises(ValueError, match="text features"):
+        feature_text(own, "gates")
+
+
 def test_similarity_filter_walks_only_the_pool():
     z = np.ones((10, 2))  # all identical: only the first passes, the rest fill in q order
     assert similarity_filter(z, 4, 0.5, pool=1.5).tolist() == [0, 1, 2, 3]
@@ -176,16 +196,17 @@ def test_select_job_strategies_keep_k_rows_and_report_clusters(stats_run, tmp_pa
     assert "Selection per cluster" in (out / "report.html").read_text()
 
 
-def test_select_job_on_text_features_keeps_one_row_per_answer(stats_run, tmp_path):
+@pytest.mark.parametrize("features", ["text", "response"])
+def test_select_job_on_text_features_keeps_one_row_per_answer(stats_run, tmp_path, features):
     from ray_jobs import select
 
     run, n = stats_run
-    out = select.run(load_config([f"out={tmp_path / 'text'}", "use_gpu=false", f"selection.runs=[{run}]",
+    out = select.run(load_config([f"out={tmp_path / features}", "use_gpu=false", f"selection.runs=[{run}]",
                                   "selection.percentage=0.25", "selection.direction=higher", "selection.alpha=1.0",
-                                  "selection.strategy=similarity_filter", "selection.features=text",
+                                  "selection.strategy=similarity_filter", f"selection.features={features}",
                                   "selection.n_clusters=3", "selection.pool=null"]))
     summary = json.loads((out / "selection_stats.json").read_text())
     picked = [json.loads(line)["id"] for line in (out / "selected_data.jsonl").read_text().splitlines()]
     topics = [int(i[1:]) // 2 for i in picked]
-    assert summary["features"] == "text" and summary["similarity_threshold"] == 0.8
+    assert summary["features"] == features and summary["similarity_threshold"] == 0.8
     assert len(picked) == -(-n // 4) and len(set(topics)) == len(topics)  # no answer twice

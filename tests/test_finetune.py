@@ -343,17 +343,25 @@ def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
     assert "qgate_diverse − random" in comparison.format_gaps(gap_rows)
 
 
-def test_qgate_diverse_compares_text_with_the_text_threshold():
+def test_qgate_diverse_compares_answers_unless_the_run_chose_text_features():
     from qgate.compare_runs import diversity_of
 
-    scores = pd.DataFrame({"dataset": "toy", "id": ["a", "b"]})
-    rows = {("toy", "a"): {"messages": [{"role": "user", "content": "alpha beta"}]},
-            ("toy", "b"): {"messages": [{"role": "user", "content": "gamma delta"}]}}
+    scores = pd.DataFrame({"dataset": "toy", "id": ["a", "b", "c"]})
+    answer = {"role": "assistant", "content": "It parses alpha records into beta tables."}
+    rows = {("toy", "a"): {"messages": [{"role": "user", "content": "What does alpha do?"}, answer]},
+            ("toy", "b"): {"messages": [{"role": "user", "content": "Explain gamma delta briefly."}, answer]},
+            ("toy", "c"): {"messages": [{"role": "user", "content": "What is epsilon?"},
+                                        {"role": "assistant", "content": "A Greek letter used for small numbers."}]}}
     gates_run = load_config(["selection.features=gates", "selection.similarity_threshold=0.95"])
     text_run = load_config(["selection.features=text", "selection.similarity_threshold=0.9"])
-    assert diversity_of(gates_run, scores, rows)["threshold"] == 0.8  # a gates threshold is not a text one
-    assert diversity_of(text_run, scores, rows)["threshold"] == 0.9
-    assert diversity_of(text_run, scores, rows)["features"].shape == (2, 256)
+    response_run = load_config(["selection.features=response", "selection.similarity_threshold=0.85"])
+    answers = diversity_of(gates_run, scores, rows)
+    assert answers["source"] == "response" and answers["threshold"] == 0.8  # a gates threshold is not a text one
+    z = answers["features"]  # [3, 256] unit rows
+    assert z.shape == (3, 256) and z[0] @ z[1] == pytest.approx(1.0) and z[0] @ z[2] < 0.5  # one answer, two asks
+    whole = diversity_of(text_run, scores, rows)
+    assert (whole["source"], whole["threshold"]) == ("text", 0.9) and whole["features"][0] @ whole["features"][1] < 0.9
+    assert diversity_of(response_run, scores, rows)["threshold"] == 0.85
 
 
 def toy_mc(topics=HELD_OUT_TOPICS) -> list[dict]:
