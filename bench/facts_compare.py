@@ -3,14 +3,15 @@
     nohup python bench/facts_compare.py --out /tmp/facts --budget-min 85 > /tmp/facts.log 2>&1 &
     python bench/facts_compare.py --out /tmp/facts --budget-min 85      # the same command again goes on
 
-Sized for 2 CPU cores in about 90 minutes (pipeline about 20, 33 finetunes about 60).
+On 2 CPU cores (an AVX2-only Zen 3, float32): pipeline 30 minutes, then about 2 minutes a 480-row finetune, the
+whole plan about 110 minutes: one call of --budget-min 85, then the same command again.
 
 1. `qgate.facts_corpus`: 400 standard-library objects asked in four question forms (1,600 rows), 45% of the rows
    corrupted (half of them a consistent wrong fact per object, the rest fluent wrong answers and artifact kinds),
    an evaluation on the facts the clean rows teach (a multiple-choice item per taught object, the same objects as
    held-out chat rows in a question form the corpus never uses), and the finetune target `model/`: a random-init
-   decoder that knows no fact before it is trained, trained long enough (20 epochs, cosine schedule after a 10%
-   warmup) to learn what its rows teach, so that what a subset teaches, right or wrong, is what its model answers.
+   decoder that knows no fact before it is trained, trained 20 epochs on a cosine schedule after a 10% warmup (at a
+   constant rate it stalls or learns too little for a perfect filter to beat random; `bench/facts_calibrate.py`).
 2. `qgate pipeline` on the corpus (warmup, collect, self-check, select 30%) with the default model (SmolLM2).
 3. `qgate compare`: every weight of the target trained on qgate's 30% (top-k; add `qgate_diverse` to the
    strategies for the same score through the similarity filter on text features), a random 30%, the lowest
