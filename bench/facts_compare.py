@@ -4,7 +4,7 @@
     python bench/facts_compare.py --out /tmp/facts --budget-min 85      # the same command again goes on
 
 On 2 CPU cores (an AVX2-only Zen 3, float32): pipeline 30 minutes, then about 2 minutes a 480-row finetune, the
-whole plan about 110 minutes: one call of --budget-min 85, then the same command again.
+whole plan about 115 minutes: one call of --budget-min 85, then the same command again.
 
 1. `qgate.facts_corpus`: 400 standard-library objects asked in four question forms (1,600 rows), 45% of the rows
    corrupted (half of them a consistent wrong fact per object, the rest fluent wrong answers and artifact kinds),
@@ -13,8 +13,8 @@ whole plan about 110 minutes: one call of --budget-min 85, then the same command
    decoder that knows no fact before it is trained, trained 20 epochs on a cosine schedule after a 10% warmup (at a
    constant rate it stalls or learns too little for a perfect filter to beat random; `bench/facts_calibrate.py`).
 2. `qgate pipeline` on the corpus (warmup, collect, self-check, select 30%) with the default model (SmolLM2).
-3. `qgate compare`: every weight of the target trained on qgate's 30% (top-k; add `qgate_diverse` to the
-   strategies for the same score through the similarity filter on text features), a random 30%, the lowest
+3. `qgate compare`: every weight of the target trained on qgate's 30% (top-k, and `qgate_diverse`: the same score
+   through the similarity filter on the answers, one row per answer), a random 30%, the lowest
    response PPL and IFD 30%, the full corpus, the clean rows only (the ceiling) and a random 30% of the clean rows
    (a perfect filter at the budget); 3 seeds each; qgate and random
    at 10% and 50% too (the budget curve). Table, gaps in combined standard errors, the goal's verdict and the
@@ -36,7 +36,7 @@ from qgate.facts_corpus import build_facts_corpus
 
 PIPELINE = ["encoding.max_length=128", "warmup.steps=48", "warmup.batch_size=4", "collect.actors=2",
             "selfcheck.rows=64", "selfcheck.strict=false", "selection_percentage=0.3", "progress=false"]
-COMPARE = ["compare.strategies=[qgate,random,clean,clean_random,ifd,response_ppl,all]",
+COMPARE = ["compare.strategies=[qgate,qgate_diverse,random,clean,clean_random,ifd,response_ppl,all]",
            "compare.curve=[0.1,0.5]",
            "compare.curve_strategies=[qgate,random]", "compare.seeds=3", "compare.keep_models=false",
            "evaluate.tasks=[]", "finetune.method=full", "finetune.max_length=128", "finetune.batch_size=16",
