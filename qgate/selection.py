@@ -53,12 +53,12 @@ from tqdm import tqdm
 
 from qgate.diversity import (
     MAX_FIT_ROWS,
+    TEXT_FEATURES,
     Clustering,
     TextFeatures,
+    feature_text,
     fit_clusters,
     round_robin,
-    TEXT_FEATURES,
-    feature_text,
     similarity_filter,
     similarity_threshold,
 )
