@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from qgate.comparison import pick
 from qgate.data import read_jsonl
 from qgate.facts_corpus import build_facts_corpus
 from qgate.finetune import LoraSettings, evaluate_model, train
@@ -47,22 +48,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out)
     if not (out / "manifest.json").exists():
         build_facts_corpus(out, args.objects, model_size=args.model_size)
-    rows = read_jsonl(out / "data" / "facts.jsonl")
-    clean_ids = {r["id"] for r in read_jsonl(out / "labels.jsonl") if r["label"] == "clean"}
+    rows = {(r["dataset"], r["id"]): r for r in read_jsonl(out / "data" / "facts.jsonl")}
+    noisy = {(r["dataset"], r["id"]): r["label"] != "clean" for r in read_jsonl(out / "labels.jsonl")}
+    keys = pd.DataFrame(list(rows), columns=["dataset", "id"])
     heldout, mc = read_jsonl(out / "heldout.jsonl"), read_jsonl(out / "facts_mc.jsonl")
+    tokenizer = load_tokenizer(str(out / "model"))
     k = math.ceil(args.budget * len(rows))
     records = []
     for seed in range(args.seeds):
-        for subset in SUBSETS:
-            pool = rows if subset == "random" else [r for r in rows if r["id"] in clean_ids]
-            chosen = random.Random(seed).sample(pool, k)
+        for subset in SUBSETS:  # the rows `qgate compare` trains these strategies on
+            chosen = [rows[key] for key in pick(keys, subset, k, seed, labels=noisy)]
             settings = LoraSettings(method="full", lr=args.lr, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
                                     epochs=args.epochs, batch_size=args.batch_size, max_length=128, seed=seed,
                                     autocast="none")
             started, losses = time.perf_counter(), []
-            model = train(load_model(str(out / "model"), device="cpu"), load_tokenizer(str(out / "model")), chosen,
-                          settings, on_epoch=lambda epoch: losses.append(epoch["loss"]))
-            measured = evaluate_model(model, load_tokenizer(str(out / "model")), heldout, mc, 128, batch_size=32)
+            model = train(load_model(str(out / "model"), device="cpu"), tokenizer, chosen, settings,
+                          on_epoch=lambda epoch: losses.append(epoch["loss"]))
+            measured = evaluate_model(model, tokenizer, heldout, mc, 128, batch_size=32)
             records.append({"subset": subset, "seed": seed, "rows": k, "train_loss": round(losses[-1], 3),
                             "heldout_loss": round(measured["heldout_loss"], 3),
                             "mc_acc_norm": round(measured["mc"]["acc_norm"], 3), "mc_items": measured["mc"]["n"],

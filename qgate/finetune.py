@@ -201,9 +201,9 @@ def learning_rate_schedule(optimizer, settings: LoraSettings, n_items: int, worl
     from transformers import get_scheduler
 
     steps = settings.epochs * -(-n_items // (settings.batch_size * world_size))
-    return get_scheduler(settings.schedule if settings.warmup_ratio == 0 or settings.schedule != "constant"
-                         else "constant_with_warmup", optimizer,
-                         num_warmup_steps=round(settings.warmup_ratio * steps), num_training_steps=steps)
+    name = "constant_with_warmup" if settings.schedule == "constant" else settings.schedule  # the same at 0 warmup
+    return get_scheduler(name, optimizer, num_warmup_steps=round(settings.warmup_ratio * steps),
+                         num_training_steps=steps)
 
 
 def _step(objective, optimizer, scheduler, params, batch, device, autocast, max_grad_norm: float) -> float:
