@@ -33,10 +33,15 @@ def record_path(out: Path, key) -> Path:
     return out / "runs" / f"{run_name(*key)}.json"
 
 
+# finetune settings that decide where and how a finetune runs, not what it learns: a second call with more cores
+# keeps the first call's results
+RESOURCE_SETTINGS = ("cpus_per_worker", "max_failures")
+
+
 def fingerprint(config, keys) -> str:
     """What a finetune's result depends on: its rows and the finetune and evaluation settings."""
-    what = [sorted(keys), OmegaConf.to_container(config.finetune), OmegaConf.to_container(config.evaluate),
-            config.compare.heldout, config.compare.mc]
+    shaping = {k: v for k, v in OmegaConf.to_container(config.finetune).items() if k not in RESOURCE_SETTINGS}
+    what = [sorted(keys), shaping, OmegaConf.to_container(config.evaluate), config.compare.heldout, config.compare.mc]
     return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()
 
 

@@ -406,6 +406,17 @@ def test_compare_end_to_end_writes_the_table_and_resumes(ray_local, corpus, tmp_
     assert (tmp_path / "compare" / "adapters" / "qgate-25pct-s0" / "adapter_config.json").exists()
 
 
+def test_a_finetune_is_kept_across_calls_with_other_cores_and_redone_with_other_settings():
+    from qgate.compare_runs import fingerprint
+
+    keys = [("toy", "a"), ("toy", "b")]
+    first = fingerprint(load_config(["finetune.cpus_per_worker=1"]), keys)
+    assert fingerprint(load_config(["finetune.cpus_per_worker=2", "finetune.max_failures=3"]), keys[::-1]) == first
+    assert fingerprint(load_config(["finetune.lr=1e-3"]), keys) != first
+    assert fingerprint(load_config(["finetune.workers=2"]), keys) != first  # another global batch
+    assert fingerprint(load_config([]), keys[:1]) != first
+
+
 def test_the_budget_curve_is_drawn_for_strategies_at_several_budgets(tmp_path):
     def row(strategy, budget, mean):
         stat = {"mean": mean, "sd": 0.0, "ci": (mean - 0.1, mean + 0.1), "se": 0.05}
