@@ -262,6 +262,8 @@ def parse(argv):
     parser.add_argument("--tent", action="store_true", help="gain gates also read how far the running mean gain "
                         "sits from the clean warmup rows' (gate.tent, the product's default; without it the recipe of the earlier "
                         "seeds)")
+    parser.add_argument("--gain-lr-scale", type=float, default=1.0, help="the gain and tent reads learn at this "
+                        "multiple of --lr (qgate.gate.optimizer_groups); the x reads at --lr")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
     parser.add_argument("--merge", nargs="+", default=[], help="more caches of the same settings to report with")
     parser.add_argument("--quick", action="store_true")
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
         | ({"own_answers": args.own_answers} if args.own_answers else {}) \
-        | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting()
+        | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting() \
+        | ({"gain_lr_scale": args.gain_lr_scale} if args.gain_lr_scale != 1.0 else {})
     # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}

@@ -171,7 +171,8 @@ def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, ar
     shard = [{**row, "negatives": as_list(negatives.get(row["id"], []))} for row in splits.warmup]
     return warm_up_alone(model, shard, loss, steps=steps, batch_size=args.batch_size,
                          lr=args.lr if variant.lr is None else variant.lr, pad_id=pad_id, seed=seed,
-                         contrast=variant.contrast, autocast=args.autocast)
+                         contrast=variant.contrast, autocast=args.autocast,
+                         gain_lr_scale=getattr(args, "gain_lr_scale", 1.0))
 
 
 def as_list(copies: dict | list[dict]) -> list[dict]:

@@ -363,6 +363,16 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
     return model.qgate_gates.parameters()
 
 
+def optimizer_groups(gates: GateSet, lr: float, gain_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups: the gain and tent reads (two and one numbers a gate) at `gain_lr_scale` · lr, every
+    wide read of x at lr."""
+    gain_reads = [p for gate in gates.gates for read in (gate.gain, gate.tent) if read is not None
+                  for p in read.parameters()]
+    chosen = {id(p) for p in gain_reads}
+    rest = [p for p in gates.parameters() if id(p) not in chosen]
+    return [{"params": rest, "lr": lr}] + ([{"params": gain_reads, "lr": lr * gain_lr_scale}] if gain_reads else [])
+
+
 def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """`gates.safetensors` + `gates.json` (format, mode, layers, shapes and whatever `metadata` adds)."""
     out_dir = Path(out_dir)

@@ -74,13 +74,15 @@ def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optim
 
 def warm_up_alone(model: nn.Module, shard: list[dict], loss: WarmupLossConfig, *, steps: int, batch_size: int,
                   lr: float, pad_id: int, seed: int = 0, weight_decay: float = 0.0, contrast: bool = False,
-                  autocast: str = "auto", report_every: int = 1) -> list[dict]:
+                  autocast: str = "auto", report_every: int = 1, gain_lr_scale: float = 1.0) -> list[dict]:
     """`run_steps` in this process, without Ray or DDP (a benchmark, a GPU machine): AdamW over the gates already
     attached to `model`, the product's batches of `shard` (items with their `negatives`), step and metrics;
     returns the metrics history, one entry every `report_every` steps."""
-    from qgate.gate import freeze_backbone
+    from qgate.gate import freeze_backbone, optimizer_groups
 
-    optimizer = torch.optim.AdamW(freeze_backbone(model), lr=lr, weight_decay=weight_decay)
+    freeze_backbone(model)
+    optimizer = torch.optim.AdamW(optimizer_groups(model.qgate_gates, lr, gain_lr_scale), lr=lr,
+                                  weight_decay=weight_decay)
     cfg = {"steps": steps, "batch_size": batch_size, "seed": seed, "pad_id": pad_id, "autocast": autocast,
            "gate": {"contrast": contrast}, "report_every": report_every, "checkpoint_every": steps,
            "fail_at_step": 0, "fail_marker": ""}

@@ -158,3 +158,15 @@ def test_tent_gates_leave_every_other_weight_of_a_seed_and_save_their_centre(tmp
 def test_a_tent_needs_the_gain_it_reads():
     with pytest.raises(ValueError, match="needs gate.gain"):
         attach_gates(tiny_model("tiny-qwen3"), mode="probe", contrast=True, gain=False, tent=True)
+
+
+def test_the_gain_reads_can_learn_at_their_own_rate_and_every_gate_weight_is_in_one_group():
+    from qgate.gate import optimizer_groups
+
+    gates = attach_gates(tiny_model("tiny-qwen3"), mode="probe", contrast=True, gain=True, tent=True)
+    wide, gain = optimizer_groups(gates, lr=1e-2, gain_lr_scale=10.0)
+    assert (wide["lr"], gain["lr"]) == (1e-2, pytest.approx(0.1))
+    assert {id(p) for p in wide["params"]} | {id(p) for p in gain["params"]} == {id(p) for p in gates.parameters()}
+    assert not {id(p) for p in wide["params"]} & {id(p) for p in gain["params"]}
+    assert sorted(p.numel() for p in gain["params"]) == [1] * len(gates.layers) + [2] * len(gates.layers)
+    assert len(optimizer_groups(attach_gates(tiny_model("tiny-qwen3"), mode="probe", gain=False), lr=1e-2)) == 1
