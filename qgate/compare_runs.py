@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from qgate.comparison import (
     OURS,
+    curve_gaps,
     format_gaps,
     format_goal,
     format_table,
@@ -90,6 +91,8 @@ def comparison_result(section, records: list[dict], base_record: dict, tasks: li
             "tasks": tasks, "mc": has_mc, "base": base_record, "runs": records, "summary": summary,
             "gaps": [g for ours in OURS if ours in strategies for m in measure_keys
                      for g in gaps(summary, section.budget, m, versus, ours)],
+            "curve_gaps": [g for ours in OURS for m in measure_keys
+                           for g in curve_gaps(summary, sorted(float(b) for b in as_list(section.curve)), m, ours)],
             "not_run": skipped}
 
 
@@ -103,6 +106,8 @@ def write_comparison(out: Path, result: dict, command: str) -> str:
     text = ((f"`{command}`\n\n" if command else "") + header + table
             + "\n\nqgate against the others (combined standard error: seeds and evaluation items)\n\n" + gap_table
             + (f"\n\n{goal}" if goal else "")
+            + (f"\n\nThe same gaps to random along the budget curve\n\n{format_gaps(result['curve_gaps'])}"
+               if result.get("curve_gaps") else "")
             + (f"\n\n![budget curve]({plot.name})" if plot else "")
             + (f"\n\nnot run (compare.budget_min): {', '.join(result['not_run'])}" if result["not_run"] else ""))
     (out / "compare.md").write_text(text + "\n")

@@ -172,6 +172,11 @@ def gaps(summary: list[dict], budget: float, measure: str, versus: list[str], st
     return out
 
 
+def curve_gaps(summary: list[dict], budgets: list[float], measure: str, strategy: str = "qgate") -> list[dict]:
+    """`strategy` − random at each budget of the curve, in combined standard errors (`gaps` with the budget)."""
+    return [{**g, "budget": budget} for budget in budgets for g in gaps(summary, budget, measure, ["random"], strategy)]
+
+
 def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
     """Per measure, the question a user runs the comparison for: does `strategy` beat random by more than twice
     the combined standard error, and is it within one of the clean-rows ceiling? Lower loss is better."""
@@ -224,8 +229,8 @@ def format_table(result: dict) -> str:
 def format_gaps(gap_rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}", f"{g['diff']:+.4f}", f"{g['se']:.4f}",
-             f"{g['z']:+.1f}"] for g in gap_rows]
+    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}" + (f" at {g['budget']:.0%}" if "budget" in g else ""),
+             f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"] for g in gap_rows]
     return tabulate(rows, ["measure", "difference", "value", "combined SE", "in SEs"], tablefmt="github",
                     disable_numparse=True)
 

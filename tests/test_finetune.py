@@ -417,6 +417,20 @@ def test_a_finetune_is_kept_across_calls_with_other_cores_and_redone_with_other_
     assert fingerprint(load_config([]), keys[:1]) != first
 
 
+def test_the_gaps_to_random_are_read_at_every_budget_of_the_curve():
+    def row(strategy, budget, mean, se):
+        return {"strategy": strategy, "budget": budget, "mc_acc": {"mean": mean, "se": se}}
+
+    summary = [row("qgate", 0.1, 0.35, 0.03), row("random", 0.1, 0.28, 0.04), row("qgate", 0.5, 0.67, 0.05),
+               row("random", 0.5, 0.34, 0.0), row("qgate", 0.3, 0.54, 0.02), row("all", None, 0.6, 0.1)]
+    rows = comparison.curve_gaps(summary, [0.1, 0.5, 0.7], "mc_acc")
+    assert [(g["budget"], g["versus"]) for g in rows] == [(0.1, "random"), (0.5, "random")]  # none at 70%
+    assert rows[0]["diff"] == pytest.approx(0.07) and rows[0]["z"] == pytest.approx(0.07 / 0.05)
+    assert rows[1]["z"] == pytest.approx(0.33 / 0.05)
+    assert "qgate − random at 50%" in comparison.format_gaps(rows)
+    assert comparison.curve_gaps(summary, [0.1], "mc_acc", "qgate_diverse") == []
+
+
 def test_the_budget_curve_is_drawn_for_strategies_at_several_budgets(tmp_path):
     def row(strategy, budget, mean):
         stat = {"mean": mean, "sd": 0.0, "ci": (mean - 0.1, mean + 0.1), "se": 0.05}
