@@ -229,8 +229,11 @@ def format_table(result: dict) -> str:
 def format_gaps(gap_rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    rows = [[g["measure"], f"{g.get('strategy', 'qgate')} − {g['versus']}" + (f" at {g['budget']:.0%}" if "budget" in g else ""),
-             f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"] for g in gap_rows]
+    def difference(g: dict) -> str:
+        at = f" at {g['budget']:.0%}" if "budget" in g else ""
+        return f"{g.get('strategy', 'qgate')} − {g['versus']}{at}"
+
+    rows = [[g["measure"], difference(g), f"{g['diff']:+.4f}", f"{g['se']:.4f}", f"{g['z']:+.1f}"] for g in gap_rows]
     return tabulate(rows, ["measure", "difference", "value", "combined SE", "in SEs"], tablefmt="github",
                     disable_numparse=True)
 
