@@ -18,11 +18,11 @@ product's own pieces called in one process. On a machine without network, `--sco
    never used, which sets q's direction; the score sorted on: the q + IFD blend (`--score q_ifd`, ranked against
    the whole corpus as select ranks it), q alone (`--score q`) or the self-check's pick (`--score auto`).
    `out/gpu/scores.parquet` holds them in select's columns.
-4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, random, clean,
-   clean_random: as many random clean rows as the budget, ifd, response_ppl, all at 30%; qgate and random at 10%
-   and 50% too) every weight of a fresh copy of the target is trained (`qgate.finetune.train`, method=full), then
-   scored on the held-out rows' response loss and the fact
-   multiple choice (`evaluate_model`); each run's record goes to `out/gpu/runs/<run>.json`.
+4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, qgate_diverse: the same
+   score through the similarity filter on the answers, random, clean, clean_random: as many random clean rows as
+   the budget, ifd, response_ppl, all at 30%; qgate, qgate_diverse and random at 10% and 50% too) every weight of
+   a fresh copy of the target is trained (`qgate.finetune.train`, method=full), then scored on the held-out rows'
+   response loss and the fact multiple choice (`evaluate_model`); each run's record goes to `out/gpu/runs/<run>.json`.
 5. summary: `qgate.comparison`'s table, gaps in combined standard errors and budget curve in `out/gpu/compare.md`,
    everything (and the seconds of every phase) in `out/gpu/compare.json`.
 
@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from qgate import selfcheck
+from qgate.compare_runs import diversity_of
 from qgate.comparison import (
     format_gaps,
     format_goal,
@@ -77,8 +78,8 @@ from qgate.warmup_loop import gate_kwargs, warm_up_alone
 from qgate.warmup_rows import encode_items, sample_rows, shard_items
 
 BUDGET, CURVE = 0.3, [0.1, 0.5]
-STRATEGIES = ["qgate", "random", "clean", "clean_random", "ifd", "response_ppl", "all"]
-CURVE_STRATEGIES = ["qgate", "random"]
+STRATEGIES = ["qgate", "qgate_diverse", "random", "clean", "clean_random", "ifd", "response_ppl", "all"]
+CURVE_STRATEGIES = ["qgate", "qgate_diverse", "random"]
 VERSUS = ["random", "response_ppl", "ifd", "all", "clean", "clean_random"]
 MEASURES = ["heldout_loss", "mc_acc"]
 
@@ -307,7 +308,8 @@ def run_all(args, config, out: Path, gpu: Path, scores: pd.DataFrame, device: to
             "heldout": good_rows(out / "heldout.jsonl"), "mc": read_jsonl(out / "facts_mc.jsonl"),
             "labels": read_labels(str(out / "labels.jsonl"))}
     seeds = [args.seed + i for i in range(args.seeds)]
-    plan = subsets(scores, STRATEGIES, BUDGET, seeds, q_direction(scores), data["labels"], CURVE, CURVE_STRATEGIES)
+    plan = subsets(scores, STRATEGIES, BUDGET, seeds, q_direction(scores), data["labels"], CURVE, CURVE_STRATEGIES,
+                   diversity_of(config, scores, data["rows"]))
     base = base_record(out, gpu, data, settings_for(args, config, args.seed), device)
     records, skipped, trained = [], [], 0
     for key, keys in plan.items():

@@ -179,7 +179,8 @@ def curve_gaps(summary: list[dict], budgets: list[float], measure: str, strategy
 
 def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
     """Per measure, the question a user runs the comparison for: does `strategy` beat random by more than twice
-    the combined standard error, and is it within one of the clean-rows ceiling? Lower loss is better."""
+    the combined standard error, and is it within one of the clean-rows ceiling (and of a perfect filter at the
+    budget, `clean_random`, where it ran)? Lower loss is better."""
     lines = []
     for measure in dict.fromkeys(g["measure"] for g in gap_rows if g["strategy"] == strategy):
         by = {g["versus"]: g for g in gap_rows if g["strategy"] == strategy and g["measure"] == measure}
@@ -191,14 +192,20 @@ def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
         if "clean" in by:
             z = better * by["clean"]["z"]
             parts.append(f"{'is' if z >= -1 else 'is not'} within 1 SE of the clean rows ({z:+.1f} SE)")
+        if "clean_random" in by:
+            z = better * by["clean_random"]["z"]
+            parts.append(f"{'is' if z >= -1 else 'is not'} within 1 SE of a perfect filter at the budget "
+                         f"({z:+.1f} SE)")
         if parts:
             lines.append(f"{measure}: {strategy} " + "; ".join(parts))
     return lines
 
 
 def format_goal(gap_rows: list[dict]) -> str:
-    """The goal's paragraph of a compare report, or "" when no gap answers it."""
-    lines = goal_of(gap_rows)
+    """The goal's paragraph of a compare report, for qgate and each of its variants compared (qgate_diverse), or ""
+    when no gap answers it."""
+    strategies = dict.fromkeys(g["strategy"] for g in gap_rows if g["strategy"].startswith("qgate"))
+    lines = [line for strategy in strategies for line in goal_of(gap_rows, strategy)]
     return ("The goal: better than random by more than 2 combined SE, within 1 SE of the clean rows (signs: + is "
             "better, lower loss)\n\n" + "\n".join(f"- {line}" for line in lines)) if lines else ""
 

@@ -299,11 +299,15 @@ def test_the_goal_reads_the_gaps_with_the_sign_of_each_measure():
                 {"measure": "heldout_loss", "strategy": "qgate", "versus": "clean", "z": 3.0},
                 {"measure": "mc_acc", "strategy": "qgate", "versus": "random", "z": 1.5},
                 {"measure": "mc_acc", "strategy": "qgate", "versus": "clean", "z": -0.5},
-                {"measure": "mc_acc", "strategy": "qgate_diverse", "versus": "random", "z": 9.0}]
+                {"measure": "mc_acc", "strategy": "qgate_diverse", "versus": "random", "z": 9.0},
+                {"measure": "mc_acc", "strategy": "qgate_diverse", "versus": "clean_random", "z": -1.6}]
     loss, mc = comparison.goal_of(gap_rows)
     assert loss == ("heldout_loss: qgate beats random by 2 SE (+2.5 SE); is not within 1 SE of the clean rows "
                     "(-3.0 SE)")  # lower loss is better: a negative gap to random is a win
     assert mc == "mc_acc: qgate does not beat random by 2 SE (+1.5 SE); is within 1 SE of the clean rows (-0.5 SE)"
+    report = comparison.format_goal(gap_rows)  # every qgate variant compared gets its verdict
+    assert f"- {loss}\n- {mc}\n- mc_acc: qgate_diverse beats random by 2 SE (+9.0 SE); is not within 1 SE of a " \
+           "perfect filter at the budget (-1.6 SE)" in report
 
 
 def test_the_curve_and_the_ceiling_pick_their_rows(tmp_path, corpus):
