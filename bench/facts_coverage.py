@@ -20,16 +20,14 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from qgate import finetune
-from qgate.compare_runs import diversity_of
-from qgate.comparison import q_direction, read_labels, run_name, subsets
+from qgate.compare_runs import planned_subsets
+from qgate.comparison import q_direction, read_labels, run_name
 from qgate.data import read_jsonl
-from qgate.evaluation import as_list
 
 
 def coverage(root: Path) -> list[dict]:
     """One dict per finished finetune of the comparison under `root` (facts_compare's --out)."""
     config = OmegaConf.load(root / "run" / "compare" / "config.yaml")
-    section = config.compare
     scores = pq.read_table(root / "run" / "selection" / "scores.parquet").to_pandas()
     noisy = read_labels(str(root / "labels.jsonl"))
     object_of = {(r["dataset"], r["id"]): r["object"] for r in read_jsonl(root / "labels.jsonl")}
@@ -37,14 +35,9 @@ def coverage(root: Path) -> list[dict]:
     answer = {key: row["messages"][-1]["content"] for key, row in rows.items()}
     truth = {object_of[key]: answer[key] for key in rows if not noisy[key]}  # object -> its true sentence
     mc = read_jsonl(root / "facts_mc.jsonl")
-    strategies = as_list(section.strategies)
-    curve_strategies = as_list(section.curve_strategies) if section.curve else []
-    diversity = diversity_of(config, scores, rows) if "qgate_diverse" in {*strategies, *curve_strategies} else None
-    seeds = [config.seed + i for i in range(section.seeds)]
-    picked = subsets(scores, strategies, section.budget, seeds, q_direction(scores, section.direction), noisy,
-                     [float(b) for b in as_list(section.curve)], curve_strategies, diversity)
     out = []
-    for key, keys in picked.items():
+    direction = q_direction(scores, config.compare.direction)
+    for key, keys in planned_subsets(config, scores, rows, direction, noisy).items():
         record_file = root / "run" / "compare" / "runs" / f"{run_name(*key)}.json"
         if not record_file.exists():
             continue

@@ -21,6 +21,7 @@ from qgate.comparison import (
     gaps,
     plot_budget_curve,
     run_name,
+    subsets,
     summarize,
 )
 from qgate.diversity import TEXT_FEATURES, TextFeatures, feature_text, similarity_threshold
@@ -78,6 +79,17 @@ def diversity_of(config, scores, rows: dict) -> dict:
     threshold = s.similarity_threshold if s.features == source else None
     return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
             "threshold": similarity_threshold(threshold, source), "pool": s.pool, "source": source}
+
+
+def planned_subsets(config, scores, rows: dict, direction: str, labels: dict | None) -> dict:
+    """`qgate.comparison.subsets` for `config.compare`: every (strategy, budget, seed) and its rows."""
+    section = config.compare
+    strategies, curve_strategies = as_list(section.strategies), as_list(section.curve_strategies)
+    wanted = {*strategies, *(curve_strategies if section.curve else [])}
+    diversity = diversity_of(config, scores, rows) if "qgate_diverse" in wanted else None
+    seeds = [config.seed + i for i in range(section.seeds)]
+    return subsets(scores, strategies, section.budget, seeds, direction, labels,
+                   [float(b) for b in as_list(section.curve)], curve_strategies, diversity)
 
 
 def comparison_result(section, records: list[dict], base_record: dict, tasks: list[str], direction: str,

@@ -36,8 +36,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from qgate.compare_runs import comparison_result, diversity_of, done_earlier, keep, write_comparison
-from qgate.comparison import planted_share, q_direction, read_labels, run_name, subsets
+from qgate.compare_runs import comparison_result, done_earlier, keep, planned_subsets, write_comparison
+from qgate.comparison import planted_share, q_direction, read_labels, run_name
 from qgate.config import save_config
 from qgate.data import read_jsonl
 from qgate.evaluation import as_list, base_model_dir
@@ -68,13 +68,8 @@ def run(config: DictConfig, command: str = "") -> dict:
         scores = pq.read_table(paths.scores).to_pandas()
         direction = q_direction(scores, section.direction)
         labels = read_labels(section.labels)
-        seeds = [config.seed + i for i in range(section.seeds)]
         rows, heldout = run_rows(config), finetune.load_rows(section.heldout)[0]
-        strategies = as_list(section.strategies)
-        wanted = {*strategies, *(as_list(section.curve_strategies) if section.curve else [])}
-        diversity = diversity_of(config, scores, rows) if "qgate_diverse" in wanted else None
-        picked = subsets(scores, strategies, section.budget, seeds, direction, labels,
-                         [float(b) for b in as_list(section.curve)], as_list(section.curve_strategies), diversity)
+        picked = planned_subsets(config, scores, rows, direction, labels)
         mc = read_jsonl(section.mc) if section.mc else None
         base = base_model_dir(config.finetune.model or config.model, out) if as_list(config.evaluate.tasks) else None
         records, skipped, trained = [], [], 0
