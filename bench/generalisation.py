@@ -87,9 +87,14 @@ def frozen_split(rows: list[dict], n_test: int) -> tuple[list[dict], list[dict]]
     return test, [r for r in rows if not in_test_split(r)]
 
 
-def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str], seed: int) -> list[dict]:
-    """Originals, copies of left-out kinds for two thirds of them, of warmup kinds for the rest."""
+def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str], seed: int,
+                    corpus_index: int = 0) -> list[dict]:
+    """Originals, copies of left-out kinds for two thirds of them, of warmup kinds for the rest. The warmup kinds'
+    round-robin starts where the previous corpus's stopped, so that every warmup kind gets copies when the
+    corpora's last thirds together hold at least as many rows as there are kinds."""
     cut = round(2 * len(test) / 3)
+    start = corpus_index * (len(test) - cut) % max(len(warm_kinds), 1)
+    warm_kinds = warm_kinds[start:] + warm_kinds[:start]
     copies = copies_of(test[:cut], left_out, seed) + copies_of(test[cut:], warm_kinds, seed)
     rows = with_labels(test, clean=True) + with_labels(copies, clean=False)
     return [{**r, "left_out": r["corruption"] in left_out} for r in rows]
@@ -118,7 +123,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     copies = {c["source_id"]: c for c in with_labels(enc(made), clean=False)}
     copies = {i: [c, own_answers[i]] if i in own_answers and args.own_beside else own_answers.get(i, c)
               for i, c in copies.items()}
-    rows = enc([r for name in CORPORA for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1)])
+    rows = enc([r for i, name in enumerate(CORPORA)
+                for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1, i)])
     start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain, tent=args.tent)
     gates = attach(model, recipe, seed)
     try:

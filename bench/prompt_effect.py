@@ -10,7 +10,11 @@ response's tokens that the prompt-free pass holds:
 - `cos@l`: mean cosine of x and x̃;
 - `-NLL`: minus the mean NLL with the prompt (response PPL's order); `-peak`: minus the mean of the 3 most
   surprising tokens' NLL, where one wrong word in a fluent answer would show; `min gain`: the gain of the token the
-  prompt helps least (a token the prompt argues against).
+  prompt helps least (a token the prompt argues against);
+- noise in one part of a row (a drift into another answer, a loop, a turned fact) is diluted by a mean over every
+  token, so three local reads: `worst window`: the lowest mean gain over `WINDOW` consecutive tokens; `late − early`:
+  mean gain of the second half of the tokens minus the first half's; `-easy alone`: minus the share of tokens the
+  response alone predicts almost surely (NLL alone < `EASY_NLL`: a loop predicts itself, a real answer rarely does).
 AUROC of each against the originals (clean = positive, higher = clean), with the direction left as measured:
 an AUROC under 0.5 means the signal runs the other way for that kind. No gate is trained; these are the inputs a
 gate could read.
@@ -19,6 +23,7 @@ gate could read.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 
 import numpy as np
@@ -36,6 +41,8 @@ from qgate.stats import token_nll
 from qgate.training import collate
 
 PEAK_TOKENS = 3  # the most surprising response tokens `-peak` averages
+WINDOW = 8  # tokens in the window `worst window` slides
+EASY_NLL = 0.05  # nats: a token the response alone predicts with probability > 0.95
 
 
 def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list[dict]:
@@ -61,7 +68,7 @@ def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list
                        "1/IFD": (alone_here.mean() / full_here.mean().clamp_min(1e-8)).item(),
                        "-NLL": -full_here.mean().item(),
                        "-peak": -full_here.topk(min(PEAK_TOKENS, len(full_here))).values.mean().item(),
-                       "min gain": gain[here].min().item()}
+                       "min gain": gain[here].min().item(), **local_reads(gain[here], alone_here)}
             for layer in layers:
                 x = captured[layer][b, full_at[here]]  # [K_b, H]
                 x_alone = references[layer].alone[b, full_at[here]]  # [K_b, H]
@@ -69,6 +76,16 @@ def row_signals(model, rows: list[dict], pad_id: int, layers: list[int]) -> list
                 signals[f"cos@{layer}"] = torch.cosine_similarity(x, x_alone, dim=-1).mean().item()
             out.append(signals)
     return out
+
+
+def local_reads(gain: torch.Tensor, alone_nll: torch.Tensor) -> dict[str, float]:
+    """The reads of one part of a row: `gain`, `alone_nll` [K] over its response tokens in order."""
+    width = min(WINDOW, len(gain))
+    windows = gain.unfold(0, width, 1).mean(-1)  # [K - width + 1]
+    half = max(len(gain) // 2, 1)
+    late_early = gain[half:].mean() - gain[:half].mean() if len(gain) > 1 else gain.new_zeros(())
+    return {"worst window": windows.min().item(), "late − early": late_early.item(),
+            "-easy alone": -(alone_nll < EASY_NLL).float().mean().item()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,12 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 10, 16, 22, 29])
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="rows of the frozen test splits, or rows from the rest (where a read may be chosen)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype="float32")
     attach_gates(model, mode="probe", contrast=True, evidence=False, summary=False)
     enc = lambda rows: encoded(tokenizer, rows, args.max_length, "all", ifd=True)
-    originals = [r for name in CORPORA for r in frozen_split(corpus_rows(name, 600), args.rows)[0]]
+    splits = {name: frozen_split(corpus_rows(name, 600), args.rows) for name in CORPORA}
+    originals = [r for name in CORPORA for r in (splits[name][0] if args.split == "test"
+                                                 else random.Random(0).sample(splits[name][1], args.rows))]
     rows = with_labels(enc(originals), clean=True)
     for kind in args.kinds:
         rows += with_labels(enc(copies_of(originals, [kind], seed=1)), clean=False)
