@@ -125,7 +125,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
               for i, c in copies.items()}
     rows = enc([r for i, name in enumerate(CORPORA)
                 for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1, i)])
-    start, recipe = time.perf_counter(), replace(RECIPE, gain=args.gain, tent=args.tent)
+    start = time.perf_counter()
+    recipe = replace(RECIPE, gain=args.gain, tent=args.tent, surprise=args.surprise)
     gates = attach(model, recipe, seed)
     try:
         warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), recipe, args.steps, args, seed)
@@ -268,6 +269,8 @@ def parse(argv):
     parser.add_argument("--tent", action="store_true", help="gain gates also read how far the running mean gain "
                         "sits from the clean warmup rows' (gate.tent, the product's default; without it the recipe of the earlier "
                         "seeds)")
+    parser.add_argument("--surprise", action="store_true", help="gain gates also read how far the running mean NLL "
+                        "of the response sits from the clean warmup rows' (gate.surprise)")
     parser.add_argument("--gain-lr-scale", type=float, default=1.0, help="the gain and tent reads learn at this "
                         "multiple of --lr (qgate.gate.optimizer_groups); the x reads at --lr")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
@@ -289,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(args, k) for k in SETTINGS} | ({"gain": True} if args.gain else {}) \
         | ({"own_answers": args.own_answers} if args.own_answers else {}) \
         | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting() \
-        | ({"gain_lr_scale": args.gain_lr_scale} if args.gain_lr_scale != 1.0 else {})
+        | ({"gain_lr_scale": args.gain_lr_scale} if args.gain_lr_scale != 1.0 else {}) \
+        | ({"surprise": True} if args.surprise else {})
     # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}

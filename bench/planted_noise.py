@@ -62,6 +62,7 @@ class Variant:
     summary: bool = False  # the contrast gate also reads the row's last token (probe mode)
     gain: bool = False  # the contrast gate also reads how much the prompt helps predict each response token
     tent: bool = False  # the gain gate also reads how far the running mean gain sits from the clean rows' (gate.tent)
+    surprise: bool = False  # the gain gate also reads how far the running mean NLL sits from the clean rows'
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -159,7 +160,7 @@ def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
                         evidence=variant.evidence, summary=variant.summary, gain=variant.gain, tent=variant.tent,
-                        **bias)
+                        surprise=variant.surprise, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:

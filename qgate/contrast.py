@@ -133,4 +133,6 @@ def prompt_gain(full_nll: torch.Tensor, alone_nll: torch.Tensor, pairs: torch.Te
     known = torch.zeros_like(values)
     values[full_row, full_at] = (alone_nll[alone_row, alone_at] - full_nll[full_row, full_at]).detach().float()
     known[full_row, full_at] = 1.0
-    return PromptGain(values, known)
+    nll = torch.zeros_like(values)
+    nll[full_row, full_at] = full_nll[full_row, full_at].detach().float()
+    return PromptGain(values, known, nll)

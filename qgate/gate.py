@@ -17,7 +17,9 @@ The gain comes from the LM head, after the pass, so it joins the logits in `Gate
 A tent gate (`tent=True`, on top of gain) also reads how far the running mean gain sits from the clean warmup rows'
 (an EMA kept in warmup, saved with the gate): a clean answer sits between "the prompt explains nothing" (an answer
 to another question) and "it explains everything" (an echo, the model's own answer), whichever side the negatives
-were on.
+were on. A surprise gate (`surprise=True`, on top of gain) reads the same distance for the response's own loss,
+√H · |running mean NLL(token | prompt + response) − the clean rows' mean|: text far easier than a real answer (a
+loop, an echo) and far harder (noise, residue) sit on either side of it.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -44,8 +46,9 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent", "surprise")
 CENTER_EMA = 0.9  # tent gates: weight of the kept clean-row centre against each new batch's
+CENTERS = ("gain_center", "nll_center")  # the clean-row centres tent and surprise gates keep, saved with them
 
 
 class QualityGate(nn.Module):
@@ -55,12 +58,13 @@ class QualityGate(nn.Module):
     with `evidence`, an `nn.Linear(2 · hidden, 1)` (init 0) adds the running mean of `[x, x − x̃] · u` there;
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
     with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`);
-    with `tent`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean gain − `gain_center`| there.
+    with `tent`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean gain − `gain_center`| there;
+    with `surprise`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean NLL − `nll_center`| there.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False, gain: bool = False, tent: bool = False):
+                 summary: bool = False, gain: bool = False, tent: bool = False, surprise: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -84,11 +88,15 @@ class QualityGate(nn.Module):
         # made without drawing from the RNG, so that adding it leaves every other weight of a seed as it was
         self.tent = nn.utils.skip_init(nn.Linear, 1, 1, bias=False) if tent else None
         self.register_buffer("gain_center", torch.zeros(()) if tent else None)  # the clean rows' mean gain
+        if surprise and not gain:
+            raise ValueError("gate.surprise reads the response's loss from the gain's pass; it needs gate.gain")
+        self.surprise = nn.utils.skip_init(nn.Linear, 1, 1, bias=False) if surprise else None
+        self.register_buffer("nll_center", torch.zeros(()) if surprise else None)  # the clean rows' mean NLL
         self.centered = False  # whether warmup has tracked the centre yet (a loaded one has)
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
         self.gain_scale = hidden_size ** 0.5
-        for extra in (self.evidence, self.summary, self.gain, self.tent):
+        for extra in (self.evidence, self.summary, self.gain, self.tent, self.surprise):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -114,15 +122,26 @@ class QualityGate(nn.Module):
         mean = running_mean(values, known)  # [B, T]
         features = self.gain_scale * torch.stack([values * known, mean], dim=-1)  # [B, T, 2]
         logits = self.gain(features.to(self.gain.weight.dtype)).squeeze(-1)
-        if self.tent is None:
-            return logits
-        distance = self.gain_scale * (mean - self.gain_center.float()).abs() * known  # [B, T]
-        return logits + self.tent(distance.unsqueeze(-1).to(self.tent.weight.dtype)).squeeze(-1)
+        if self.tent is not None:
+            logits = logits + self._distance_read(self.tent, mean, self.gain_center, known)
+        if self.surprise is not None:
+            nll_mean = running_mean(gain.nll.float(), known)  # [B, T]
+            logits = logits + self._distance_read(self.surprise, nll_mean, self.nll_center, known)
+        return logits
 
-    def track_center(self, value: torch.Tensor) -> None:
-        """Tent gates: move the kept clean-row centre towards a batch's `value` (`clean_mean_gain`), an EMA."""
-        value = value.to(self.gain_center.dtype)
-        self.gain_center.copy_(CENTER_EMA * self.gain_center + (1 - CENTER_EMA) * value if self.centered else value)
+    def _distance_read(self, read: nn.Linear, mean: torch.Tensor, center: torch.Tensor,
+                       known: torch.Tensor) -> torch.Tensor:
+        """`read` of √H · |running mean − clean centre| on the known tokens. [B, T] -> [B, T]"""
+        distance = self.gain_scale * (mean - center.float()).abs() * known  # [B, T]
+        return read(distance.unsqueeze(-1).to(read.weight.dtype)).squeeze(-1)
+
+    def track_center(self, gain_value: torch.Tensor | None, nll_value: torch.Tensor | None = None) -> None:
+        """Tent and surprise gates: move the kept clean-row centres towards a batch's values (`clean_mean`), an
+        EMA; the first batch sets them."""
+        for center, value in ((self.gain_center, gain_value), (self.nll_center, nll_value)):
+            if center is not None and value is not None:
+                value = value.to(center.dtype)
+                center.copy_(CENTER_EMA * center + (1 - CENTER_EMA) * value if self.centered else value)
         self.centered = True
 
 
@@ -132,6 +151,7 @@ class PromptGain:
 
     values: torch.Tensor  # [B, T]: NLL alone − NLL with the prompt at the known positions, 0 elsewhere
     known: torch.Tensor  # [B, T]: 1 on the final response's tokens that the alone pass holds
+    nll: torch.Tensor | None = None  # [B, T]: NLL with the prompt at the known positions, 0 elsewhere
 
 
 @dataclass
@@ -143,11 +163,12 @@ class LayerReference:
     last: torch.Tensor  # [B] long: each full row's last position
 
 
-def clean_mean_gain(gain: PromptGain, is_clean: torch.Tensor) -> torch.Tensor | None:
-    """The running mean gain of the clean rows averaged over their known tokens, summed over every DDP rank first
-    (so one or N workers see the same value); None when the batch holds no such token. gain [B, T]; is_clean [B]."""
+def clean_mean(values: torch.Tensor, gain: PromptGain, is_clean: torch.Tensor) -> torch.Tensor | None:
+    """The running mean of `values` (the gain, or the NLL) over the clean rows' known tokens, averaged, summed over
+    every DDP rank first (so one or N workers see the same value); None when the batch holds no such token.
+    values [B, T]; is_clean [B]."""
     known = gain.known.float() * (is_clean.to(gain.known.device) > 0.5).float().unsqueeze(1)  # [B, T]
-    totals = torch.stack([(running_mean(gain.values, gain.known) * known).sum(), known.sum()]).detach()  # [2]
+    totals = torch.stack([(running_mean(values, gain.known) * known).sum(), known.sum()]).detach()  # [2]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     return None if totals[1] == 0 else totals[0] / totals[1]
@@ -186,6 +207,7 @@ class GateSet:
         self.summary = any(gate.summary is not None for gate in gates)
         self.gain = any(gate.gain is not None for gate in gates)
         self.tent = any(gate.tent is not None for gate in gates)
+        self.surprise = any(gate.surprise is not None for gate in gates)
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -233,10 +255,14 @@ class GateSet:
                             for logits, gate in zip(self._logits, self.gates)], dim=1)
 
     def track_center(self, gain: PromptGain, is_clean: torch.Tensor) -> None:
-        """Tent gates: the clean rows of this batch move every gate's kept centre of the gain (warmup)."""
-        value = clean_mean_gain(gain, is_clean)
-        for gate in self.gates if value is not None else ():
-            gate.track_center(value)
+        """Tent and surprise gates: the clean rows of this batch move every gate's kept centres of the gain and the
+        NLL (warmup)."""
+        gain_value = clean_mean(gain.values, gain, is_clean) if self.tent else None
+        nll_value = clean_mean(gain.nll, gain, is_clean) if self.surprise and gain.nll is not None else None
+        if gain_value is None and nll_value is None:
+            return
+        for gate in self.gates:
+            gate.track_center(gain_value, nll_value)
 
     def clear(self) -> None:
         self._logits = [None] * len(self.gates)
@@ -256,15 +282,17 @@ class GateSet:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence, summary, gain and tent gates add
-        `layers.{i}.{contrast,evidence,summary,gain,tent}.weight`; tent gates also `layers.{i}.gain_center`."""
+        `layers.{i}.{contrast,evidence,summary,gain,tent,surprise}.weight`; tent gates also `layers.{i}.gain_center`,
+        surprise gates `layers.{i}.nll_center`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
             for name in EXTRA_INPUTS:
                 if getattr(gate, name) is not None:
                     state[f"layers.{index}.{name}.weight"] = getattr(gate, name).weight
-            if gate.tent is not None:
-                state[f"layers.{index}.gain_center"] = gate.gain_center
+            for center in CENTERS:
+                if getattr(gate, center) is not None:
+                    state[f"layers.{index}.{center}"] = getattr(gate, center)
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -273,13 +301,14 @@ class GateSet:
             extra = tuple(f"{prefix}{name}." for name in EXTRA_INPUTS)
             gate.linear.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                          if k.startswith(prefix) and not k.startswith(extra)
-                                         and k != f"{prefix}gain_center"})
+                                         and k[len(prefix):] not in CENTERS})
             for name in EXTRA_INPUTS:
                 if getattr(gate, name) is not None:
                     getattr(gate, name).load_state_dict({"weight": state[f"{prefix}{name}.weight"]})
-            if gate.tent is not None:
-                gate.gain_center.copy_(state[f"{prefix}gain_center"])
-                gate.centered = True
+            for center in CENTERS:
+                if getattr(gate, center) is not None:
+                    getattr(gate, center).copy_(state[f"{prefix}{center}"])
+                    gate.centered = True
 
     def remove(self) -> None:
         """Detach hooks and gate modules: the model is the plain backbone again."""
@@ -304,7 +333,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
                  summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool | str = GATE.tent,
-                 **trash_can) -> GateSet:
+                 surprise: bool | str = GATE.surprise, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -313,7 +342,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     dense gates get it, trash cans do not); `evidence` adds the running mean over the response ("auto": wherever
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
-    ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on).
+    ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on);
+    `surprise` the read of the response loss's distance from the clean rows' ("auto": off).
     """
     from qgate import moe
 
@@ -328,6 +358,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     summary = resolved("summary", summary, contrast and mode == "probe")
     gain = resolved("gain", gain, contrast and mode == "probe")
     tent = resolved("tent", tent, gain)
+    surprise = resolved("surprise", surprise, False)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
@@ -335,7 +366,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain or tent:
+        if contrast or evidence or summary or gain or tent or surprise:
             raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain and gate.tent are for dense "
                              "gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
@@ -347,7 +378,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain, tent) for _ in layers]
+                             summary, gain, tent, surprise) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -366,7 +397,7 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
 def optimizer_groups(gates: GateSet, lr: float, gain_lr_scale: float = 1.0) -> list[dict]:
     """AdamW's parameter groups: the gain and tent reads (two and one numbers a gate) at `gain_lr_scale` · lr, every
     wide read of x at lr."""
-    gain_reads = [p for gate in gates.gates for read in (gate.gain, gate.tent) if read is not None
+    gain_reads = [p for gate in gates.gates for read in (gate.gain, gate.tent, gate.surprise) if read is not None
                   for p in read.parameters()]
     chosen = {id(p) for p in gain_reads}
     rest = [p for p in gates.parameters() if id(p) not in chosen]
@@ -381,7 +412,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
     meta = {"format": GATES_FORMAT, "qgate_version": qgate.__version__, "mode": gates.mode,
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
-            "summary": gates.summary, "gain": gates.gain, "tent": gates.tent,
+            "summary": gates.summary, "gain": gates.gain, "tent": gates.tent, "surprise": gates.surprise,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -415,7 +446,8 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
     gates = attach_gates(model, mode=mode or meta["mode"], bias=meta["bias"], layers=meta["layers"],
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
-                         gain=meta.get("gain", False), tent=meta.get("tent", False), **extra)
+                         gain=meta.get("gain", False), tent=meta.get("tent", False),
+                         surprise=meta.get("surprise", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

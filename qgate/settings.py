@@ -52,6 +52,9 @@ class GateSettings:
                                 "one the prompt explains nothing of and one it explains wholly | auto: wherever "
                                 "gate.gain is on | true | false. Leave-kinds-out q +0.003 [−0.000, +0.006] over "
                                 "seeds 5–7, the demo's grade up on 4 seeds (docs/experiments/generalisation.md)")
+    surprise: Any = setting(False, "gain gates also read how far the running mean NLL of the response (with its "
+                                   "prompt) sits from the clean warmup rows' mean: a loop or an echo is far easier "
+                                   "than a real answer, noise far harder | true | false (auto: off)")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "

@@ -53,7 +53,7 @@ def warmup_loss(model, batch: dict[str, torch.Tensor], cfg: WarmupLossConfig) ->
         else:  # probe gates, uniform token weights, no gain read: the LM head would change nothing
             decoder_pass(model, batch["input_ids"], batch["attention_mask"])
     gain = prompt_gain(nll, alone_nll, batch["pairs"]) if gates.gain else None
-    if gain is not None and gates.tent and torch.is_grad_enabled():  # tent gates learn the clean rows' centre
+    if gain is not None and (gates.tent or gates.surprise) and torch.is_grad_enabled():  # their clean centres
         gates.track_center(gain, batch["is_clean"])
     logits = gates.logits(gain)  # [B, L, T]
     # MoE trash-can gates add their Beta constraint and load balancing, read from the same forward pass.

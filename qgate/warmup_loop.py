@@ -250,7 +250,7 @@ def check_checkpoints(config: DictConfig) -> None:
     optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
     optimizer += ("compose_share",) if w.compose_share else ()  # absent at 0: checkpoints made before it resume
     optimizer += ("own_answers",) if w.own_answers else ()
-    gate = {k: v for k, v in gate_kwargs(config).items() if k not in ("gain", "tent") or v is not False}  # as those
+    gate = {k: v for k, v in gate_kwargs(config).items() if k not in ("gain", "tent", "surprise") or v is not False}  # as those
     settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
                 "seed": config.seed, "gate": gate, "loss": as_dict(config.loss),
                 "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}

@@ -155,6 +155,34 @@ def test_tent_gates_leave_every_other_weight_of_a_seed_and_save_their_centre(tmp
     assert all(torch.allclose(g.gain_logits(gain), e) for g, e in zip(reloaded.gates, expected))
 
 
+def test_surprise_gates_read_how_far_the_responses_loss_sits_from_the_clean_rows_and_save_that_centre(tmp_path):
+    from qgate.gate import PromptGain
+
+    kwargs = {"mode": "probe", "contrast": True, "gain": True, "tent": True, "seed": 4}
+    plain = attach_gates(tiny_model("tiny-qwen3"), **kwargs).state_dict()
+    gates = attach_gates(tiny_model("tiny-qwen3"), surprise=True, **kwargs)
+    assert all(torch.equal(gates.state_dict()[k], v) for k, v in plain.items())  # the seed's other weights as they were
+
+    # NLL [1, 3] on the clean row, [0, 0] on a loop-like copy: running means 1, 2 -> clean centre 1.5
+    gain = PromptGain(values=torch.zeros(2, 2), known=torch.ones(2, 2), nll=torch.tensor([[1.0, 3.0], [0.0, 0.0]]))
+    gates.track_center(gain, torch.tensor([1.0, 0.0]))
+    assert [float(g.nll_center) for g in gates.gates] == pytest.approx([1.5] * len(gates.gates))
+    before = [g.gain_logits(gain) for g in gates.gates]
+    for gate in gates.gates:
+        torch.nn.init.constant_(gate.surprise.weight, -0.5)
+    after = [g.gain_logits(gain) for g in gates.gates]
+    # the read adds −0.5 · √H · |running mean NLL − 1.5|: the copy, far below the centre, is pushed down most
+    distance = (torch.tensor([[1.0, 2.0], [0.0, 0.0]]) - 1.5).abs() * gates.gates[0].gain_scale
+    assert torch.allclose(after[0] - before[0], -0.5 * distance, atol=1e-4)
+
+    save_gates(gates, tmp_path, {"base_model": "tiny-qwen3"})
+    reloaded = load_gates(tiny_model("tiny-qwen3"), tmp_path)
+    assert reloaded.surprise and [float(g.nll_center) for g in reloaded.gates] == pytest.approx([1.5] * len(gates.gates))
+    assert all(torch.allclose(g.gain_logits(gain), a) for g, a in zip(reloaded.gates, after))
+    with pytest.raises(ValueError, match="needs gate.gain"):
+        attach_gates(tiny_model("tiny-qwen3"), mode="probe", contrast=True, gain=False, tent=False, surprise=True)
+
+
 def test_a_tent_needs_the_gain_it_reads():
     with pytest.raises(ValueError, match="needs gate.gain"):
         attach_gates(tiny_model("tiny-qwen3"), mode="probe", contrast=True, gain=False, tent=True)
