@@ -100,6 +100,14 @@ def evaluation_rows(test: list[dict], left_out: list[str], warm_kinds: list[str]
     return [{**r, "left_out": r["corruption"] in left_out} for r in rows]
 
 
+def trained_on_rows(test: list[dict], kinds: list[str], seed: int, corpus_index: int = 0) -> list[dict]:
+    """Originals and a copy of each of the named kinds, round-robin, all of them warmup kinds (`--trained-on`):
+    whether the gates learn a kind at all, with every test original carrying a copy of it."""
+    start = corpus_index * len(test) % len(kinds)
+    copies = copies_of(test, kinds[start:] + kinds[:start], seed)
+    return [{**r, "left_out": False} for r in with_labels(test, clean=True) + with_labels(copies, clean=False)]
+
+
 # ---- one fold ------------------------------------------------------------------------------------
 
 
@@ -124,7 +132,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     copies = {i: [c, own_answers[i]] if i in own_answers and args.own_beside else own_answers.get(i, c)
               for i, c in copies.items()}
     rows = enc([r for i, name in enumerate(CORPORA)
-                for r in evaluation_rows(tests[name], left_out, warm_kinds, seed + 1, i)])
+                for r in (trained_on_rows(tests[name], args.trained_on, seed + 1, i) if not left_out
+                          else evaluation_rows(tests[name], left_out, warm_kinds, seed + 1, i))])
     start = time.perf_counter()
     recipe = replace(RECIPE, gain=args.gain, tent=args.tent, surprise=args.surprise)
     gates = attach(model, recipe, seed)
@@ -137,7 +146,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
     return {"q": quality_scores(S).tolist(), "ifd": [s["ifd"] for s in stats],
             "response_nll": [s["response_nll"] for s in stats], "is_clean": [r["is_clean"] for r in rows],
             "kind": [r["corruption"] for r in rows], "left_out": [r["left_out"] for r in rows],
-            "corpus": [r["dataset"] for r in rows], "left_out_kinds": left_out, "seconds": time.perf_counter() - start}
+            "corpus": [r["dataset"] for r in rows], "left_out_kinds": left_out, "seconds": time.perf_counter() - start,
+            **({} if left_out else {"q_higher": True})}
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -149,7 +159,9 @@ def scorer_values(result: dict) -> dict[str, np.ndarray]:
     ifd = np.array([np.nan if v is None else v for v in result["ifd"]], dtype=np.float64)
     clean, left = np.asarray(result["is_clean"]), np.asarray(result["left_out"])
     seen = (clean == 1) | ~left
-    higher = auroc(q[seen], clean[seen]) >= 0.5  # decided on warmup kinds only: the left-out ones stay unseen
+    # decided on warmup kinds only: the left-out ones stay unseen; a --trained-on fold, whose copies are all of the
+    # kinds it measures, takes the direction every fold of the recipe has had
+    higher = result.get("q_higher", auroc(q[seen], clean[seen]) >= 0.5)
     blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
     ppl = -np.asarray(result["response_nll"], dtype=np.float64)
     corpus = np.asarray(result["corpus"])
@@ -271,6 +283,8 @@ def parse(argv):
                         "seeds)")
     parser.add_argument("--surprise", action="store_true", help="gain gates also read how far the running mean NLL "
                         "of the response sits from the clean warmup rows' (gate.surprise)")
+    parser.add_argument("--trained-on", nargs="+", choices=sorted(CORRUPTIONS), help="instead of the rotation: "
+                        "warm on every kind and test on copies of these kinds only (can the gates learn them?)")
     parser.add_argument("--gain-lr-scale", type=float, default=1.0, help="the gain and tent reads learn at this "
                         "multiple of --lr (qgate.gate.optimizer_groups); the x reads at --lr")
     parser.add_argument("--run-folds", type=int, nargs="+", help="only these folds (parallel runs, own caches)")
@@ -293,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         | ({"own_answers": args.own_answers} if args.own_answers else {}) \
         | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting() \
         | ({"gain_lr_scale": args.gain_lr_scale} if args.gain_lr_scale != 1.0 else {}) \
-        | ({"surprise": True} if args.surprise else {})
+        | ({"surprise": True} if args.surprise else {}) | ({"trained_on": args.trained_on} if args.trained_on else {})
     # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     cache = cache if cache.get("settings") == settings else {"settings": settings, "folds": {}}
@@ -303,6 +317,14 @@ def main(argv: list[str] | None = None) -> None:
         tests[name], pools[name] = frozen_split(corpus_rows(name, args.pool_rows), args.test_rows)
         print(f"{name}: {len(tests[name])} test rows, {len(pools[name])} train rows", flush=True)
     for seed in args.seeds:
+        if args.trained_on:  # one fold: warm on every kind, test on copies of the named kinds
+            key = f"{seed}/trained-on"
+            if key not in cache["folds"]:
+                cache["folds"][key] = run_fold(model, tokenizer, pools, tests, [], seed, args)
+                print(f"fold {key} ({', '.join(args.trained_on)}): {cache['folds'][key]['seconds']:.0f} s", flush=True)
+                if args.cache:
+                    Path(args.cache).write_text(json.dumps(cache))
+            continue
         for i, left_out in enumerate(folds(args.folds)):
             key = f"{seed}/{i}"
             if key in cache["folds"] or (args.run_folds is not None and i not in args.run_folds):
