@@ -161,6 +161,7 @@ class TrashCanGateSet(GateSet):
     summary = False
     gain = False
     tent = False
+    surprise = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):
