@@ -17,7 +17,8 @@ originals and copies: two thirds of the originals get a copy of a left-out kind 
 (reported apart). Every AUROC has a stratified-bootstrap 95% interval. Baselines (response PPL, IFD) come from
 the same forward passes, one-sided and in a band (how close a row's value sits to its corpus's median);
 `q+IFD` is the product's rank blend. A run starts no new fold after --budget-min
-minutes; rerun the same command with the same --cache to go on.
+minutes; rerun the same command with the same --cache to go on. `--trained-on KIND...` runs instead one fold per
+seed that warms on every kind and tests on copies of the named kinds only: whether the gates learn a kind at all.
 """
 
 from __future__ import annotations
