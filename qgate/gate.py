@@ -367,8 +367,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
         if contrast or evidence or summary or gain or tent or surprise:
-            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain and gate.tent are for dense "
-                             "gates; MoE trash-can experts have no contrast input")
+            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain, gate.tent and gate.surprise are "
+                             "for dense gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)

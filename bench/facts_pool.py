@@ -1,0 +1,53 @@
+"""What the answer filter's pool trades on a fact comparison: planted share and objects taught, per pool and budget.
+
+    python bench/facts_pool.py /tmp/facts40          # the --out of bench/facts_compare.py, after its collect
+
+`qgate_diverse` walks only the best `selection.pool` · k rows; a wider walk covers more objects and keeps more planted
+rows. For each budget and pool: the planted share of the rows kept, the objects a kept clean row teaches, and how many
+of those a kept planted row about the same object contradicts. Read against the corpus's labels: it chooses nothing.
+No finetune, no model pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+from results import table
+
+from qgate import finetune
+from qgate.compare_runs import diversity_of
+from qgate.comparison import pick, q_direction, read_labels
+from qgate.data import read_jsonl
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    parser.add_argument("--pools", nargs="+", default=["1.5", "2", "3", "all"])
+    args = parser.parse_args(argv)
+    config = OmegaConf.load(args.root / "run" / "compare" / "config.yaml")
+    scores = pq.read_table(args.root / "run" / "selection" / "scores.parquet").to_pandas()
+    noisy = read_labels(str(args.root / "labels.jsonl"))
+    object_of = {(r["dataset"], r["id"]): r["object"] for r in read_jsonl(args.root / "labels.jsonl")}
+    rows = {(r["dataset"], r["id"]): r for r in finetune.load_rows(str(args.root / "data"))[0]}
+    direction = q_direction(scores, config.compare.direction)
+    lines = []
+    for budget in args.budgets:
+        for pool in args.pools:
+            config.selection.pool = None if pool == "all" else float(pool)
+            keys = pick(scores, "qgate_diverse", math.ceil(budget * len(scores)), 0, direction, noisy,
+                        diversity_of(config, scores, rows))
+            taught = {object_of[k] for k in keys if not noisy[k]}
+            contradicted = taught & {object_of[k] for k in keys if noisy[k]}
+            planted = sum(noisy[k] for k in keys) / len(keys)
+            lines.append([f"{budget:.0%}", pool, len(keys), f"{planted:.1%}", len(taught), len(contradicted)])
+    print(table(["budget", "pool", "rows", "planted", "objects taught", "also taught wrong"], lines))
+
+
+if __name__ == "__main__":
+    main()
