@@ -182,6 +182,7 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path, monkeypatch
     out = tmp_path / "out"
     shutil.copytree(run_a["out"], out)
     shards = sorted((out / "stats").glob("attempt-1/*.parquet"))
+    n_lost = sum(pq.read_metadata(s).num_rows for s in shards[:2]) + 1  # >= 3, however run_a cut its shards
     shards[0].unlink()  # lost
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # torn: does not open
     (shards[1].parent / "part-00009.tmp").write_bytes(b"partial")
@@ -190,9 +191,9 @@ def test_rerun_after_a_kill_restores_every_row_once(run_a, tmp_path, monkeypatch
     settings = ("collect.alphas=[0.0,1.0]", "collect.raw=true")
     with monkeypatch.context() as patched:
         patched.setattr(collect, "DRIVER_JUDGE_ROWS", 0)
-        collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings, "collect.max_rows=4"))
+        collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings, "collect.max_rows=1"))
     partial = output_keys(out)
-    assert max(partial.values()) == 1 and sum(partial.values()) < 43
+    assert max(partial.values()) == 1 and 43 - n_lost < sum(partial.values()) < 43
     collect.run(collect_config(run_a["data"], run_a["gates"], out, *settings))
     assert output_keys(out) == input_keys(run_a["data"])
     assert max(output_keys(out).values()) == 1
