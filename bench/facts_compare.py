@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/facts")
     parser.add_argument("--objects", type=int, default=400)
     parser.add_argument("--noise", type=float, default=0.45)
+    parser.add_argument("--seed", type=int, default=0, help="the corpus's seed: which objects, which rows planted")
     parser.add_argument("--model-size", default="3m", help="the target's size (qgate.scratch_model.SIZES)")
     parser.add_argument("--epochs", type=int, default=40, help="passes over each subset (at 20 the target learns "
                         "an answer it read once only partly: docs/experiments/facts-compare.md)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started, out = time.monotonic(), Path(args.out)
     if not (out / "manifest.json").exists():
-        print(build_facts_corpus(out, args.objects, args.noise, model_size=args.model_size), flush=True)
+        print(build_facts_corpus(out, args.objects, args.noise, args.seed, model_size=args.model_size), flush=True)
     run = out / "run"
     if not (run / "selection" / "scores.parquet").exists():
         _module("ray_jobs.pipeline", f"data={out / 'data'}", f"out={run}", *PIPELINE, *args.overrides)
