@@ -3,9 +3,10 @@
     python bench/facts_pool.py /tmp/facts40          # the --out of bench/facts_compare.py, after its collect
 
 `qgate_diverse` walks only the best `selection.pool` · k rows; a wider walk covers more objects and keeps more planted
-rows. For each budget and pool: the planted share of the rows kept, the objects a kept clean row teaches, and how many
-of those a kept planted row about the same object contradicts. Read against the corpus's labels: it chooses nothing.
-No finetune, no model pass.
+rows. For each budget, pool and `selection.demote_shared_answers` (off, on): the planted share of the rows kept, the
+objects a kept clean row teaches, how many of those a kept planted row about the same object contradicts, and the
+objects taught without contradiction (what fact MC follows at 40 epochs). Read against the corpus's labels: it
+chooses nothing. No finetune, no model pass.
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     for budget in args.budgets:
         for pool in args.pools:
-            config.selection.pool = None if pool == "all" else float(pool)
-            keys = pick(scores, "qgate_diverse", math.ceil(budget * len(scores)), 0, direction, noisy,
-                        diversity_of(config, scores, rows))
-            taught = {object_of[k] for k in keys if not noisy[k]}
-            contradicted = taught & {object_of[k] for k in keys if noisy[k]}
-            planted = sum(noisy[k] for k in keys) / len(keys)
-            lines.append([f"{budget:.0%}", pool, len(keys), f"{planted:.1%}", len(taught), len(contradicted)])
-    print(table(["budget", "pool", "rows", "planted", "objects taught", "also taught wrong"], lines))
+            for demote in (False, True):
+                config.selection.pool = None if pool == "all" else float(pool)
+                config.selection.demote_shared_answers = demote
+                keys = pick(scores, "qgate_diverse", math.ceil(budget * len(scores)), 0, direction, noisy,
+                            diversity_of(config, scores, rows))
+                taught = {object_of[k] for k in keys if not noisy[k]}
+                contradicted = taught & {object_of[k] for k in keys if noisy[k]}
+                planted = sum(noisy[k] for k in keys) / len(keys)
+                lines.append([f"{budget:.0%}", pool, "on" if demote else "off", len(keys), f"{planted:.1%}",
+                              len(taught), len(contradicted), len(taught - contradicted)])
+    print(table(["budget", "pool", "demoted", "rows", "planted", "objects taught", "also taught wrong",
+                 "taught right only"], lines))
 
 
 if __name__ == "__main__":

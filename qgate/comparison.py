@@ -68,10 +68,13 @@ def _random_pick(keys: list[tuple], k: int, seed: int) -> list[tuple]:
 
 def _diverse_pick(scores: pd.DataFrame, keys: list[tuple], k: int, direction: str, diversity: dict | None) -> list:
     from qgate.diversity import select_diverse
+    from qgate.shared_answers import demoted
 
     if diversity is None:
         raise ValueError("the qgate_diverse strategy needs the rows' text features")
     score = pd.to_numeric(scores[sorted_on(scores)], errors="coerce").to_numpy(np.float64)  # [N]
+    if diversity.get("answers") is not None:
+        score = demoted(score, diversity["answers"], higher=direction == "higher")
     score = np.nan_to_num(score, nan=-np.inf if direction == "higher" else np.inf)
     chosen = select_diverse(score, diversity["features"], k, "similarity_filter", diversity["n_clusters"],
                             diversity["threshold"], diversity["seed"], higher=direction == "higher",

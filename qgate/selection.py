@@ -31,6 +31,8 @@ rows and assigned to every row in pass 2:
 - `cluster_round_robin`: one row per cluster per round, in score order;
 - `similarity_filter`: in score order among the best `selection.pool · k` rows, skip a row whose cosine similarity
   to a kept row of its cluster exceeds `selection.similarity_threshold` (skipped rows fill up to k).
+With `selection.demote_shared_answers` the walk is in the order of a score that lowers every row whose final answer
+another row gives at a better score by the gap (qgate/shared_answers.py; 16 more bytes per row on the driver).
 The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
 the sorted pass-2 rows stay materialized in the object store for a second walk, and pass 3 finds the chosen rows
 by their ids. Both strategies write the selected share per cluster into selection_stats.json and the report.
@@ -67,6 +69,7 @@ from qgate.report import render_report
 from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, blend_q_ifd, layer_scores, quality_scores, quantiles
 from qgate.selfcheck import better_score
+from qgate.shared_answers import answer_keys
 
 log = logging.getLogger("qgate.select")
 
@@ -290,9 +293,9 @@ def fit_sample_clustering(sample: pa.Table, n_clusters: int, seed: int, source: 
 
 
 def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
-                   clustering: dict, features: bool) -> pa.Table:
-    """Pass 2 of the diversity strategies: `score_rows`' columns, each row's cluster and (features) its
-    standardised features as float32."""
+                   clustering: dict, features: bool, answers: bool = False) -> pa.Table:
+    """Pass 2 of the diversity strategies: `score_rows`' columns, each row's cluster, (features) its
+    standardised features as float32 and (answers) the key of its final answer (`qgate.shared_answers`)."""
     fitted = Clustering.from_dict(clustering)
     S = batch_layer_scores(table, spec)  # [B, L]
     q = quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats))  # [B]
@@ -301,6 +304,8 @@ def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: fl
                "cluster": fitted.assign(values)}
     if features:
         columns["z"] = _fixed_lists(fitted.transform(values).astype(np.float32))
+    if answers:
+        columns["answer"] = answer_keys(table.column("messages").to_pylist())
     return pa.table(columns)
 
 
@@ -403,6 +408,7 @@ def selection_summary(config, dirs, specs, stats, direction, score, scores, k, n
         "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
         "selfcheck": direction[2],
         **({"n_clusters": len(scores["clusters"]), "features": str(s.features), "pool": s.pool,
+            "demote_shared_answers": bool(s.demote_shared_answers),
             "similarity_threshold": similarity_threshold(s.similarity_threshold, str(s.features)),
             "clusters": scores["clusters"]} if "clusters" in scores else {}),
     }
@@ -424,9 +430,15 @@ def selection_dirs(own: Path, runs: list | None) -> list[Path]:
     return dirs
 
 
-def diverse_pick(labels: np.ndarray, z: np.ndarray | None, k: int, s) -> np.ndarray:
+def diverse_pick(labels: np.ndarray, z: np.ndarray | None, k: int, s, walk: np.ndarray | None = None) -> np.ndarray:
     """Which rows a diversity strategy keeps [N] bool, from every row's cluster label [N] and (similarity_filter)
-    features [N, F], both in score order; `s` the selection settings."""
+    features [N, F], both in score order; `s` the selection settings; `walk` [N]: the positions in the order the
+    strategy walks them, when that is not the score's (`qgate.shared_answers.walk_order`)."""
+    if walk is not None:
+        chosen = diverse_pick(labels[walk], None if z is None else z[walk], k, s)  # [N] in walk order
+        selected = np.zeros(len(labels), dtype=bool)
+        selected[walk[chosen]] = True
+        return selected
     if s.strategy == "similarity_filter":
         text = s.features in TEXT_FEATURES  # on text the filter compares across clusters (qgate/diversity.py)
         picked = similarity_filter(z, k, similarity_threshold(s.similarity_threshold, str(s.features)),

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from qgate import selection as policy
 from qgate.diversity import MAX_FIT_ROWS, TEXT_FEATURES, Clustering, cluster_shares
 from qgate.scoring import LayerStats, sorted_reference
+from qgate.shared_answers import walk_order
 from ray_jobs.common import read_parquet
 
 # Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
@@ -84,17 +85,22 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
     s = config.selection
     text = s.features if s.features in TEXT_FEATURES else None
     clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed), text)
-    features = s.strategy == "similarity_filter"
-    scored = datasets(dirs, specs, [*policy.SCORE_COLUMNS, *(["messages"] if text else [])], policy.clustered_rows,
-                       {**kwargs, "clustering": clustering.to_dict(), "features": features})
+    features, answers = s.strategy == "similarity_filter", bool(s.demote_shared_answers)
+    columns = [*policy.SCORE_COLUMNS, *(["messages"] if text or answers else [])]
+    scored = datasets(dirs, specs, columns, policy.clustered_rows,
+                      {**kwargs, "clustering": clustering.to_dict(), "features": features, "answers": answers})
     rows = sorted_by_score(scored, higher, n, SCORE_ROWS_PER_PARTITION).materialize()
-    labels, z = [], []
+    labels, z, score, keys = [], [], [], []
     for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
         labels.append(batch.column("cluster").to_numpy())
         if features:
             z.append(batch.column("z").combine_chunks().flatten().to_numpy().reshape(batch.num_rows, -1))
+        if answers:
+            score.append(batch.column("score").to_numpy())
+            keys.append(batch.column("answer").to_numpy())
     labels = np.concatenate(labels)  # [N] in score order
-    selected = policy.diverse_pick(labels, np.concatenate(z) if features else None, k, s)
+    walk = walk_order(np.concatenate(score), np.concatenate(keys), higher) if answers else None  # [N]
+    selected = policy.diverse_pick(labels, np.concatenate(z) if features else None, k, s, walk)
     scores = policy.write_scores(rows, path, k, n_worst, len(labels), selected=selected,
                           keep_score=kwargs["ranking"] is not None)
     scores["clusters"] = cluster_shares(labels, selected, clustering.n_clusters)

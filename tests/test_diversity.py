@@ -150,13 +150,18 @@ def topic_messages(i: int) -> list[dict]:
 def write_stats(run: Path, n_per: int = 12) -> int:
     """A stats directory as collect writes it, with S around 5 blobs (α = 1, 3 gate layers)."""
     features, truth = blobs(n_per)
+    return write_rows(run, features, [topic_messages(i) for i in range(len(truth))], [f"d{t % 2}" for t in truth])
+
+
+def write_rows(run: Path, features: np.ndarray, messages: list[list[dict]], datasets: list[str]) -> int:
+    """A stats directory of rows with S `features` [N, 3] (α = 1) and these messages."""
     stats = run / "stats"
     (stats / "attempt-0").mkdir(parents=True)
-    rows = [{"id": f"r{i:03d}", "dataset": f"d{truth[i] % 2}", "source": "toy.jsonl", "row": i, "n_tokens": 10,
+    rows = [{"id": f"r{i:03d}", "dataset": datasets[i], "source": "toy.jsonl", "row": i, "n_tokens": 10,
              "n_tokens_full": 10, "n_scored": 9, "truncated": False, "mean_nll": 2.0, "ppl": 7.4,
              "response_nll": 2.0, "ifd": None, "alphas": [1.0], "S": [features[i].tolist()],
-             "record": json.dumps({"id": f"r{i:03d}"}), "messages": json.dumps(topic_messages(i))}
-            for i in range(len(truth))]
+             "record": json.dumps({"id": f"r{i:03d}"}), "messages": json.dumps(messages[i])}
+            for i in range(len(messages))]
     pq.write_table(pa.Table.from_pylist(rows), stats / "attempt-0" / "part-0.parquet")
     schema = {"stats_version": 1, "alphas": [1.0], "eps": 1e-8, "n_layers": 3, "gate_layers": [0, 1, 2],
               "model": "tiny-qwen3", "raw": False}
@@ -210,3 +215,27 @@ def test_select_job_on_text_features_keeps_one_row_per_answer(stats_run, tmp_pat
     topics = [int(i[1:]) // 2 for i in picked]
     assert summary["features"] == features and summary["similarity_threshold"] == 0.8
     assert len(picked) == -(-n // 4) and len(set(topics)) == len(topics)  # no answer twice
+
+
+def test_select_job_walks_a_pasted_answer_after_its_home(stats_run, tmp_path):
+    """Each topic's answer is pasted under another question, scoring a little below its home but above the next
+    home: with a pool of k rows the filter spends a place on the copy, unless it falls by its gap."""
+    from ray_jobs import select
+
+    homes = [0.9 - 0.1 * t for t in range(6)]  # [6] S of topic t's own row
+    values = np.array([[v, v, v] for h in homes for v in (h, h - 0.06)])  # [12, 3]: home, then its paste
+    messages = [m for t in range(6) for m in (topic_messages(2 * t), [{"role": "user", "content": f"What is x{t}?"},
+                                                                      topic_messages(2 * t)[1]])]
+    run = tmp_path / "pasted"
+    write_rows(run, values, messages, ["d"] * len(messages))
+    picked = {}
+    for demote in (False, True):
+        out = select.run(load_config([f"out={tmp_path / str(demote)}", "use_gpu=false", f"selection.runs=[{run}]",
+                                      "selection.percentage=0.15", "selection.direction=higher", "selection.alpha=1.0",
+                                      "selection.strategy=similarity_filter", "selection.features=response",
+                                      "selection.n_clusters=2", "selection.pool=1.0",
+                                      f"selection.demote_shared_answers={str(demote).lower()}"]))
+        picked[demote] = [json.loads(line)["id"] for line in (out / "selected_data.jsonl").read_text().splitlines()]
+        assert json.loads((out / "selection_stats.json").read_text())["demote_shared_answers"] is demote
+    assert sorted(picked[False]) == ["r000", "r001"]  # k = 2: home 0 and its paste (a fill)
+    assert sorted(picked[True]) == ["r000", "r002"]  # the homes of topics 0 and 1
