@@ -5,14 +5,16 @@
 `qgate_diverse` walks only the best `selection.pool` · k rows; a wider walk covers more objects and keeps more planted
 rows. For each budget, pool and `selection.demote_shared_answers` (off, on): the planted share of the rows kept, the
 objects a kept clean row teaches, how many of those a kept planted row about the same object contradicts, and the
-objects taught without contradiction (what fact MC follows at 40 epochs). Read against the corpus's labels: it
-chooses nothing. No finetune, no model pass.
+objects whose kept clean rows are at least as many as the kept planted rows about them ("not outvoted": on the
+40-epoch run every 30% and 50% subset's fact MC was this count / taught objects within 0.04). Read against the
+corpus's labels: it chooses nothing. No finetune, no model pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -45,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
                 config.selection.demote_shared_answers = demote
                 keys = pick(scores, "qgate_diverse", math.ceil(budget * len(scores)), 0, direction, noisy,
                             diversity_of(config, scores, rows))
-                taught = {object_of[k] for k in keys if not noisy[k]}
-                contradicted = taught & {object_of[k] for k in keys if noisy[k]}
-                planted = sum(noisy[k] for k in keys) / len(keys)
+                clean = Counter(object_of[k] for k in keys if not noisy[k])
+                wrong = Counter(object_of[k] for k in keys if noisy[k])
+                planted = sum(wrong.values()) / len(keys)
                 lines.append([f"{budget:.0%}", pool, "on" if demote else "off", len(keys), f"{planted:.1%}",
-                              len(taught), len(contradicted), len(taught - contradicted)])
+                              len(clean), len(clean.keys() & wrong.keys()),
+                              sum(clean[o] >= wrong[o] for o in clean)])
     print(table(["budget", "pool", "demoted", "rows", "planted", "objects taught", "also taught wrong",
-                 "taught right only"], lines))
+                 "not outvoted"], lines))
 
 
 if __name__ == "__main__":
