@@ -26,7 +26,7 @@ from qgate.comparison import (
 )
 from qgate.diversity import TEXT_FEATURES, TextFeatures, feature_text, similarity_threshold
 from qgate.evaluation import as_list
-from qgate.shared_answers import answer_keys
+from qgate.shared_answers import answer_keys, demotes
 
 log = logging.getLogger("qgate.compare")
 VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean", "clean_random")  # what OURS are measured against
@@ -79,7 +79,7 @@ def diversity_of(config, scores, rows: dict) -> dict:
     fit = TextFeatures.fit(texts, source=source)
     threshold = s.similarity_threshold if s.features == source else None
     answers = answer_keys([rows[key]["messages"] if key in rows else [] for key in zip(scores["dataset"], scores["id"])]
-                          ) if s.get("demote_shared_answers") else None
+                          ) if demotes(s, "similarity_filter") else None
     return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
             "threshold": similarity_threshold(threshold, source), "pool": s.pool, "source": source, "answers": answers}
 

@@ -61,6 +61,7 @@ CHOICES = {
     "selection.features": FEATURES,
     "selection.direction": ("auto", "higher", "lower"),
     "selection.score": ("auto", "q", "q_ifd"),
+    "selection.demote_shared_answers": ("auto", True, False),
 }
 
 # ---- which outputs each setting shapes -------------------------------------------------------------------

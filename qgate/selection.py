@@ -69,7 +69,7 @@ from qgate.report import render_report
 from qgate.run_dir import RunDir
 from qgate.scoring import LayerStats, blend_q_ifd, layer_scores, quality_scores, quantiles
 from qgate.selfcheck import better_score
-from qgate.shared_answers import answer_keys
+from qgate.shared_answers import answer_keys, demotes
 
 log = logging.getLogger("qgate.select")
 
@@ -408,7 +408,7 @@ def selection_summary(config, dirs, specs, stats, direction, score, scores, k, n
         "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
         "selfcheck": direction[2],
         **({"n_clusters": len(scores["clusters"]), "features": str(s.features), "pool": s.pool,
-            "demote_shared_answers": bool(s.demote_shared_answers),
+            "demote_shared_answers": demotes(s),
             "similarity_threshold": similarity_threshold(s.similarity_threshold, str(s.features)),
             "clusters": scores["clusters"]} if "clusters" in scores else {}),
     }

@@ -154,8 +154,9 @@ class SelectionSettings:
     similarity_threshold: Optional[float] = setting(None, "similarity_filter: skip a row whose cosine to a kept row "
                                                           "of its cluster is above; null: 0.95 on gates, 0.8 on text and "
                                                           "response")
-    demote_shared_answers: bool = setting(False, "diversity strategies: a row whose final answer another row gives "
-                                                 "at a better score falls by the gap (qgate/shared_answers.py)")
+    demote_shared_answers: Any = setting("auto", "a row whose final answer another row gives at a better score falls "
+                                                "by the gap before a diversity strategy's walk "
+                                                "(qgate/shared_answers.py) | auto: with a diversity strategy")
     pool: Optional[float] = setting(1.5, "similarity_filter: only the best pool · k rows are candidates (null: "
                                          "all), so coverage costs at most that much of the score order")
     direction: str = setting("auto", "auto: as the self-check finds | higher | lower")

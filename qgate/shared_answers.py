@@ -1,4 +1,5 @@
-"""One answer under several prompts (`selection.demote_shared_answers`): each answer is walked at its best row first.
+"""One answer under several prompts (`selection.demote_shared_answers`, on with a diversity strategy): each answer is
+walked at its best row first.
 
 A corpus holds the same answer under several prompts: rewordings of one question, and an answer pasted under a
 question it does not belong to (misaligned pairs of a scraped page, a template reply, a wrong fact copied from
@@ -21,6 +22,13 @@ import numpy as np
 from qgate.diversity import response_text
 
 _WORD = re.compile(r"\w+")
+
+
+def demotes(selection, strategy: str | None = None) -> bool:
+    """Whether the selection settings demote shared answers for `strategy` (theirs when None): `auto` with a
+    diversity strategy."""
+    setting = selection.get("demote_shared_answers", "auto")
+    return (strategy or selection.strategy) != "top_k" if setting == "auto" else bool(setting)
 
 
 def answer_key(messages: str | list[dict]) -> int:

@@ -51,7 +51,7 @@ def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, 
 def run(config) -> Path:
     """Select k% of every stats row of the run (and of `selection.runs`) by the strategy; returns `out/selection`."""
     s, out = config.selection, run_paths(config.out)
-    if s.demote_shared_answers and s.strategy == "top_k":
+    if s.demote_shared_answers is True and s.strategy == "top_k":
         raise ValueError("selection.demote_shared_answers orders the walk of a diversity strategy: set "
                          "selection.strategy=similarity_filter (or cluster_round_robin)")
     with stage_log(config.out, "select"):

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from qgate import selection as policy
 from qgate.diversity import MAX_FIT_ROWS, TEXT_FEATURES, Clustering, cluster_shares
 from qgate.scoring import LayerStats, sorted_reference
-from qgate.shared_answers import walk_order
+from qgate.shared_answers import demotes, walk_order
 from ray_jobs.common import read_parquet
 
 # Rows per sort partition: pass 2 moves ~100 bytes per row, pass 3 a whole sample (a few kB).
@@ -85,7 +85,7 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
     s = config.selection
     text = s.features if s.features in TEXT_FEATURES else None
     clustering = fit_clustering(dirs, specs, n, int(s.n_clusters), int(config.seed), text)
-    features, answers = s.strategy == "similarity_filter", bool(s.demote_shared_answers)
+    features, answers = s.strategy == "similarity_filter", demotes(s)
     columns = [*policy.SCORE_COLUMNS, *(["messages"] if text or answers else [])]
     scored = datasets(dirs, specs, columns, policy.clustered_rows,
                       {**kwargs, "clustering": clustering.to_dict(), "features": features, "answers": answers})

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from qgate import comparison
-from qgate.shared_answers import answer_key, answer_keys, demoted, walk_order
+from qgate.shared_answers import answer_key, answer_keys, demoted, demotes, walk_order
 
 
 def chat(question: str, answer: str) -> list[dict]:
@@ -45,9 +45,16 @@ def test_qgate_diverse_walks_a_pasted_answer_after_its_home():
     assert homes == [("toy", "r0"), ("toy", "r2")]
 
 
-def test_the_select_job_refuses_shared_answers_with_top_k(tmp_path):
+def test_auto_demotes_with_a_diversity_strategy_and_top_k_refuses_it(tmp_path):
     from qgate.config import load_config
     from ray_jobs import select
 
+    def selection(*settings):
+        return load_config(list(settings)).selection
+
+    assert not demotes(selection()) and demotes(selection("selection.strategy=similarity_filter"))
+    assert demotes(selection("selection.strategy=cluster_round_robin"))
+    assert not demotes(selection("selection.strategy=similarity_filter", "selection.demote_shared_answers=false"))
+    assert demotes(selection(), "similarity_filter")  # compare's qgate_diverse, whatever the run's strategy
     with pytest.raises(ValueError, match="diversity strategy"):
         select.run(load_config([f"out={tmp_path}", "use_gpu=false", "selection.demote_shared_answers=true"]))
