@@ -15,7 +15,8 @@ epochs), the whole plan about 4 hours: call the same command until its report li
    at 20 epochs it learns an answer it read once only partly, which hides what breadth is worth).
 2. `qgate pipeline` on the corpus (warmup, collect, self-check, select 30%) with the default model (SmolLM2).
 3. `qgate compare`: every weight of the target trained on qgate's 30% (top-k, and `qgate_diverse`: the same score
-   through the similarity filter on the answers, one row per answer, each answer walked at its best row first:
+   through the similarity filter on questions and answers apart, `prompt_response`: one row per question and per
+   answer until every question has one, each answer walked at its best row first:
    `selection.demote_shared_answers`), a random 30%, the lowest
    response PPL and IFD 30%, the full corpus, the clean rows only (the ceiling) and a random 30% of the clean rows
    (a perfect filter at the budget); 3 seeds each; qgate, qgate_diverse and random

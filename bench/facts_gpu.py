@@ -19,7 +19,8 @@ product's own pieces called in one process. On a machine without network, `--sco
    the whole corpus as select ranks it), q alone (`--score q`) or the self-check's pick (`--score auto`).
    `out/gpu/scores.parquet` holds them in select's columns.
 4. finetunes: for every (strategy, budget, seed) of `qgate.comparison.subsets` (qgate, qgate_diverse: the same
-   score through the similarity filter on the answers, each answer at its best row first; random, clean,
+   score through the similarity filter on questions and answers apart, each question and each answer at its best
+   row first; random, clean,
    clean_random: as many random clean rows as
    the budget, ifd, response_ppl, all at 30%; qgate, qgate_diverse and random at 10% and 50% too) every weight of
    a fresh copy of the target is trained (`qgate.finetune.train`, method=full), then scored on the held-out rows'

@@ -24,7 +24,7 @@ from qgate.comparison import (
     subsets,
     summarize,
 )
-from qgate.diversity import TEXT_FEATURES, TextFeatures, feature_text, similarity_threshold
+from qgate.diversity import TEXT_FEATURES, feature_text, fit_text, pool_of, similarity_threshold, view_parts
 from qgate.evaluation import as_list
 from qgate.shared_answers import answer_keys, demotes
 
@@ -70,18 +70,19 @@ def keep(config, key, keys, record: dict, out: Path) -> dict:
 
 def diversity_of(config, scores, rows: dict) -> dict:
     """What `qgate_diverse` picks with: text features of every scored row (fitted on them all; the run's own when it
-    selected on text features, else its response's) and the run's similarity-filter settings (its threshold when
+    selected on text features, else its prompt's and its response's apart) and the run's similarity-filter settings (its threshold when
     it compared those features, else their default)."""
     s = config.selection
-    source = s.features if s.features in TEXT_FEATURES else "response"
+    source = s.features if s.features in TEXT_FEATURES else "prompt_response"
     texts = [feature_text(rows[key]["messages"], source) if key in rows else ""
              for key in zip(scores["dataset"], scores["id"])]
-    fit = TextFeatures.fit(texts, source=source)
+    fit = fit_text(texts, source)
     threshold = s.similarity_threshold if s.features == source else None
     answers = answer_keys([rows[key]["messages"] if key in rows else [] for key in zip(scores["dataset"], scores["id"])]
                           ) if demotes(s, "similarity_filter") else None
     return {"features": fit.transform(texts), "n_clusters": int(s.n_clusters), "seed": int(config.seed),
-            "threshold": similarity_threshold(threshold, source), "pool": s.pool, "source": source, "answers": answers}
+            "threshold": similarity_threshold(threshold, source), "pool": pool_of(s.pool, source),
+            "parts": view_parts(source), "source": source, "answers": answers}
 
 
 def planned_subsets(config, scores, rows: dict, direction: str, labels: dict | None) -> dict:

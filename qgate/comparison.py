@@ -78,7 +78,7 @@ def _diverse_pick(scores: pd.DataFrame, keys: list[tuple], k: int, direction: st
     score = np.nan_to_num(score, nan=-np.inf if direction == "higher" else np.inf)
     chosen = select_diverse(score, diversity["features"], k, "similarity_filter", diversity["n_clusters"],
                             diversity["threshold"], diversity["seed"], higher=direction == "higher",
-                            pool=diversity["pool"], text=True)
+                            pool=diversity["pool"], text=True, parts=diversity.get("parts", 1))
     return sorted(keys[i] for i in chosen["indices"])
 
 

@@ -179,6 +179,9 @@ def load_config(args: list[str] | None = None, path: str | Path | None = None,
         value = OmegaConf.select(config, key)
         if value not in allowed:
             raise ValueError(f"bad configuration: {key} must be one of {allowed}, got {value!r}")
+    pool = OmegaConf.select(config, "selection.pool")
+    if not (pool in ("auto", None) or (isinstance(pool, (int, float)) and not isinstance(pool, bool) and pool >= 1)):
+        raise ValueError(f"bad configuration: selection.pool must be auto, null or a number >= 1, got {pool!r}")
     return config
 
 

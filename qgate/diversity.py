@@ -12,11 +12,18 @@ Feature of a sample (`selection.features`):
   were asked, so one answer under reworded questions counts once, and so does an answer pasted under a question
   it does not belong to when the row it belongs to was kept (on the fact corpus: 5.4% planted rows in the 30% at
   292 objects with a clean row, against the whole row's 13.3% at 294 and top k's 7.5% at 219; BENCHMARKS.md).
+- `prompt_response`: the same on the prompt (every turn before the final answer) and on the final answer, apart:
+  a row is near a kept row when either its question or its answer is. The filter then keeps one answer per
+  question and one question per answer, so every question gets its best-scored answer before any question gets a
+  second: a topic whose rows all score low still gets its best row. `selection.pool=auto` walks every row with
+  these features (the prompt view stops the walk passing rows once each question is asked: the rest fill up to k
+  in score order), the best 1.5 · k with the others.
 - `fit_clusters`: k-means with a fixed seed on at most `max_fit_rows` rows (a seeded sample when there are more;
   MiniBatchKMeans above `MINIBATCH_ROWS`); `Clustering.assign` labels any number of rows in batches.
 - `round_robin`: rows in q order, one pick per cluster per round (within a round in q order) until k.
 - `similarity_filter`: rows in q order, the best `pool · k` of them (`selection.pool`; all with None); a row whose
-  cosine similarity to an already kept row of its cluster exceeds the threshold is skipped; if fewer than k pass,
+  cosine similarity to an already kept row of its cluster exceeds the threshold (in any of its `parts`: the
+  prompt and the answer of `prompt_response`) is skipped; if fewer than k pass,
   the skipped rows fill up to k in q order. The pool bounds how much quality the filter trades for coverage.
   Cost: O(W · (K_c + B) · L) multiply-adds and O(W) Python steps, W = rows walked until k pass, K_c = rows kept
   in the row's cluster, B = the block size. Pairs in different clusters are never compared (exact within each
@@ -34,9 +41,10 @@ import numpy as np
 from qgate.scoring import top_k
 
 STRATEGIES = ("top_k", "cluster_round_robin", "similarity_filter")
-FEATURES = ("gates", "text", "response")
-TEXT_FEATURES = ("text", "response")  # the features made of the row's words (`TextFeatures`)
-THRESHOLDS = {"gates": 0.95, "text": 0.8, "response": 0.8}  # similarity_filter's default cosine per feature kind
+FEATURES = ("gates", "text", "response", "prompt_response")
+TEXT_FEATURES = ("text", "response", "prompt_response")  # the features made of the row's words (`TextFeatures`)
+THRESHOLDS = {"gates": 0.95, "text": 0.8, "response": 0.8, "prompt_response": 0.8}  # default cosine per feature kind
+POOLS = {"prompt_response": None}  # `selection.pool=auto` per feature kind (None: every row); 1.5 for the others
 TEXT_DIMS = 256  # folded buckets of the text features
 WORD_HASH_BITS = 22  # words hashed into 2^22 ids before the fold (idf is kept per id)
 MAX_FIT_ROWS = 200_000  # k-means fits on a seeded sample of at most this many rows
@@ -57,7 +65,7 @@ class Clustering:
     mean: np.ndarray  # [L] feature mean of the fit sample
     scale: np.ndarray  # [L] feature std of the fit sample (1 where constant)
     centers: np.ndarray  # [C, L] standardised
-    text: TextFeatures | None = None  # the text fit, when the features are `text`
+    text: TextFeatures | PairedTextFeatures | None = None  # the text fit, when the features are text
 
     @property
     def n_clusters(self) -> int:
@@ -82,13 +90,25 @@ class Clustering:
 
     @classmethod
     def from_dict(cls, d: dict) -> Clustering:
-        text = TextFeatures.from_dict(d["text"]) if d.get("text") else None
+        text = text_from_dict(d["text"]) if d.get("text") else None
         return cls(*(np.asarray(d[key], dtype=np.float64) for key in ("mean", "scale", "centers")), text=text)
 
 
 def similarity_threshold(setting: float | None, features: str) -> float:
     """`selection.similarity_threshold`, or the default for the kind of features."""
     return THRESHOLDS[features] if setting is None else float(setting)
+
+
+def pool_of(setting, features: str) -> float | None:
+    """`selection.pool`: a share of k, None (every row), or `auto`: the default for the kind of features."""
+    if setting == "auto":
+        return POOLS.get(features, 1.5)
+    return None if setting is None else float(setting)
+
+
+def view_parts(features: str) -> int:
+    """How many views the similarity filter compares apart in each row's features: 2 for `prompt_response`."""
+    return 2 if features == "prompt_response" else 1
 
 
 def row_text(messages: str | list[dict]) -> str:
@@ -104,10 +124,28 @@ def response_text(messages: str | list[dict]) -> str:
     return str(answers[-1].get("content", "")) if answers else ""
 
 
+def prompt_text(messages: str | list[dict]) -> str:
+    """The content of every turn before a row's last assistant turn (all but its last turn when none is the
+    assistant's)."""
+    turns = json.loads(messages) if isinstance(messages, str) else messages
+    answers = [i for i, turn in enumerate(turns) if turn.get("role") == "assistant"]
+    end = answers[-1] if answers else max(len(turns) - 1, 0)
+    return "\n".join(str(turn.get("content", "")) for turn in turns[:end])
+
+
+PART_SEPARATOR = "\x1e"  # between the prompt and the answer in `prompt_response`'s text (a record separator)
+
+
 def feature_text(messages: str | list[dict], features: str) -> str:
-    """What the text features of `features` ("text": the whole row, "response": its final answer) read."""
+    """What the text features of `features` read: "text" the whole row, "response" its final answer, "prompt"
+    the turns before it, "prompt_response" its prompt and its final answer joined by PART_SEPARATOR."""
+    if features == "prompt":
+        return prompt_text(messages)
     if features not in TEXT_FEATURES:
         raise ValueError(f"no text features named {features!r}: one of {TEXT_FEATURES}")
+    if features == "prompt_response":
+        parts = (prompt_text(messages), response_text(messages))
+        return PART_SEPARATOR.join(part.replace(PART_SEPARATOR, " ") for part in parts)
     return response_text(messages) if features == "response" else row_text(messages)
 
 
@@ -167,6 +205,54 @@ class TextFeatures:
                    float(d["unseen_idf"]), int(d["dims"]), d.get("source", "text"))
 
 
+@dataclass
+class PairedTextFeatures:
+    """`prompt_response`: `TextFeatures` of the prompt and of the final answer, each fitted on its own part and unit
+    length, side by side: [N, 2 · dims] (the similarity filter compares the halves apart, `view_parts`)."""
+
+    prompt: TextFeatures
+    response: TextFeatures
+    source: str = "prompt_response"
+
+    @property
+    def dims(self) -> int:
+        return self.prompt.dims + self.response.dims
+
+    @classmethod
+    def fit(cls, texts: list[str], dims: int = TEXT_DIMS) -> PairedTextFeatures:
+        prompts, responses = _split_parts(texts)
+        return cls(TextFeatures.fit(prompts, dims, "prompt"), TextFeatures.fit(responses, dims, "response"))
+
+    def of_rows(self, messages: list) -> np.ndarray:
+        return self.transform([feature_text(m, self.source) for m in messages])
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        """[N] texts of `feature_text(..., "prompt_response")` -> [N, 2 · dims]"""
+        prompts, responses = _split_parts(texts)
+        return np.hstack([self.prompt.transform(prompts), self.response.transform(responses)])
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "prompt": self.prompt.to_dict(), "response": self.response.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairedTextFeatures:
+        return cls(TextFeatures.from_dict(d["prompt"]), TextFeatures.from_dict(d["response"]))
+
+
+def _split_parts(texts: list[str]) -> tuple[list[str], list[str]]:
+    pairs = [text.split(PART_SEPARATOR, 1) if PART_SEPARATOR in text else ["", text] for text in texts]
+    return [prompt for prompt, _ in pairs], [response for _, response in pairs]
+
+
+def fit_text(texts: list[str], source: str) -> TextFeatures | PairedTextFeatures:
+    """The text features of `source` (one of TEXT_FEATURES) fitted on `texts` (`feature_text` of the rows)."""
+    return PairedTextFeatures.fit(texts) if source == "prompt_response" else TextFeatures.fit(texts, source=source)
+
+
+def text_from_dict(d: dict) -> TextFeatures | PairedTextFeatures:
+    return PairedTextFeatures.from_dict(d) if d.get("source") == "prompt_response" else TextFeatures.from_dict(d)
+
+
 def fit_sample(n: int, max_rows: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded sample of at most `max_rows` of n rows (all of them when n is small)."""
     if n <= max_rows:
@@ -216,6 +302,17 @@ def _unit(z: np.ndarray) -> np.ndarray:
     return z / np.where(norm > 0, norm, 1.0)  # [N, L]; zero rows stay zero (similarity 0)
 
 
+def _unit_parts(z: np.ndarray, parts: int) -> np.ndarray:
+    """Each of the `parts` equal column blocks of z [N, L] scaled to unit length apart. -> [N, L]"""
+    return np.hstack([_unit(block) for block in np.split(z, parts, axis=1)])
+
+
+def _similarity(a: np.ndarray, b: np.ndarray, parts: int) -> np.ndarray:
+    """The largest cosine over the parts between rows of a [n, L] and b [m, L] (unit parts). -> [n, m]"""
+    blocks = zip(np.split(a, parts, axis=1), np.split(b, parts, axis=1))
+    return np.max([x @ y.T for x, y in blocks], axis=0)
+
+
 def _greedy(sims: np.ndarray, threshold: float) -> list[int]:
     """Rows of a block kept in order: each only if no earlier kept row of the block is too similar."""
     kept: list[int] = []
@@ -231,13 +328,13 @@ def candidate_rows(k: int, n: int, pool: float | None) -> int:
 
 
 def similarity_filter(z: np.ndarray, k: int, threshold: float, clusters: np.ndarray | None = None,
-                      block: int = 1024, pool: float | None = None) -> np.ndarray:
+                      block: int = 1024, pool: float | None = None, parts: int = 1) -> np.ndarray:
     """Positions (ascending = q order) of k rows of `z` [N, L], given in q order; see the module docstring.
     Only the first `candidate_rows(k, N, pool)` rows are candidates: a row far down the order is never kept for
-    being different."""
+    being different. `parts`: z's columns are that many views, each compared apart (`view_parts`)."""
     z = np.asarray(z, dtype=np.float64)[:candidate_rows(k, len(z), pool)]
     clusters = None if clusters is None else np.asarray(clusters)[:len(z)]
-    unit = _unit(z)
+    unit = _unit_parts(z, parts)
     clusters = np.zeros(len(unit), dtype=np.int64) if clusters is None else np.asarray(clusters)
     kept = np.zeros(len(unit), dtype=bool)
     chosen: dict[int, np.ndarray] = {}  # cluster -> [K_c, L] kept unit rows
@@ -248,8 +345,8 @@ def similarity_filter(z: np.ndarray, k: int, threshold: float, clusters: np.ndar
             group = rows[clusters[rows] == label]
             before = chosen.get(int(label))
             if before is not None:
-                group = group[(unit[group] @ before.T).max(1) <= threshold]  # [g]
-            accepted = group[_greedy(unit[group] @ unit[group].T, threshold)]
+                group = group[_similarity(unit[group], before, parts).max(1) <= threshold]  # [g]
+            accepted = group[_greedy(_similarity(unit[group], unit[group], parts), threshold)]
             if len(accepted):
                 kept[accepted] = True
                 chosen[int(label)] = unit[accepted] if before is None else np.vstack([before, unit[accepted]])
@@ -273,9 +370,10 @@ def cluster_shares(clusters: np.ndarray, selected: np.ndarray, n_clusters: int) 
 
 def select_diverse(q: np.ndarray, features: np.ndarray, k: int, strategy: str, n_clusters: int = 8,
                    threshold: float = 0.95, seed: int = 0, higher: bool = True, pool: float | None = None,
-                   text: bool = False) -> dict:
+                   text: bool = False, parts: int = 1) -> dict:
     """Indices of k rows chosen by `strategy` (best q first), their cluster labels [N] and the clustering.
-    `text`: the features are `TextFeatures` (not standardised; the filter compares across clusters)."""
+    `text`: the features are text features (not standardised; the filter compares across clusters), of `parts`
+    views (`view_parts`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"selection.strategy must be one of {STRATEGIES}, got {strategy!r}")
     order = q_order(q, higher)  # [N]
@@ -287,5 +385,6 @@ def select_diverse(q: np.ndarray, features: np.ndarray, k: int, strategy: str, n
         picked = np.sort(round_robin(labels[order], k))
     else:
         within = None if text else labels[order]
-        picked = similarity_filter(clustering.transform(features)[order], k, threshold, within, pool=pool)
+        picked = similarity_filter(clustering.transform(features)[order], k, threshold, within, pool=pool,
+                                   parts=parts)
     return {"indices": order[picked], "clusters": labels, "clustering": clustering}

@@ -26,11 +26,13 @@ the blend unless q beats it with the paired interval above zero), else `q`.
 
 `selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
 k-means (`selection.n_clusters`, seeded by `seed`) on each row's standardised features (`selection.features`: S for
-the α, or `text`: tf-idf of what the row says, qgate/diversity.py), fitted on a hash-seeded sample of at most 200k
-rows and assigned to every row in pass 2:
+the α, or `text`, `response`, `prompt_response`: tf-idf of what the row says, qgate/diversity.py), fitted on a
+hash-seeded sample of at most 200k rows and assigned to every row in pass 2:
 - `cluster_round_robin`: one row per cluster per round, in score order;
-- `similarity_filter`: in score order among the best `selection.pool · k` rows, skip a row whose cosine similarity
-  to a kept row of its cluster exceeds `selection.similarity_threshold` (skipped rows fill up to k).
+- `similarity_filter`: in score order among the best `selection.pool · k` rows (`auto`: all of them with
+  `prompt_response`, 1.5 · k otherwise), skip a row whose cosine similarity to a kept row of its cluster exceeds
+  `selection.similarity_threshold`, in its prompt or its answer apart with `prompt_response` (skipped rows fill
+  up to k).
 With `selection.demote_shared_answers` the walk is in the order of a score that lowers every row whose final answer
 another row gives at a better score by the gap (qgate/shared_answers.py; 16 more bytes per row on the driver).
 The driver then also holds a cluster label (4 bytes per row; similarity_filter: the features, 4·L bytes per row),
@@ -57,12 +59,16 @@ from qgate.diversity import (
     MAX_FIT_ROWS,
     TEXT_FEATURES,
     Clustering,
+    PairedTextFeatures,
     TextFeatures,
     feature_text,
     fit_clusters,
+    fit_text,
+    pool_of,
     round_robin,
     similarity_filter,
     similarity_threshold,
+    view_parts,
 )
 from qgate.identity import differences
 from qgate.report import render_report
@@ -254,7 +260,7 @@ def in_sample(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.array([zlib.crc32(f"{seed}:{i}".encode()) < fraction * 2**32 for i in ids], dtype=bool)
 
 
-def batch_features(table: pa.Table, spec: dict, text: TextFeatures | None) -> np.ndarray:
+def batch_features(table: pa.Table, spec: dict, text: TextFeatures | PairedTextFeatures | None) -> np.ndarray:
     """What the diversity strategies compare in a batch: S [B, L], or with a text fit the text features [B, D]."""
     if text is None:
         return batch_layer_scores(table, spec)
@@ -283,7 +289,7 @@ def fit_sample_clustering(sample: pa.Table, n_clusters: int, seed: int, source: 
     text = None
     if "text" in sample.column_names:
         texts = sample.column("text").to_pylist()
-        text = TextFeatures.fit(texts, source=source)
+        text = fit_text(texts, source)
         features = text.transform(texts)  # [M, D]
     else:
         features = sample.column("S").combine_chunks().flatten().to_numpy().reshape(sample.num_rows, -1)  # [M, L]
@@ -407,7 +413,8 @@ def selection_summary(config, dirs, specs, stats, direction, score, scores, k, n
                                                               for sp in specs],
         "stats_version": schema["stats_version"], "model": schema["model"], "gate_layers": schema["gate_layers"],
         "selfcheck": direction[2],
-        **({"n_clusters": len(scores["clusters"]), "features": str(s.features), "pool": s.pool,
+        **({"n_clusters": len(scores["clusters"]), "features": str(s.features),
+            "pool": pool_of(s.pool, str(s.features)),
             "demote_shared_answers": demotes(s),
             "similarity_threshold": similarity_threshold(s.similarity_threshold, str(s.features)),
             "clusters": scores["clusters"]} if "clusters" in scores else {}),
@@ -442,7 +449,8 @@ def diverse_pick(labels: np.ndarray, z: np.ndarray | None, k: int, s, walk: np.n
     if s.strategy == "similarity_filter":
         text = s.features in TEXT_FEATURES  # on text the filter compares across clusters (qgate/diversity.py)
         picked = similarity_filter(z, k, similarity_threshold(s.similarity_threshold, str(s.features)),
-                                   None if text else labels, pool=s.pool)
+                                   None if text else labels, pool=pool_of(s.pool, str(s.features)),
+                                   parts=view_parts(str(s.features)))
     else:
         picked = round_robin(labels, k)
     selected = np.zeros(len(labels), dtype=bool)

@@ -150,15 +150,18 @@ class SelectionSettings:
                                  "rows)")
     features: str = setting("gates", "what the diversity strategies compare: gates (each row's standardised S) | "
                                      "text (tf-idf of what the row says: near-duplicate rows are near) | response "
-                                     "(the same of its final answer alone: one answer under any question is near)")
+                                     "(the same of its final answer alone: one answer under any question is near) | "
+                                     "prompt_response (its prompt and its answer apart: a row is near a kept row "
+                                     "when either is; every question gets its best answer before any gets two)")
     similarity_threshold: Optional[float] = setting(None, "similarity_filter: skip a row whose cosine to a kept row "
-                                                          "of its cluster is above; null: 0.95 on gates, 0.8 on text and "
-                                                          "response")
+                                                          "of its cluster is above; null: 0.95 on gates, 0.8 on text "
+                                                          "features")
     demote_shared_answers: Any = setting("auto", "a row whose final answer another row gives at a better score falls "
                                                 "by the gap before a diversity strategy's walk "
                                                 "(qgate/shared_answers.py) | auto: with a diversity strategy")
-    pool: Optional[float] = setting(1.5, "similarity_filter: only the best pool · k rows are candidates (null: "
-                                         "all), so coverage costs at most that much of the score order")
+    pool: Any = setting("auto", "similarity_filter: only the best pool · k rows are candidates (null: all), so "
+                                "coverage costs at most that much of the score order | auto: all with "
+                                "prompt_response, else 1.5")
     direction: str = setting("auto", "auto: as the self-check finds | higher | lower")
     score: str = setting("auto", "sorted on: q | q_ifd (mean percentile rank of q and of −IFD) | auto: as the "
                                  "self-check finds")

@@ -10,10 +10,14 @@ import pytest
 
 from qgate.config import load_config
 from qgate.diversity import (
+    Clustering,
     TextFeatures,
     candidate_rows,
     feature_text,
     fit_clusters,
+    fit_text,
+    pool_of,
+    prompt_text,
     response_text,
     round_robin,
     row_text,
@@ -136,6 +140,46 @@ def test_similarity_filter_walks_only_the_pool():
     assert candidate_rows(3, 100, 1.5) == 5 and candidate_rows(3, 4, 1.5) == 4 and candidate_rows(3, 100, None) == 100
 
 
+def test_similarity_filter_compares_each_part_apart():
+    prompt_a, prompt_b, answer_a, answer_b, answer_c = np.eye(5)[:, :5]  # orthogonal unit views
+    rows = np.array([np.r_[prompt_a, answer_a],   # kept
+                     np.r_[prompt_a, answer_b],   # the same question, another answer: skipped
+                     np.r_[prompt_b, answer_a],   # another question, the same answer: skipped
+                     np.r_[prompt_b, answer_c]])  # new in both parts: kept
+    assert similarity_filter(rows, 2, 0.8, parts=2).tolist() == [0, 3]
+    assert similarity_filter(rows, 2, 0.8).tolist() == [0, 1]  # one view of both: no pair above 0.8 (cos 0.5)
+    with pytest.raises(ValueError):
+        similarity_filter(rows[:, :9], 2, 0.8, parts=2)  # the parts must split the columns evenly
+
+
+def reworded(t: int, j: int) -> list[dict]:
+    """Topic t asked in wording j (0-2); every row its own answer."""
+    question = [f"What does unit{t} do with alpha{t} records?", f"What does unit{t} do with alpha{t} records, briefly?",
+                f"Briefly: what does unit{t} do with alpha{t} records?"][j]
+    return [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": question},
+            {"role": "assistant", "content": f"It reads gamma{t}x{j} and delta{t}x{j} with epsilon{t}x{j}."}]
+
+
+def test_prompt_response_features_compare_questions_and_answers_apart():
+    rows = [reworded(t, j) for t in range(8) for j in range(3)]
+    assert prompt_text(rows[0]) == "Answer in one line.\nWhat does unit0 do with alpha0 records?"
+    assert prompt_text([{"role": "user", "content": "only a prompt"}]) == ""
+    fit = fit_text([feature_text(m, "prompt_response") for m in rows], "prompt_response")
+    z = fit.of_rows([json.dumps(m) for m in rows])  # [24, 2 · D]
+    prompts, answers = np.split(z, 2, axis=1)
+    same_topic = np.equal.outer(np.arange(24) // 3, np.arange(24) // 3) & ~np.eye(24, dtype=bool)
+    assert (prompts @ prompts.T)[same_topic].min() > 0.8 > (prompts @ prompts.T)[~same_topic & ~np.eye(24, dtype=bool)].max()
+    assert (answers @ answers.T)[~np.eye(24, dtype=bool)].max() < 0.8  # every answer its own
+    clustering = Clustering(np.zeros(z.shape[1]), np.ones(z.shape[1]), z[:2], text=fit)
+    again = Clustering.from_dict(json.loads(json.dumps(clustering.to_dict()))).text
+    assert np.allclose(again.of_rows(rows), z)  # the fit travels with the clustering
+    assert pool_of("auto", "prompt_response") is None and pool_of("auto", "response") == 1.5
+    assert pool_of(None, "response") is None and pool_of(2, "prompt_response") == 2.0
+    for bad in ("many", 0.5):
+        with pytest.raises(ValueError, match="selection.pool"):
+            load_config([f"selection.pool={bad}"])
+
+
 # ---- the select job ------------------------------------------------------------------------------------
 
 
@@ -239,3 +283,28 @@ def test_select_job_walks_a_pasted_answer_after_its_home(stats_run, tmp_path):
         assert json.loads((out / "selection_stats.json").read_text())["demote_shared_answers"] is demote
     assert sorted(picked[False]) == ["r000", "r001"]  # k = 2: home 0 and its paste (a fill)
     assert sorted(picked[True]) == ["r000", "r002"]  # the homes of topics 0 and 1
+
+
+def test_select_job_gives_every_question_its_best_answer_first(stats_run, tmp_path):
+    """Topics asked three ways, each row its own answer; topic 3's rows all score below every other row. By answers
+    alone the best rows are the other topics' second rows; by question and answer apart each topic gets its best."""
+    from ray_jobs import select
+
+    best = [0.9, 0.85, 0.8, 0.2]  # [4] S of each topic's best row
+    values = np.array([[b - 0.01 * j] * 3 for b in best for j in range(3)])  # [12, 3]
+    messages = [reworded(t, j) for t in range(4) for j in range(3)]
+    messages += [reworded(t, 0) for t in range(4, 12)]  # more topics, never picked: the wordings are rare words
+    values = np.vstack([values, np.full((8, 3), 0.05)])  # [20, 3]
+    run = tmp_path / "topics"
+    write_rows(run, values, messages, ["d"] * len(messages))
+    picked = {}
+    for features in ("response", "prompt_response"):
+        out = select.run(load_config([f"out={tmp_path / features}", "use_gpu=false", f"selection.runs=[{run}]",
+                                      "selection.percentage=0.2", "selection.direction=higher", "selection.alpha=1.0",
+                                      "selection.strategy=similarity_filter", f"selection.features={features}",
+                                      "selection.n_clusters=2"]))
+        picked[features] = sorted(json.loads(line)["id"] for line in (out / "selected_data.jsonl").read_text().splitlines())
+        summary = json.loads((out / "selection_stats.json").read_text())
+        assert summary["pool"] == (None if features == "prompt_response" else 1.5)
+    assert picked["response"] == ["r000", "r001", "r002", "r003"]  # k = 4: the best rows, topic 0 three times
+    assert picked["prompt_response"] == ["r000", "r003", "r006", "r009"]  # each topic's best row

@@ -347,7 +347,7 @@ def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
     assert "qgate_diverse − random" in comparison.format_gaps(gap_rows)
 
 
-def test_qgate_diverse_compares_answers_unless_the_run_chose_text_features():
+def test_qgate_diverse_compares_questions_and_answers_unless_the_run_chose_text_features():
     from qgate.compare_runs import diversity_of
 
     scores = pd.DataFrame({"dataset": "toy", "id": ["a", "b", "c"]})
@@ -359,13 +359,16 @@ def test_qgate_diverse_compares_answers_unless_the_run_chose_text_features():
     gates_run = load_config(["selection.features=gates", "selection.similarity_threshold=0.95"])
     text_run = load_config(["selection.features=text", "selection.similarity_threshold=0.9"])
     response_run = load_config(["selection.features=response", "selection.similarity_threshold=0.85"])
-    answers = diversity_of(gates_run, scores, rows)
-    assert answers["source"] == "response" and answers["threshold"] == 0.8  # a gates threshold is not a text one
-    z = answers["features"]  # [3, 256] unit rows
-    assert z.shape == (3, 256) and z[0] @ z[1] == pytest.approx(1.0) and z[0] @ z[2] < 0.5  # one answer, two asks
+    paired = diversity_of(gates_run, scores, rows)
+    assert (paired["source"], paired["threshold"], paired["parts"]) == ("prompt_response", 0.8, 2)  # not 0.95
+    assert paired["pool"] is None  # `auto` with questions and answers: every row is a candidate
+    prompts, answers = np.split(paired["features"], 2, axis=1)  # [3, 256] unit rows each
+    assert answers[0] @ answers[1] == pytest.approx(1.0) and answers[0] @ answers[2] < 0.5  # one answer, two asks
+    assert prompts[0] @ prompts[1] < 0.5  # asked apart
     whole = diversity_of(text_run, scores, rows)
     assert (whole["source"], whole["threshold"]) == ("text", 0.9) and whole["features"][0] @ whole["features"][1] < 0.9
-    assert diversity_of(response_run, scores, rows)["threshold"] == 0.85
+    answers_only = diversity_of(response_run, scores, rows)
+    assert (answers_only["threshold"], answers_only["parts"], answers_only["pool"]) == (0.85, 1, 1.5)
 
 
 def toy_mc(topics=HELD_OUT_TOPICS) -> list[dict]:
