@@ -70,8 +70,8 @@ def keep(config, key, keys, record: dict, out: Path) -> dict:
 
 def diversity_of(config, scores, rows: dict) -> dict:
     """What `qgate_diverse` picks with: text features of every scored row (fitted on them all; the run's own when it
-    selected on text features, else its prompt's and its response's apart) and the run's similarity-filter settings (its threshold when
-    it compared those features, else their default)."""
+    selected on text features, else its prompt's and its response's apart) and the run's similarity-filter
+    settings (its threshold when it compared those features, else their default)."""
     s = config.selection
     source = s.features if s.features in TEXT_FEATURES else "prompt_response"
     texts = [feature_text(rows[key]["messages"], source) if key in rows else ""

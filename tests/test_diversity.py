@@ -168,7 +168,8 @@ def test_prompt_response_features_compare_questions_and_answers_apart():
     z = fit.of_rows([json.dumps(m) for m in rows])  # [24, 2 · D]
     prompts, answers = np.split(z, 2, axis=1)
     same_topic = np.equal.outer(np.arange(24) // 3, np.arange(24) // 3) & ~np.eye(24, dtype=bool)
-    assert (prompts @ prompts.T)[same_topic].min() > 0.8 > (prompts @ prompts.T)[~same_topic & ~np.eye(24, dtype=bool)].max()
+    between_prompts = prompts @ prompts.T  # [24, 24]
+    assert between_prompts[same_topic].min() > 0.8 > between_prompts[~same_topic & ~np.eye(24, dtype=bool)].max()
     assert (answers @ answers.T)[~np.eye(24, dtype=bool)].max() < 0.8  # every answer its own
     clustering = Clustering(np.zeros(z.shape[1]), np.ones(z.shape[1]), z[:2], text=fit)
     again = Clustering.from_dict(json.loads(json.dumps(clustering.to_dict()))).text
@@ -303,7 +304,8 @@ def test_select_job_gives_every_question_its_best_answer_first(stats_run, tmp_pa
                                       "selection.percentage=0.2", "selection.direction=higher", "selection.alpha=1.0",
                                       "selection.strategy=similarity_filter", f"selection.features={features}",
                                       "selection.n_clusters=2"]))
-        picked[features] = sorted(json.loads(line)["id"] for line in (out / "selected_data.jsonl").read_text().splitlines())
+        lines = (out / "selected_data.jsonl").read_text().splitlines()
+        picked[features] = sorted(json.loads(line)["id"] for line in lines)
         summary = json.loads((out / "selection_stats.json").read_text())
         assert summary["pool"] == (None if features == "prompt_response" else 1.5)
     assert picked["response"] == ["r000", "r001", "r002", "r003"]  # k = 4: the best rows, topic 0 three times
