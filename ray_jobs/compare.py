@@ -13,8 +13,9 @@
 `out` is a finished run (its `selection/scores.parquet` and the rows of its `data`, or `data=` given here).
 For one budget (`compare.budget` of the scored rows) the subsets are: `qgate` (largest score the run sorted on,
 q or the q + IFD blend, or smallest when it points the other way: `compare.direction`), `qgate_diverse` (the same
-score through the similarity filter on text features, `selection.pool` and `selection.similarity_threshold`: one
-row per near-duplicate answer), `random`, `response_ppl` (lowest response perplexity),
+score through the similarity filter on text features, `selection.pool` and `selection.similarity_threshold`:
+`prompt_response` unless the run selected on text, one row per question and per answer until every question has
+one), `random`, `response_ppl` (lowest response perplexity),
 `ifd` (lowest IFD) and, when listed, `all`, `clean` (the rows `compare.labels` marks clean: the ceiling) and
 `clean_random` (that many random clean rows: a perfect filter at the budget); `compare.curve` adds budgets for
 `compare.curve_strategies`. Each subset finetunes the same model with the same LoRA settings (`finetune:`) once per
