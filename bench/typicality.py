@@ -14,9 +14,13 @@ rows, and adds one score per row that no warmup shaped, with its rule fixed befo
 - typicality = −(the mean over layers of the Mahalanobis distance, each divided by the median distance of the fit
   rows at that layer): higher = more like the clean rows.
 
-`q+typicality` is the rank mean of q and typicality (equal weights; `generalisation.rank_mean`). The report: the
-left-out and warmup kinds pooled over the folds, each with a 95% interval, the paired difference of the blend
-and q, per corpus and per left-out kind.
+`q+typicality` is the rank mean of q and typicality (equal weights; `generalisation.rank_mean`). With `--beside
+CACHE` (the same folds with the other feature), also `typicality 2` (that cache's) and `q+both`, the rank mean of
+q and the two typicalities. The report: the left-out and warmup kinds pooled over the folds, each with a 95%
+interval, the paired difference of each blend and q, per corpus and per left-out kind.
+
+    python bench/typicality.py /tmp/gen/B11.json --cache /tmp/gen/typ11-gain.json --feature gain \
+        --beside /tmp/gen/typ11.json                        # states and gain side by side, one report
 """
 
 from __future__ import annotations
@@ -83,30 +87,38 @@ def fold_rows(tokenizer, tests: dict, left_out: list[str], seed: int, result: di
     raise ValueError(f"the rows of fold {seed}/{left_out} do not match the cache: other settings or code")
 
 
-def scores_of(result: dict) -> dict[str, np.ndarray]:
+def scores_of(result: dict, beside: dict | None = None) -> dict[str, np.ndarray]:
     values = bench.scorer_values(result)
     typ = np.asarray(result["typicality"])
-    return {**values, "typicality": typ, "q+typicality": bench.rank_mean([values["q"], typ])}
+    out = {**values, "typicality": typ, "q+typicality": bench.rank_mean([values["q"], typ])}
+    if beside is not None:
+        other = np.asarray(beside["typicality"])
+        out.update({"typicality 2": other, "q+both": bench.rank_mean([values["q"], typ, other])})
+    return out
 
 
-def report(folds: dict[str, dict]) -> str:
-    parts = [{**scores_of(r), "clean": np.asarray(r["is_clean"]), "left": np.asarray(r["left_out"]),
-              "kind": np.asarray(r["kind"]), "corpus": np.asarray(r["corpus"])} for _, r in sorted(folds.items())]
-    rows = {k: np.concatenate([p[k] for p in parts]) for k in ("clean", "left", "kind", "corpus", *SCORERS)}
+def report(folds: dict[str, dict], beside: dict[str, dict] | None = None) -> str:
+    scorers = SCORERS[:3] + ("typicality 2", "q+both") + SCORERS[3:] if beside else SCORERS
+    parts = [{**scores_of(r, beside[key] if beside else None), "clean": np.asarray(r["is_clean"]),
+              "left": np.asarray(r["left_out"]), "kind": np.asarray(r["kind"]), "corpus": np.asarray(r["corpus"])}
+             for key, r in sorted(folds.items())]
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in ("clean", "left", "kind", "corpus", *scorers)}
     clean, left, kind, corpus = rows["clean"], rows["left"], rows["kind"], rows["corpus"]
     left_out, warmup = (clean == 1) | left, (clean == 1) | ~left
-    lines = [["left-out kinds"] + [bench.cell(rows[s], clean, left_out) for s in SCORERS],
-             ["warmup kinds"] + [bench.cell(rows[s], clean, warmup) for s in SCORERS]]
-    lines += [[f"{name}, left-out kinds"] + [bench.cell(rows[s], clean, left_out & (corpus == name)) for s in SCORERS]
+    lines = [["left-out kinds"] + [bench.cell(rows[s], clean, left_out) for s in scorers],
+             ["warmup kinds"] + [bench.cell(rows[s], clean, warmup) for s in scorers]]
+    lines += [[f"{name}, left-out kinds"] + [bench.cell(rows[s], clean, left_out & (corpus == name)) for s in scorers]
               for name in bench.CORPORA]
     lines += [[f"left out: {k} ({int((left & (kind == k)).sum())})"]
-              + [bench.cell(rows[s], clean, (clean == 1) | (left & (kind == k))) for s in SCORERS]
+              + [bench.cell(rows[s], clean, (clean == 1) | (left & (kind == k))) for s in scorers]
               for k in bench.kinds_in_rotation()]
-    paired = difference_interval(rows["q+typicality"][left_out], rows["q"][left_out], clean[left_out])
-    gain = auroc(rows["q+typicality"][left_out], clean[left_out]) - auroc(rows["q"][left_out], clean[left_out])
+    pairs = []
+    for blend in ("q+typicality", "q+both")[:2 if beside else 1]:
+        paired = difference_interval(rows[blend][left_out], rows["q"][left_out], clean[left_out])
+        gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows["q"][left_out], clean[left_out])
+        pairs.append(f"{blend} − q on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]")
     return (f"{len(folds)} folds ({', '.join(sorted(folds))}); AUROC [95% interval], clean = positive\n\n"
-            + table(["rows", *SCORERS], lines)
-            + f"\n\nq+typicality − q on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]\n")
+            + table(["rows", *scorers], lines) + "\n\n" + "\n".join(pairs) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("caches", nargs="+", help="caches of bench/generalisation.py runs, leave-kinds-out folds")
     parser.add_argument("--cache", required=True, help="JSON of the folds with typicality; rerun to go on")
     parser.add_argument("--feature", choices=("states", "gain"), default="states")
+    parser.add_argument("--beside", help="a typicality cache of the same folds, the other feature: report both")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             done[key] = {**result, "typicality": typ.tolist()}
             Path(args.cache).write_text(json.dumps(done))
             print(f"fold {key}: typicality added", flush=True)
-    print(report(done))
+    beside = json.loads(Path(args.beside).read_text()) if args.beside else None
+    if beside is not None and set(beside) != set(done):
+        raise SystemExit(f"--beside holds folds {sorted(beside)}, this cache {sorted(done)}: not the same folds")
+    print(report(done, beside))
 
 
 if __name__ == "__main__":
