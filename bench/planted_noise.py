@@ -63,6 +63,7 @@ class Variant:
     gain: bool = False  # the contrast gate also reads how much the prompt helps predict each response token
     tent: bool = False  # the gain gate also reads how far the running mean gain sits from the clean rows' (gate.tent)
     surprise: bool = False  # the gain gate also reads how far the running mean NLL sits from the clean rows'
+    typical: bool = False  # the gate also reads how far the response's mean state sits from the clean rows' Gaussian
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -160,7 +161,7 @@ def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
                         evidence=variant.evidence, summary=variant.summary, gain=variant.gain, tent=variant.tent,
-                        surprise=variant.surprise, **bias)
+                        surprise=variant.surprise, typical=variant.typical, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:

@@ -20,6 +20,10 @@ to another question) and "it explains everything" (an echo, the model's own answ
 were on. A surprise gate (`surprise=True`, on top of gain) reads the same distance for the response's own loss,
 √H · |running mean NLL(token | prompt + response) − the clean rows' mean|: text far easier than a real answer (a
 loop, an echo) and far harder (noise, residue) sit on either side of it.
+A typical gate (`typical=True`, on top of contrast, probe mode only) adds to every token a read of how far the
+whole response's mean FFN input sits from the clean warmup rows', the Mahalanobis distance to a Gaussian fitted
+on them before warmup (`qgate.typical`, saved with the gate): a read no corruption kind shapes, which sees a loop,
+a mixed language or a wrong format as far from a real answer.
 - `modulate`: the FFN output is scaled, `h = residual + good_ratio · MLP(x)`; `1 − good_ratio` goes to a zero path.
 - `probe`: the gate only reads x; the model's outputs are untouched.
 
@@ -46,9 +50,10 @@ GATES_FILE = "gates.safetensors"
 GATES_META = "gates.json"
 GATES_FORMAT = 1
 # optional extra projections of a gate, saved as layers.{i}.{name}.weight
-EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent", "surprise")
+EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent", "surprise", "typical")
 CENTER_EMA = 0.9  # tent gates: weight of the kept clean-row centre against each new batch's
-CENTERS = ("gain_center", "nll_center")  # the clean-row centres tent and surprise gates keep, saved with them
+# the clean-row centres tent and surprise gates keep, and typical gates' Gaussian, saved with them
+CENTERS = ("gain_center", "nll_center", "typical_mean", "typical_precision", "typical_scale")
 
 
 class QualityGate(nn.Module):
@@ -59,12 +64,15 @@ class QualityGate(nn.Module):
     with `summary`, an `nn.Linear(hidden, 1)` (init 0) adds `x_end · z` to every token;
     with `gain`, an `nn.Linear(2, 1)` (init 0) reads √H · the prompt's gain on the response tokens (`gain_logits`);
     with `tent`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean gain − `gain_center`| there;
-    with `surprise`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean NLL − `nll_center`| there.
+    with `surprise`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean NLL − `nll_center`| there;
+    with `typical`, an `nn.Linear(1, 1)` (init 0) adds to every token √H · the response's Mahalanobis distance to
+    the clean rows' Gaussian (`typical_mean`, `typical_precision`), in units of the fit rows' median distance.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
-                 summary: bool = False, gain: bool = False, tent: bool = False, surprise: bool = False):
+                 summary: bool = False, gain: bool = False, tent: bool = False, surprise: bool = False,
+                 typical: bool = False):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -92,11 +100,19 @@ class QualityGate(nn.Module):
             raise ValueError("gate.surprise reads the response's loss from the gain's pass; it needs gate.gain")
         self.surprise = nn.utils.skip_init(nn.Linear, 1, 1, bias=False) if surprise else None
         self.register_buffer("nll_center", torch.zeros(()) if surprise else None)  # the clean rows' mean NLL
+        if typical and not contrast:
+            raise ValueError("gate.typical finds the response's tokens through the contrast pass; it needs "
+                             "gate.contrast")
+        self.typical = nn.utils.skip_init(nn.Linear, 1, 1, bias=False) if typical else None
+        # the clean rows' Gaussian (`qgate.typical.fit_typical`); a zero precision reads every row as typical
+        self.register_buffer("typical_mean", torch.zeros(hidden_size) if typical else None)  # [H]
+        self.register_buffer("typical_precision", torch.zeros(hidden_size, hidden_size) if typical else None)
+        self.register_buffer("typical_scale", torch.ones(()) if typical else None)  # the fit rows' median distance
         self.centered = False  # whether warmup has tracked the centre yet (a loaded one has)
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
         self.gain_scale = hidden_size ** 0.5
-        for extra in (self.evidence, self.summary, self.gain, self.tent, self.surprise):
+        for extra in (self.evidence, self.summary, self.gain, self.tent, self.surprise, self.typical):
             if extra is not None:
                 nn.init.zeros_(extra.weight)
 
@@ -114,7 +130,17 @@ class QualityGate(nn.Module):
             if self.summary is not None:
                 end = x[torch.arange(x.shape[0], device=x.device), reference.last]  # [B, H]
                 logits = logits + self.summary(end)  # [B, T] + [B, 1]
+            if self.typical is not None:
+                distance = self.gain_scale * self.typical_distance(x, reference.known)  # [B]
+                logits = logits + self.typical(distance.unsqueeze(-1).to(x.dtype))  # [B, T] + [B, 1]
         return logits
+
+    def typical_distance(self, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of the response's mean x to the clean rows' Gaussian, in units of the fit rows'
+        median; 0 for a row with no known token. x [B, T, H], known [B, T] -> [B]"""
+        centred = response_mean(x, known) - self.typical_mean.float()  # [B, H]
+        squared = ((centred @ self.typical_precision.float()) * centred).sum(-1).clamp_min(0.0)  # [B]
+        return squared.sqrt() / self.typical_scale.float() * (known.sum(1) > 0).float()
 
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
         """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
@@ -174,6 +200,12 @@ def clean_mean(values: torch.Tensor, gain: PromptGain, is_clean: torch.Tensor) -
     return None if totals[1] == 0 else totals[0] / totals[1]
 
 
+def response_mean(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean of x over each row's known positions, in float32. [B, T, H], [B, T] -> [B, H]"""
+    known = known.float().unsqueeze(-1)  # [B, T, 1]
+    return (x.float() * known).sum(1) / known.sum(1).clamp_min(1.0)
+
+
 def running_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the known positions up to each known position, 0 elsewhere. [B, T], [B, T] -> [B, T]
 
@@ -208,6 +240,8 @@ class GateSet:
         self.gain = any(gate.gain is not None for gate in gates)
         self.tent = any(gate.tent is not None for gate in gates)
         self.surprise = any(gate.surprise is not None for gate in gates)
+        self.typical = any(gate.typical is not None for gate in gates)
+        self.recording: list[list[torch.Tensor]] | None = None  # typical gates' fit: per gate, each pass's means
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
         self.captured: list[torch.Tensor | None] = [None] * len(gates)
@@ -224,6 +258,8 @@ class GateSet:
             if self.capture:
                 self.captured[slot] = args[0].detach()  # [B, T, H]
             reference = None if self.reference is None else self.reference[slot]
+            if self.recording is not None and reference is not None:
+                self.recording[slot].append(response_mean(args[0].detach(), reference.known))  # [B, H]
             self._logits[slot] = self.gates[slot](args[0], reference)  # [B, T]
         return hook
 
@@ -282,8 +318,9 @@ class GateSet:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence, summary, gain and tent gates add
-        `layers.{i}.{contrast,evidence,summary,gain,tent,surprise}.weight`; tent gates also `layers.{i}.gain_center`,
-        surprise gates `layers.{i}.nll_center`."""
+        `layers.{i}.{contrast,evidence,summary,gain,tent,surprise,typical}.weight`; tent gates also
+        `layers.{i}.gain_center`, surprise gates `layers.{i}.nll_center`, typical gates their Gaussian
+        (`layers.{i}.typical_{mean,precision,scale}`)."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -333,7 +370,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
                  summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool | str = GATE.tent,
-                 surprise: bool | str = GATE.surprise, **trash_can) -> GateSet:
+                 surprise: bool | str = GATE.surprise, typical: bool | str = GATE.typical, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -343,7 +380,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     the contrast is on); `summary` adds the read of the row's last token ("auto": wherever the contrast is on in
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
     ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on);
-    `surprise` the read of the response loss's distance from the clean rows' ("auto": off).
+    `surprise` the read of the response loss's distance from the clean rows' ("auto": off); `typical` the read of
+    the response states' distance from the clean rows' Gaussian ("auto": off).
     """
     from qgate import moe
 
@@ -359,16 +397,20 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     gain = resolved("gain", gain, contrast and mode == "probe")
     tent = resolved("tent", tent, gain)
     surprise = resolved("surprise", surprise, False)
+    typical = resolved("typical", typical, False)
     if summary and mode != "probe":
         raise ValueError("gate.summary reads the row's last token, which a modulating gate must not see before it "
                          "is generated; use gate.mode=probe or gate.summary=false")
+    if typical and mode != "probe":
+        raise ValueError("gate.typical reads the whole response at every token, which a modulating gate must not see "
+                         "before it is generated; use gate.mode=probe or gate.typical=false")
     if gain and mode != "probe":
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain or tent or surprise:
-            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain, gate.tent and gate.surprise are "
-                             "for dense gates; MoE trash-can experts have no contrast input")
+        if contrast or evidence or summary or gain or tent or surprise or typical:
+            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain, gate.tent, gate.surprise and "
+                             "gate.typical are for dense gates; MoE trash-can experts have no contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -378,7 +420,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain, tent, surprise) for _ in layers]
+                             summary, gain, tent, surprise, typical) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -395,10 +437,10 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
 
 
 def optimizer_groups(gates: GateSet, lr: float, gain_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW's parameter groups: the gain and tent reads (two and one numbers a gate) at `gain_lr_scale` · lr, every
-    wide read of x at lr."""
-    gain_reads = [p for gate in gates.gates for read in (gate.gain, gate.tent, gate.surprise) if read is not None
-                  for p in read.parameters()]
+    """AdamW's parameter groups: the gain, tent, surprise and typical reads (a few numbers a gate) at
+    `gain_lr_scale` · lr, every wide read of x at lr."""
+    reads = [(gate.gain, gate.tent, gate.surprise, gate.typical) for gate in gates.gates]
+    gain_reads = [p for per_gate in reads for read in per_gate if read is not None for p in read.parameters()]
     chosen = {id(p) for p in gain_reads}
     rest = [p for p in gates.parameters() if id(p) not in chosen]
     return [{"params": rest, "lr": lr}] + ([{"params": gain_reads, "lr": lr * gain_lr_scale}] if gain_reads else [])
@@ -413,6 +455,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
             "summary": gates.summary, "gain": gates.gain, "tent": gates.tent, "surprise": gates.surprise,
+            "typical": gates.typical,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -447,7 +490,7 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
                          gain=meta.get("gain", False), tent=meta.get("tent", False),
-                         surprise=meta.get("surprise", False), **extra)
+                         surprise=meta.get("surprise", False), typical=meta.get("typical", False), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

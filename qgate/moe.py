@@ -162,6 +162,7 @@ class TrashCanGateSet(GateSet):
     gain = False
     tent = False
     surprise = False
+    typical = False
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

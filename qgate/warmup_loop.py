@@ -26,6 +26,7 @@ from qgate.data import write_jsonl
 from qgate.models import autocast_dtype
 from qgate.run_dir import RunDir
 from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
+from qgate.typical import fit_typical
 
 log = logging.getLogger("qgate.warmup")
 
@@ -54,6 +55,10 @@ def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optim
     at each checkpoint step, the window's metrics go to `state["history"]` and to `report(metrics, save)`, which
     every worker calls; rank 0 logs its own progress line between them."""
     autocast = autocast_dtype(cfg["autocast"], device.type)
+    if state["step"] == 0:  # typical gates: their clean rows' Gaussian, before the first step (a resume keeps it)
+        fitted = fit_typical(gates, shard, cfg["batch_size"], cfg["pad_id"], device)
+        if fitted and rank == 0:
+            log.info("typical gates: Gaussian fitted on %d clean warmup rows", fitted)
     window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
     for step in range(state["step"] + 1, cfg["steps"] + 1):
         maybe_fail(cfg, rank, step)
@@ -250,7 +255,8 @@ def check_checkpoints(config: DictConfig) -> None:
     optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
     optimizer += ("compose_share",) if w.compose_share else ()  # absent at 0: checkpoints made before it resume
     optimizer += ("own_answers",) if w.own_answers else ()
-    gate = {k: v for k, v in gate_kwargs(config).items() if k not in ("gain", "tent", "surprise") or v is not False}  # as those
+    gate = {k: v for k, v in gate_kwargs(config).items()
+            if k not in ("gain", "tent", "surprise", "typical") or v is not False}  # as those
     settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
                 "seed": config.seed, "gate": gate, "loss": as_dict(config.loss),
                 "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}
