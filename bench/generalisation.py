@@ -136,7 +136,8 @@ def run_fold(model, tokenizer, pools: dict, tests: dict, left_out: list[str], se
                 for r in (trained_on_rows(tests[name], args.trained_on, seed + 1, i) if not left_out
                           else evaluation_rows(tests[name], left_out, warm_kinds, seed + 1, i))])
     start = time.perf_counter()
-    recipe = replace(RECIPE, gain=args.gain, tent=args.tent, surprise=args.surprise, typical=args.typical)
+    recipe = replace(RECIPE, gain=args.gain, tent=args.tent, surprise=args.surprise, typical=args.typical,
+                     typical_quantile=args.typical_quantile)
     gates = attach(model, recipe, seed)
     try:
         warm_up(model, tokenizer.pad_token_id, Splits(warm, copies, rows), recipe, args.steps, args, seed)
@@ -286,6 +287,8 @@ def parse(argv):
                         "of the response sits from the clean warmup rows' (gate.surprise)")
     parser.add_argument("--typical", action="store_true", help="every token's gate also reads how far the response's "
                         "mean state sits from the clean warmup rows' Gaussian (gate.typical)")
+    parser.add_argument("--typical-quantile", type=float, default=0.0, help="the typical read counts only the "
+                        "distance above this quantile of the warmup originals' own (gate.typical_quantile)")
     parser.add_argument("--trained-on", nargs="+", choices=sorted(CORRUPTIONS), help="instead of the rotation: "
                         "warm on every kind and test on copies of these kinds only (can the gates learn them?)")
     parser.add_argument("--gain-lr-scale", type=float, default=1.0, help="the gain and tent reads learn at this "
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         | ({"own_beside": True} if args.own_beside else {}) | ({"tent": True} if args.tent else {}) | kinds_setting() \
         | ({"gain_lr_scale": args.gain_lr_scale} if args.gain_lr_scale != 1.0 else {}) \
         | ({"surprise": True} if args.surprise else {}) | ({"typical": True} if args.typical else {}) \
+        | ({"typical_quantile": args.typical_quantile} if args.typical_quantile else {}) \
         | ({"trained_on": args.trained_on} if args.trained_on else {})
     # caches from before these settings stay valid
     cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}

@@ -64,6 +64,7 @@ class Variant:
     tent: bool = False  # the gain gate also reads how far the running mean gain sits from the clean rows' (gate.tent)
     surprise: bool = False  # the gain gate also reads how far the running mean NLL sits from the clean rows'
     typical: bool = False  # the gate also reads how far the response's mean state sits from the clean rows' Gaussian
+    typical_quantile: float = 0.0  # ... only above this quantile of the clean rows' own distances
 
     def name(self, default_steps: int) -> str:
         loss = ("BCE only" if self.negatives and self.quality_weight == 0
@@ -161,7 +162,8 @@ def attach(model, variant: Variant, seed: int):
     bias = {"bias": True, "init_bias": 3.0} if variant.init == "open" else {"bias": False, "init_bias": 0.0}
     return attach_gates(model, mode=variant.mode, init_std=0.02, seed=seed, contrast=variant.contrast,
                         evidence=variant.evidence, summary=variant.summary, gain=variant.gain, tent=variant.tent,
-                        surprise=variant.surprise, typical=variant.typical, **bias)
+                        surprise=variant.surprise, typical=variant.typical,
+                        typical_quantile=variant.typical_quantile, **bias)
 
 
 def warm_up(model, pad_id: int, splits: Splits, variant: Variant, steps: int, args, seed: int = 0) -> list[dict]:

@@ -53,7 +53,7 @@ GATES_FORMAT = 1
 EXTRA_INPUTS = ("contrast", "evidence", "summary", "gain", "tent", "surprise", "typical")
 CENTER_EMA = 0.9  # tent gates: weight of the kept clean-row centre against each new batch's
 # the clean-row centres tent and surprise gates keep, and typical gates' Gaussian, saved with them
-CENTERS = ("gain_center", "nll_center", "typical_mean", "typical_precision", "typical_scale")
+CENTERS = ("gain_center", "nll_center", "typical_mean", "typical_precision", "typical_scale", "typical_floor")
 
 
 class QualityGate(nn.Module):
@@ -66,13 +66,14 @@ class QualityGate(nn.Module):
     with `tent`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean gain − `gain_center`| there;
     with `surprise`, an `nn.Linear(1, 1)` (init 0) reads √H · |running mean NLL − `nll_center`| there;
     with `typical`, an `nn.Linear(1, 1)` (init 0) adds to every token √H · the response's Mahalanobis distance to
-    the clean rows' Gaussian (`typical_mean`, `typical_precision`), in units of the fit rows' median distance.
+    the clean rows' Gaussian (`typical_mean`, `typical_precision`), in units of the fit rows' median distance,
+    less `typical_floor` (the fit rows' `typical_quantile` quantile; 0 reads the whole distance) and never below 0.
     """
 
     def __init__(self, hidden_size: int, init_mean: float = 0.0, init_std: float = 0.02,
                  bias: bool = False, init_bias: float = 0.0, contrast: bool = False, evidence: bool = False,
                  summary: bool = False, gain: bool = False, tent: bool = False, surprise: bool = False,
-                 typical: bool = False):
+                 typical: bool = False, typical_quantile: float = 0.0):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, mean=init_mean, std=init_std)
@@ -108,6 +109,10 @@ class QualityGate(nn.Module):
         self.register_buffer("typical_mean", torch.zeros(hidden_size) if typical else None)  # [H]
         self.register_buffer("typical_precision", torch.zeros(hidden_size, hidden_size) if typical else None)
         self.register_buffer("typical_scale", torch.ones(()) if typical else None)  # the fit rows' median distance
+        if not 0.0 <= typical_quantile < 1.0:
+            raise ValueError(f"gate.typical_quantile must be in [0, 1), got {typical_quantile}")
+        self.typical_quantile = typical_quantile  # the fit sets `typical_floor` to this quantile of its rows
+        self.register_buffer("typical_floor", torch.zeros(()) if typical else None)  # in units of the median
         self.centered = False  # whether warmup has tracked the centre yet (a loaded one has)
         # The gain's two features are scaled by √H so that an optimizer step moves their share of the logit about as
         # far as it moves the H-wide reads of x (‖x‖₁ is 36–113 in SmolLM2-135M's 576-wide layers, the gain ~0–3).
@@ -140,7 +145,8 @@ class QualityGate(nn.Module):
         median; 0 for a row with no known token. x [B, T, H], known [B, T] -> [B]"""
         centred = response_mean(x, known) - self.typical_mean.float()  # [B, H]
         squared = ((centred @ self.typical_precision.float()) * centred).sum(-1).clamp_min(0.0)  # [B]
-        return squared.sqrt() / self.typical_scale.float() * (known.sum(1) > 0).float()
+        distance = (squared.sqrt() / self.typical_scale.float() - self.typical_floor.float()).clamp_min(0.0)
+        return distance * (known.sum(1) > 0).float()
 
     def gain_logits(self, gain: PromptGain) -> torch.Tensor:
         """What the prompt's gain adds to this gate's logits: 0 off the known response tokens. -> [B, T]"""
@@ -320,7 +326,7 @@ class GateSet:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence, summary, gain and tent gates add
         `layers.{i}.{contrast,evidence,summary,gain,tent,surprise,typical}.weight`; tent gates also
         `layers.{i}.gain_center`, surprise gates `layers.{i}.nll_center`, typical gates their Gaussian
-        (`layers.{i}.typical_{mean,precision,scale}`)."""
+        (`layers.{i}.typical_{mean,precision,scale,floor}`)."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -343,7 +349,7 @@ class GateSet:
                 if getattr(gate, name) is not None:
                     getattr(gate, name).load_state_dict({"weight": state[f"{prefix}{name}.weight"]})
             for center in CENTERS:
-                if getattr(gate, center) is not None:
+                if getattr(gate, center) is not None and f"{prefix}{center}" in state:  # floors came later
                     getattr(gate, center).copy_(state[f"{prefix}{center}"])
                     gate.centered = True
 
@@ -370,7 +376,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  layers: list[int] | None = GATE.layers, seed: int = 0, kind: str | None = None,
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
                  summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool | str = GATE.tent,
-                 surprise: bool | str = GATE.surprise, typical: bool | str = GATE.typical, **trash_can) -> GateSet:
+                 surprise: bool | str = GATE.surprise, typical: bool | str = GATE.typical,
+                 typical_quantile: float = GATE.typical_quantile, **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -381,7 +388,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     probe mode; a modulating gate must not read tokens after its own); `gain` adds the read of the prompt's gain
     ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on);
     `surprise` the read of the response loss's distance from the clean rows' ("auto": off); `typical` the read of
-    the response states' distance from the clean rows' Gaussian ("auto": off).
+    the response states' distance from the clean rows' Gaussian ("auto": off), above the fit rows'
+    `typical_quantile` quantile.
     """
     from qgate import moe
 
@@ -420,7 +428,7 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gates = [QualityGate(model.config.hidden_size, init_mean, init_std, bias, init_bias, contrast, evidence,
-                             summary, gain, tent, surprise, typical) for _ in layers]
+                             summary, gain, tent, surprise, typical, typical_quantile) for _ in layers]
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
@@ -455,7 +463,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
             "summary": gates.summary, "gain": gates.gain, "tent": gates.tent, "surprise": gates.surprise,
-            "typical": gates.typical,
+            "typical": gates.typical, "typical_quantile": gates.gates[0].typical_quantile,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -490,7 +498,8 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
                          kind=meta.get("kind", "dense"), contrast=meta.get("contrast", False),
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
                          gain=meta.get("gain", False), tent=meta.get("tent", False),
-                         surprise=meta.get("surprise", False), typical=meta.get("typical", False), **extra)
+                         surprise=meta.get("surprise", False), typical=meta.get("typical", False),
+                         typical_quantile=meta.get("typical_quantile", 0.0), **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

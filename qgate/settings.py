@@ -62,6 +62,9 @@ class GateSettings:
                                   "gates): a read no corruption kind shapes | true | false (auto: off). "
                                   "Leave-kinds-out q −0.009 [−0.038, +0.022] on seed 12, loops +0.186, warmup "
                                   "kinds −0.049 (docs/experiments/generalisation.md): off")
+    typical_quantile: float = setting(0.0, "typical gates read only the distance above this quantile of the clean "
+                                           "warmup rows' own distances (0: the whole distance), so that the "
+                                           "spread of typical rows moves no score")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "

@@ -3,7 +3,7 @@
 Each gate reads how far a response's mean FFN input sits from the clean rows' (`QualityGate.typical_distance`).
 The Gaussian is fitted once, on the originals of the warmup shard, with the gates' contrast pass marking the final
 response's tokens: its mean and a Ledoit-Wolf covariance (H-wide states from a few hundred rows need the
-shrinkage), and the fit rows' median distance as the unit. Under DDP every worker fits on every shard's rows, so
+shrinkage), the fit rows' median distance as the unit, and optionally a floor below which the read is 0. Under DDP every worker fits on every shard's rows, so
 the replicas hold the same Gaussian.
 """
 
@@ -56,7 +56,8 @@ def gathered(features: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def fit_gate(gate, rows: np.ndarray) -> None:
-    """Set one gate's Gaussian from rows [N, H]: mean, Ledoit-Wolf precision, median distance of the rows."""
+    """Set one gate's Gaussian from rows [N, H]: mean, Ledoit-Wolf precision, median distance of the rows, and the
+    floor at the gate's `typical_quantile` of their distances."""
     from sklearn.covariance import LedoitWolf
 
     if len(rows) < 2:
@@ -67,7 +68,10 @@ def fit_gate(gate, rows: np.ndarray) -> None:
     like = gate.typical_mean
     gate.typical_mean.copy_(torch.as_tensor(fitted.location_, dtype=like.dtype))
     gate.typical_precision.copy_(torch.as_tensor(fitted.precision_, dtype=like.dtype))
-    gate.typical_scale.copy_(torch.as_tensor(max(float(np.median(distances)), 1e-6), dtype=like.dtype))
+    scale = max(float(np.median(distances)), 1e-6)
+    gate.typical_scale.copy_(torch.as_tensor(scale, dtype=like.dtype))
+    floor = float(np.quantile(distances, gate.typical_quantile)) / scale if gate.typical_quantile else 0.0
+    gate.typical_floor.copy_(torch.as_tensor(floor, dtype=like.dtype))
 
 
 def without_negatives(item: dict) -> dict:

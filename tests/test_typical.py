@@ -67,6 +67,21 @@ def test_typical_gates_read_the_distance_to_the_clean_rows_gaussian_and_save_it(
                           atol=1e-4)
 
 
+def test_a_floor_leaves_the_typical_rows_alone_and_reads_only_the_distance_above_it(tok):
+    model = tiny_model("tiny-qwen3")
+    gates = attach_gates(model, mode="probe", contrast=True, typical=True, typical_quantile=0.5, seed=3)
+    clean = rows_of(tok, [chat(i) for i in range(16)])
+    odd = rows_of(tok, [chat(i, "zq zq zq zq zq zq zq zq zq zq zq zq") for i in range(4)])
+    fit_typical(gates, [{**r, "negatives": []} for r in clean], 4, tok.pad_token_id, torch.device("cpu"))
+    assert [float(g.typical_floor) for g in gates.gates] == pytest.approx([1.0] * len(gates.gates), abs=1e-4)
+    unfitted = gate_logits(model, gates, clean + odd, tok.pad_token_id)
+    for gate in gates.gates:
+        torch.nn.init.constant_(gate.typical.weight, -1.0)
+    distance = (unfitted - gate_logits(model, gates, clean + odd, tok.pad_token_id))[:, :, 0] / gates.gates[0].gain_scale
+    assert ((distance[:16] < 1e-5).sum(0) >= 8).all()  # the half of the fit rows at or below the median read 0
+    assert (distance[16:] > 0.5).all()
+
+
 def test_the_warmup_loop_fits_the_gaussian_before_its_first_step(tok):
     from qgate.training import WarmupLossConfig
     from qgate.warmup_loop import warm_up_alone
