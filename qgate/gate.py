@@ -247,6 +247,7 @@ class GateSet:
         self.tent = any(gate.tent is not None for gate in gates)
         self.surprise = any(gate.surprise is not None for gate in gates)
         self.typical = any(gate.typical is not None for gate in gates)
+        self.typical_quantile = gates[0].typical_quantile if gates else 0.0
         self.recording: list[list[torch.Tensor]] | None = None  # typical gates' fit: per gate, each pass's means
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
@@ -463,7 +464,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
             "summary": gates.summary, "gain": gates.gain, "tent": gates.tent, "surprise": gates.surprise,
-            "typical": gates.typical, "typical_quantile": gates.gates[0].typical_quantile,
+            "typical": gates.typical, "typical_quantile": gates.typical_quantile,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -163,6 +163,7 @@ class TrashCanGateSet(GateSet):
     tent = False
     surprise = False
     typical = False
+    typical_quantile = 0.0
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):
