@@ -3,8 +3,8 @@
 Each gate reads how far a response's mean FFN input sits from the clean rows' (`QualityGate.typical_distance`).
 The Gaussian is fitted once, on the originals of the warmup shard, with the gates' contrast pass marking the final
 response's tokens: its mean and a Ledoit-Wolf covariance (H-wide states from a few hundred rows need the
-shrinkage), the fit rows' median distance as the unit, and optionally a floor below which the read is 0. Under DDP every worker fits on every shard's rows, so
-the replicas hold the same Gaussian.
+shrinkage), the fit rows' median distance as the unit, and optionally a floor below which the read is 0. Under
+DDP every worker fits on every shard's rows, so the replicas hold the same Gaussian.
 """
 
 from __future__ import annotations

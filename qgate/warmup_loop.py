@@ -256,16 +256,12 @@ def check_checkpoints(config: DictConfig) -> None:
     optimizer = ("lr", "weight_decay", "batch_size", "workers", "warmup_fraction", "max_rows", "negative_kinds")
     optimizer += ("compose_share",) if w.compose_share else ()  # absent at 0: checkpoints made before it resume
     optimizer += ("own_answers",) if w.own_answers else ()
-    gate = {k: v for k, v in gate_kwargs(config).items()  # settings added later are left out when off, so that
-            if not (k in LATER_GATE_SETTINGS and is_off(v, LATER_GATE_SETTINGS[k]))}  # checkpoints made before them resume
+    # settings added later are left out when off, so that checkpoints made before them resume
+    gate = {k: v for k, v in gate_kwargs(config).items() if k not in LATER_GATE_SETTINGS or v != LATER_GATE_SETTINGS[k]}
     settings = {"model": model_identity(config.model), "dtype": config.dtype, "autocast": config.autocast,
                 "seed": config.seed, "gate": gate, "loss": as_dict(config.loss),
                 "encoding": as_dict(config.encoding), "warmup": {key: as_dict(w)[key] for key in optimizer}}
     check_resume(folder / "settings.json", settings, bool(steps), f"the warmup checkpoints in {folder}")
-
-
-def is_off(value, off) -> bool:
-    return type(value) is type(off) and value == off
 
 
 def write_gates(config: DictConfig, checkpoint: Path, state: dict, counts) -> Path:

@@ -20,7 +20,8 @@ def tok():
 
 
 def chat(i: int, answer: str = "cats purr and sleep a lot") -> dict:
-    messages = [{"role": "user", "content": f"tell me about cats {i}"}, {"role": "assistant", "content": f"{answer} {i}"}]
+    messages = [{"role": "user", "content": f"tell me about cats {i}"},
+                {"role": "assistant", "content": f"{answer} {i}"}]
     return {"id": f"r{i}", "dataset": "d", "reason": "", "messages": messages}
 
 
@@ -77,7 +78,8 @@ def test_a_floor_leaves_the_typical_rows_alone_and_reads_only_the_distance_above
     unfitted = gate_logits(model, gates, clean + odd, tok.pad_token_id)
     for gate in gates.gates:
         torch.nn.init.constant_(gate.typical.weight, -1.0)
-    distance = (unfitted - gate_logits(model, gates, clean + odd, tok.pad_token_id))[:, :, 0] / gates.gates[0].gain_scale
+    read = unfitted - gate_logits(model, gates, clean + odd, tok.pad_token_id)  # √H · distance  [B, L, T]
+    distance = read[:, :, 0] / gates.gates[0].gain_scale
     assert ((distance[:16] < 1e-5).sum(0) >= 8).all()  # the half of the fit rows at or below the median read 0
     assert (distance[16:] > 0.5).all()
 
