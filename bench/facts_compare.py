@@ -18,8 +18,9 @@ epochs), the whole plan about 4 hours: call the same command until its report li
    through the similarity filter on questions and answers apart, `prompt_response`: one row per question and per
    answer until every question has one, each answer walked at its best row first:
    `selection.demote_shared_answers`), a random 30%, the lowest
-   response PPL and IFD 30%, the full corpus, the clean rows only (the ceiling) and a random 30% of the clean rows
-   (a perfect filter at the budget); 3 seeds each; qgate, qgate_diverse and random
+   response PPL and IFD 30%, the full corpus, the clean rows only (the ceiling), a random 30% of the clean rows
+   (a perfect filter at the budget) and the clean rows through qgate_diverse's filter (a perfect score, selected as
+   qgate_diverse selects); 3 seeds each; qgate, qgate_diverse and random
    at 10% and 50% too (the budget curve). Table, gaps in combined standard errors, the goal's verdict and the
    curve in `run/compare/compare.md`.
 
@@ -39,7 +40,7 @@ from qgate.facts_corpus import build_facts_corpus
 
 PIPELINE = ["encoding.max_length=128", "warmup.steps=48", "warmup.batch_size=4", "collect.actors=2",
             "selfcheck.rows=64", "selfcheck.strict=false", "selection_percentage=0.3", "progress=false"]
-COMPARE = ["compare.strategies=[qgate,qgate_diverse,random,clean,clean_random,ifd,response_ppl,all]",
+COMPARE = ["compare.strategies=[qgate,qgate_diverse,random,clean,clean_random,clean_diverse,ifd,response_ppl,all]",
            "compare.curve=[0.1,0.5]",
            "compare.curve_strategies=[qgate,qgate_diverse,random]", "compare.seeds=3", "compare.keep_models=false",
            "evaluate.tasks=[]", "finetune.method=full", "finetune.max_length=128", "finetune.batch_size=16",

@@ -22,7 +22,8 @@ product's own pieces called in one process. On a machine without network, `--sco
    score through the similarity filter on questions and answers apart, each question and each answer at its best
    row first; random, clean,
    clean_random: as many random clean rows as
-   the budget, ifd, response_ppl, all at 30%; qgate, qgate_diverse and random at 10% and 50% too) every weight of
+   the budget, clean_diverse: a perfect score through qgate_diverse's filter, ifd, response_ppl, all at 30%;
+   qgate, qgate_diverse and random at 10% and 50% too) every weight of
    a fresh copy of the target is trained (`qgate.finetune.train`, method=full), then scored on the held-out rows'
    response loss and the fact multiple choice (`evaluate_model`); each run's record goes to `out/gpu/runs/<run>.json`.
 5. summary: `qgate.comparison`'s table, gaps in combined standard errors and budget curve in `out/gpu/compare.md`,
@@ -80,9 +81,10 @@ from qgate.warmup_loop import gate_kwargs, warm_up_alone
 from qgate.warmup_rows import encode_items, sample_rows, shard_items
 
 BUDGET, CURVE = 0.3, [0.1, 0.5]
-STRATEGIES = ["qgate", "qgate_diverse", "random", "clean", "clean_random", "ifd", "response_ppl", "all"]
+STRATEGIES = ["qgate", "qgate_diverse", "random", "clean", "clean_random", "clean_diverse", "ifd", "response_ppl",
+              "all"]
 CURVE_STRATEGIES = ["qgate", "qgate_diverse", "random"]
-VERSUS = ["random", "response_ppl", "ifd", "all", "clean", "clean_random"]
+VERSUS = ["random", "response_ppl", "ifd", "all", "clean", "clean_random", "clean_diverse"]
 MEASURES = ["heldout_loss", "mc_acc"]
 
 

@@ -29,7 +29,8 @@ from qgate.evaluation import as_list
 from qgate.shared_answers import answer_keys, demotes
 
 log = logging.getLogger("qgate.compare")
-VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean", "clean_random")  # what OURS are measured against
+# what OURS are measured against
+VERSUS = ("qgate", "random", "response_ppl", "ifd", "all", "clean", "clean_random", "clean_diverse")
 
 
 def record_path(out: Path, key) -> Path:
@@ -90,7 +91,7 @@ def planned_subsets(config, scores, rows: dict, direction: str, labels: dict | N
     section = config.compare
     strategies, curve_strategies = as_list(section.strategies), as_list(section.curve_strategies)
     wanted = {*strategies, *(curve_strategies if section.curve else [])}
-    diversity = diversity_of(config, scores, rows) if "qgate_diverse" in wanted else None
+    diversity = diversity_of(config, scores, rows) if wanted & {"qgate_diverse", "clean_diverse"} else None
     seeds = [config.seed + i for i in range(section.seeds)]
     return subsets(scores, strategies, section.budget, seeds, direction, labels,
                    [float(b) for b in as_list(section.curve)], curve_strategies, diversity)

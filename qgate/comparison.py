@@ -13,7 +13,8 @@ import pandas as pd
 
 from qgate.data import read_jsonl
 
-STRATEGIES = ("qgate", "qgate_diverse", "random", "response_ppl", "ifd", "all", "clean", "clean_random")
+STRATEGIES = ("qgate", "qgate_diverse", "random", "response_ppl", "ifd", "all", "clean", "clean_random",
+              "clean_diverse")
 OURS = ("qgate", "qgate_diverse")  # the strategies whose gaps to the others are reported
 WHOLE = ("all", "clean")  # strategies whose rows do not depend on the budget
 
@@ -41,10 +42,14 @@ def pick(scores: pd.DataFrame, strategy: str, k: int, seed: int = 0, direction: 
     clean rows, a perfect filter at the same budget (what is left of the gap to `clean` is the budget's).
     `qgate_diverse`: qgate's score through the similarity filter on what each row says (`diversity`: `features`
     [N, D] in the rows' order,
-    `n_clusters`, `threshold`, `seed`, `pool`)."""
+    `n_clusters`, `threshold`, `seed`, `pool`); `clean_diverse`: a perfect score through the same filter (clean
+    rows first, in a random order per seed), what `qgate_diverse` would keep if its score knew the labels."""
     keys = list(zip(scores["dataset"], scores["id"]))
     if strategy == "qgate_diverse":
-        return _diverse_pick(scores, keys, k, direction, diversity)
+        score = pd.to_numeric(scores[sorted_on(scores)], errors="coerce").to_numpy(np.float64)  # [N]
+        return _diverse_pick(score, keys, k, direction, diversity)
+    if strategy == "clean_diverse":
+        return _diverse_pick(_perfect_score(keys, labels, seed), keys, k, "higher", diversity)
     if strategy == "all":
         return sorted(keys)
     if strategy in ("clean", "clean_random"):
@@ -66,13 +71,20 @@ def _random_pick(keys: list[tuple], k: int, seed: int) -> list[tuple]:
     return [keys[i] for i in sorted(order[:k], key=lambda i: keys[i])]
 
 
-def _diverse_pick(scores: pd.DataFrame, keys: list[tuple], k: int, direction: str, diversity: dict | None) -> list:
+def _perfect_score(keys: list[tuple], labels: dict[tuple, bool] | None, seed: int) -> np.ndarray:
+    """[N]: 1 + a seeded draw in [0, 0.5) for a clean row, the draw alone for a planted one."""
+    if labels is None:
+        raise ValueError("the clean_diverse strategy needs compare.labels")
+    clean = np.array([not labels.get(key, False) for key in keys], dtype=np.float64)  # [N]
+    return clean + np.random.default_rng(seed).uniform(0.0, 0.5, len(keys))
+
+
+def _diverse_pick(score: np.ndarray, keys: list[tuple], k: int, direction: str, diversity: dict | None) -> list:
     from qgate.diversity import select_diverse
     from qgate.shared_answers import demoted
 
     if diversity is None:
-        raise ValueError("the qgate_diverse strategy needs the rows' text features")
-    score = pd.to_numeric(scores[sorted_on(scores)], errors="coerce").to_numpy(np.float64)  # [N]
+        raise ValueError("the diverse strategies need the rows' text features")
     if diversity.get("answers") is not None:
         score = demoted(score, diversity["answers"], higher=direction == "higher")
     score = np.nan_to_num(score, nan=-np.inf if direction == "higher" else np.inf)
@@ -183,7 +195,8 @@ def curve_gaps(summary: list[dict], budgets: list[float], measure: str, strategy
 def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
     """Per measure, the question a user runs the comparison for: does `strategy` beat random by more than twice
     the combined standard error, and is it within one of the clean-rows ceiling (and of a perfect filter at the
-    budget, `clean_random`, where it ran)? Lower loss is better."""
+    budget, `clean_random`, and a perfect score through the same filter, `clean_diverse`, where they ran)? Lower
+    loss is better."""
     lines = []
     for measure in dict.fromkeys(g["measure"] for g in gap_rows if g["strategy"] == strategy):
         by = {g["versus"]: g for g in gap_rows if g["strategy"] == strategy and g["measure"] == measure}
@@ -199,6 +212,10 @@ def goal_of(gap_rows: list[dict], strategy: str = "qgate") -> list[str]:
             z = better * by["clean_random"]["z"]
             parts.append(f"{'is' if z >= -1 else 'is not'} within 1 SE of a perfect filter at the budget "
                          f"({z:+.1f} SE)")
+        if "clean_diverse" in by:
+            z = better * by["clean_diverse"]["z"]
+            parts.append(f"{'is' if z >= -1 else 'is not'} within 1 SE of a perfect score through the same "
+                         f"filter ({z:+.1f} SE)")
         if parts:
             lines.append(f"{measure}: {strategy} " + "; ".join(parts))
     return lines

@@ -298,7 +298,8 @@ class CompareSettings:
     strategies: List[str] = setting(lambda: ["qgate", "random", "response_ppl", "ifd"],
                                     "qgate: by the run's score | random | lowest response PPL | lowest IFD | all | "
                                     "clean (the rows `labels` marks clean: the ceiling) | clean_random (as many "
-                                    "random clean rows as the budget: a perfect filter)")
+                                    "random clean rows as the budget: a perfect filter) | clean_diverse (a perfect "
+                                    "score through qgate_diverse's filter)")
     seeds: int = setting(3, "finetunes per strategy, seeds seed, seed+1, …")
     direction: str = setting("auto", "q direction: auto (as the run selected) | higher | lower")
     heldout: Optional[str] = setting(None, "held-out LESS rows for the response loss (required)")

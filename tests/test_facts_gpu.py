@@ -18,7 +18,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "facts_gpu.py"
 TINY = ["--scorer-model", "tiny-qwen3", "--objects", "40", "--target-size", "3m", "--warmup-steps", "2",
         "--epochs", "1", "--seeds", "1", "--batch-size", "8", "--device", "cpu", "--threads", "1"]
 PLANNED = {"qgate-30pct-s0", "random-30pct-s0", "ifd-30pct-s0", "response_ppl-30pct-s0", "clean-s0", "all-s0",
-           "clean_random-30pct-s0", "qgate_diverse-30pct-s0", "qgate_diverse-10pct-s0", "qgate_diverse-50pct-s0",
+           "clean_random-30pct-s0", "clean_diverse-30pct-s0", "qgate_diverse-30pct-s0", "qgate_diverse-10pct-s0",
+           "qgate_diverse-50pct-s0",
            "qgate-10pct-s0", "random-10pct-s0", "qgate-50pct-s0", "random-50pct-s0"}
 
 

@@ -347,6 +347,26 @@ def test_qgate_diverse_keeps_one_of_near_duplicate_rows_within_the_pool():
     assert "qgate_diverse − random" in comparison.format_gaps(gap_rows)
 
 
+def test_clean_diverse_is_a_perfect_score_through_the_same_filter():
+    scores = pd.DataFrame({"dataset": "toy", "id": [f"toy-{i}" for i in range(8)], "score": [8.0 - i for i in range(8)],
+                           "selected": [i < 3 for i in range(8)]})
+    labels = {("toy", f"toy-{i}"): i in (0, 3) for i in range(8)}  # rows 0 and 3 planted
+    features = np.eye(8)[[0, 1, 1, 3, 1, 5, 6, 7]]  # rows 1, 2 and 4 say the same
+    diversity = {"features": features, "n_clusters": 2, "threshold": 0.8, "seed": 0, "pool": None}
+    picked = comparison.subsets(scores, ["clean_diverse"], 3 / 8, [0, 1, 2], "lower", labels, diversity=diversity)
+    for seed in (0, 1, 2):  # clean rows only, one of the three that say the same, whatever qgate's score says
+        keys = {i for _, i in picked["clean_diverse", 3 / 8, seed]}
+        assert len(keys) == 3 and not keys & {"toy-0", "toy-3"} and len(keys & {"toy-1", "toy-2", "toy-4"}) == 1
+    assert len({tuple(picked["clean_diverse", 3 / 8, seed]) for seed in (0, 1, 2)}) > 1  # a fresh order per seed
+    with pytest.raises(ValueError, match="clean_diverse strategy needs"):
+        comparison.pick(scores, "clean_diverse", 3, diversity=diversity)
+    summary = [{"strategy": s, "budget": 0.3, "mc_acc": {"mean": m, "se": 0.01}} for s, m in
+               [("qgate_diverse", 0.6), ("clean_diverse", 0.605)]]
+    goal = comparison.goal_of(comparison.gaps(summary, 0.3, "mc_acc", ["clean_diverse"], "qgate_diverse"),
+                              "qgate_diverse")
+    assert goal == ["mc_acc: qgate_diverse is within 1 SE of a perfect score through the same filter (-0.4 SE)"]
+
+
 def test_qgate_diverse_compares_questions_and_answers_unless_the_run_chose_text_features():
     from qgate.compare_runs import diversity_of
 
