@@ -10,7 +10,8 @@ rows, and adds one score per row that no warmup shaped, with its rule fixed befo
   response alone (`--feature gain`: what the prompt moves in the response's states, IFD's question asked of the
   states rather than of the loss);
 - per corpus, a Gaussian fitted on that seed's warmup originals (the rows the fold's gates warmed on): their mean
-  and a Ledoit-Wolf covariance, layer by layer;
+  and a Ledoit-Wolf covariance, layer by layer (`--fit pooled`: one Gaussian on the three corpora's originals
+  together, as `gate.typical` fits one over a run's datasets);
 - typicality = −(the mean over layers of the Mahalanobis distance, each divided by the median distance of the fit
   rows at that layer): higher = more like the clean rows.
 
@@ -113,10 +114,10 @@ def report(folds: dict[str, dict], beside: dict[str, dict] | None = None) -> str
               + [bench.cell(rows[s], clean, (clean == 1) | (left & (kind == k))) for s in scorers]
               for k in bench.kinds_in_rotation()]
     pairs = []
-    for blend in ("q+typicality", "q+both")[:2 if beside else 1]:
-        paired = difference_interval(rows[blend][left_out], rows["q"][left_out], clean[left_out])
-        gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows["q"][left_out], clean[left_out])
-        pairs.append(f"{blend} − q on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]")
+    for blend, versus in (("q+typicality", "q"), ("q+both", "q"), ("typicality", "typicality 2"))[:3 if beside else 1]:
+        paired = difference_interval(rows[blend][left_out], rows[versus][left_out], clean[left_out])
+        gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows[versus][left_out], clean[left_out])
+        pairs.append(f"{blend} − {versus} on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]")
     return (f"{len(folds)} folds ({', '.join(sorted(folds))}); AUROC [95% interval], clean = positive\n\n"
             + table(["rows", *scorers], lines) + "\n\n" + "\n".join(pairs) + "\n")
 
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("caches", nargs="+", help="caches of bench/generalisation.py runs, leave-kinds-out folds")
     parser.add_argument("--cache", required=True, help="JSON of the folds with typicality; rerun to go on")
     parser.add_argument("--feature", choices=("states", "gain"), default="states")
-    parser.add_argument("--beside", help="a typicality cache of the same folds, the other feature: report both")
+    parser.add_argument("--fit", choices=("corpus", "pooled"), default="corpus",
+                        help="a Gaussian per corpus, or one over the three corpora's fit rows")
+    parser.add_argument("--beside", help="a typicality cache of the same folds, another feature or fit: report both")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                     pools[name], min(settings["train_rows"], len(pools[name]))), settings["max_length"], "all", ifd=True),
                     args.feature)
                     for name in bench.CORPORA}
+                if args.fit == "pooled":
+                    pooled = np.concatenate([fits[seed][name] for name in bench.CORPORA])  # [3 · train_rows, L, H]
+                    fits[seed] = dict.fromkeys(bench.CORPORA, pooled)
             rows = fold_rows(tokenizer, tests, result["left_out_kinds"], seed, result, settings["max_length"])
             states, corpus = response_states(model, rows, args.feature), np.asarray(result["corpus"])
             typ = np.zeros(len(rows))
