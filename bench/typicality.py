@@ -8,7 +8,8 @@ rows, and adds one score per row that no warmup shaped, with its rule fixed befo
 - a row's feature at layer l: the mean over its scored (response) tokens of the hidden state after layer l, from
   the prompt-conditioned pass of the plain model (`--feature states`); or that mean less the same mean from the
   response alone (`--feature gain`: what the prompt moves in the response's states, IFD's question asked of the
-  states rather than of the loss);
+  states rather than of the loss); or the mean over the response's second half of its tokens less the mean over
+  the first half (`--feature halves`: how far the answer moves as it goes on; a drifted answer ends elsewhere);
 - per corpus, a Gaussian fitted on that seed's warmup originals (the rows the fold's gates warmed on): their mean
   and a Ledoit-Wolf covariance, layer by layer (`--fit pooled`: one Gaussian on the three corpora's originals
   together, as `gate.typical` fits one over a run's datasets);
@@ -47,18 +48,23 @@ SCORERS = ("q", "typicality", "q+typicality", "q+IFD", "IFD", "response PPL")
 
 
 @torch.inference_mode()
-def mean_states(model, ids: list[int], mask: list[int]) -> np.ndarray:
-    """Mean hidden state over the masked tokens, after every layer. -> [L, H]"""
+def mean_states(model, ids: list[int], mask: list[int], halves: bool = False) -> np.ndarray:
+    """Mean hidden state over the masked tokens, after every layer; with `halves`, the mean over the second half
+    of them less the mean over the first (one token alone: zeros). -> [L, H]"""
     scored = torch.tensor(mask, dtype=torch.bool)  # [T]
     hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]  # L x [1, T, H]
-    return torch.stack([h[0, scored].mean(0) for h in hidden]).float().numpy()
+    if not halves:
+        return torch.stack([h[0, scored].mean(0) for h in hidden]).float().numpy()
+    middle = (int(scored.sum()) + 1) // 2
+    return torch.stack([h[0, scored][middle:].mean(0) - h[0, scored][:middle].mean(0) if middle > 1 else
+                        torch.zeros_like(h[0, 0]) for h in hidden]).float().numpy()
 
 
 def response_states(model, rows: list[dict], feature: str = "states") -> np.ndarray:
-    """Each row's feature (`states` or `gain`, see the module's doc) after every layer. -> [N, L, H]"""
+    """Each row's feature (`states`, `gain` or `halves`, see the module's doc) after every layer. -> [N, L, H]"""
     out = []
     for row in rows:
-        states = mean_states(model, row["input_ids"], row["score_mask"])  # [L, H]
+        states = mean_states(model, row["input_ids"], row["score_mask"], halves=feature == "halves")  # [L, H]
         if feature == "gain":
             states = states - mean_states(model, row["ifd_input_ids"], row["ifd_score_mask"])
         out.append(states)
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("caches", nargs="+", help="caches of bench/generalisation.py runs, leave-kinds-out folds")
     parser.add_argument("--cache", required=True, help="JSON of the folds with typicality; rerun to go on")
-    parser.add_argument("--feature", choices=("states", "gain"), default="states")
+    parser.add_argument("--feature", choices=("states", "gain", "halves"), default="states")
     parser.add_argument("--fit", choices=("corpus", "pooled"), default="corpus",
                         help="a Gaussian per corpus, or one over the three corpora's fit rows")
     parser.add_argument("--beside", help="a typicality cache of the same folds, another feature or fit: report both")
