@@ -123,7 +123,8 @@ def report(folds: dict[str, dict], beside: dict[str, dict] | None = None) -> str
     for blend, versus in (("q+typicality", "q"), ("q+both", "q"), ("typicality", "typicality 2"))[:3 if beside else 1]:
         paired = difference_interval(rows[blend][left_out], rows[versus][left_out], clean[left_out])
         gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows[versus][left_out], clean[left_out])
-        pairs.append(f"{blend} − {versus} on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]")
+        pairs.append(f"{blend} − {versus} on left-out kinds, paired: {gain:+.3f} "
+                     f"[{paired[0]:+.3f}, {paired[1]:+.3f}]")
     return (f"{len(folds)} folds ({', '.join(sorted(folds))}); AUROC [95% interval], clean = positive\n\n"
             + table(["rows", *scorers], lines) + "\n\n" + "\n".join(pairs) + "\n")
 
