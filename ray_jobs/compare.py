@@ -21,10 +21,10 @@ one), `random`, `response_ppl` (lowest response perplexity),
 score through qgate_diverse's filter: the clean rows first, in a random order per seed); `compare.curve` adds
 budgets for `compare.curve_strategies`. Each subset finetunes the same model with the same LoRA settings
 (`finetune:`) once per seed; the random subset is redrawn per seed. Every adapter is scored on the held-out
-rows' response loss, on `compare.mc` multiple choice and on the lm-eval tasks of `evaluate:`. Outputs: `out/compare/compare.md` (the table:
-mean over seeds with a 95% interval; qgate's gaps in combined standard errors and the goal read from them;
-`budget_curve.png`), `out/compare/compare.json`, `out/compare/runs/` (one record per finetune: a second call keeps
-them and runs the rest, `compare.budget_min`), `out/compare/adapters/`.
+rows' response loss, on `compare.mc` multiple choice and on the lm-eval tasks of `evaluate:`. Outputs:
+`out/compare/compare.md` (the table: mean over seeds with a 95% interval; qgate's gaps in combined standard errors
+and the goal read from them; `budget_curve.png`), `out/compare/compare.json`, `out/compare/runs/` (one record per
+finetune: a second call keeps them and runs the rest, `compare.budget_min`), `out/compare/adapters/`.
 """
 
 from __future__ import annotations
