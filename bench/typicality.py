@@ -55,9 +55,12 @@ def mean_states(model, ids: list[int], mask: list[int], halves: bool = False) ->
     hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]  # L x [1, T, H]
     if not halves:
         return torch.stack([h[0, scored].mean(0) for h in hidden]).float().numpy()
-    middle = (int(scored.sum()) + 1) // 2
-    return torch.stack([h[0, scored][middle:].mean(0) - h[0, scored][:middle].mean(0) if middle > 1 else
-                        torch.zeros_like(h[0, 0]) for h in hidden]).float().numpy()
+    n = int(scored.sum())
+    if n < 2:
+        return np.zeros((len(hidden), hidden[0].shape[-1]), dtype=np.float32)
+    middle = (n + 1) // 2
+    response = [h[0, scored] for h in hidden]  # L x [n, H]
+    return torch.stack([r[middle:].mean(0) - r[:middle].mean(0) for r in response]).float().numpy()
 
 
 def response_states(model, rows: list[dict], feature: str = "states") -> np.ndarray:
@@ -165,12 +168,14 @@ def main(argv: list[str] | None = None) -> None:
                     for name in bench.CORPORA}
                 if args.fit == "pooled":
                     pooled = np.concatenate([fits[seed][name] for name in bench.CORPORA])  # [3 · train_rows, L, H]
-                    fits[seed] = dict.fromkeys(bench.CORPORA, pooled)
+                    fits[seed] = {"pooled": pooled}
             rows = fold_rows(tokenizer, tests, result["left_out_kinds"], seed, result, settings["max_length"])
             states, corpus = response_states(model, rows, args.feature), np.asarray(result["corpus"])
             typ = np.zeros(len(rows))
-            for name in bench.CORPORA:
-                typ[corpus == name] = typicality(fits[seed][name], states[corpus == name])
+            groups = ({name: corpus == name for name in fits[seed]} if args.fit == "corpus"
+                      else {"pooled": np.ones(len(rows), dtype=bool)})
+            for name, rows_of in groups.items():  # one Gaussian fitted per group, every row of the group read
+                typ[rows_of] = typicality(fits[seed][name], states[rows_of])
             done[key] = {**result, "typicality": typ.tolist()}
             Path(args.cache).write_text(json.dumps(done))
             print(f"fold {key}: typicality added", flush=True)
