@@ -76,11 +76,13 @@ SCHEMA_KEYS = ("stats_version", "alphas", "eps", "gate_layers", "model", "score_
 
 
 def stats_schema(raw: bool) -> pa.Schema:
-    """Columns of a stats shard; S is [A][L]: one row of layer scores per α of `alphas`."""
+    """Columns of a stats shard; S is [A][L]: one row of layer scores per α of `alphas`; `halves` is null unless
+    the gates keep the halves read (`qgate.halves`)."""
     fields = [("id", pa.string()), ("dataset", pa.string()), ("source", pa.string()), ("row", pa.int64()),
               ("n_tokens", pa.int32()), ("n_tokens_full", pa.int32()), ("n_scored", pa.int32()),
               ("truncated", pa.bool_()), ("mean_nll", pa.float64()), ("ppl", pa.float64()),
-              ("response_nll", pa.float64()), ("ifd", pa.float64()), ("alphas", pa.list_(pa.float32())),
+              ("response_nll", pa.float64()), ("ifd", pa.float64()), ("halves", pa.float64()),
+              ("alphas", pa.list_(pa.float32())),
               ("S", pa.list_(pa.list_(pa.float32()))), ("record", pa.string()), ("messages", pa.string())]
     if raw:  # float16 bytes: gate logits [L, n_scored] and NLL [n_scored] of the scored tokens
         fields += [("raw_gate_logits", pa.binary()), ("raw_nll", pa.binary())]

@@ -248,6 +248,7 @@ class GateSet:
         self.surprise = any(gate.surprise is not None for gate in gates)
         self.typical = any(gate.typical is not None for gate in gates)
         self.typical_quantile = gates[0].typical_quantile if gates else 0.0
+        self.halves = None  # the halves read's Gaussian (`qgate.halves.HalvesRead`), when the run keeps it
         self.recording: list[list[torch.Tensor]] | None = None  # typical gates' fit: per gate, each pass's means
         self.reference: list[LayerReference] | None = None  # contrast gates: per gated layer, for the next pass
         self.capture = False  # keep each gated layer's FFN input of the next forward pass in `captured`
@@ -327,7 +328,7 @@ class GateSet:
         """`layers.{i}.weight` (and `.bias`) of each gate; contrast, evidence, summary, gain and tent gates add
         `layers.{i}.{contrast,evidence,summary,gain,tent,surprise,typical}.weight`; tent gates also
         `layers.{i}.gain_center`, surprise gates `layers.{i}.nll_center`, typical gates their Gaussian
-        (`layers.{i}.typical_{mean,precision,scale,floor}`)."""
+        (`layers.{i}.typical_{mean,precision,scale,floor}`); the halves read `halves.{mean,precision,scale}`."""
         state = {}
         for index, gate in zip(self.layers, self.gates):
             state.update({f"layers.{index}.{name}": tensor for name, tensor in gate.linear.state_dict().items()})
@@ -337,6 +338,8 @@ class GateSet:
             for center in CENTERS:
                 if getattr(gate, center) is not None:
                     state[f"layers.{index}.{center}"] = getattr(gate, center)
+        if self.halves is not None:
+            state.update({f"halves.{name}": tensor for name, tensor in self.halves.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -353,6 +356,8 @@ class GateSet:
                 if getattr(gate, center) is not None and f"{prefix}{center}" in state:  # floors came later
                     getattr(gate, center).copy_(state[f"{prefix}{center}"])
                     gate.centered = True
+        if self.halves is not None:
+            self.halves.load_state_dict({k[len("halves."):]: v for k, v in state.items() if k.startswith("halves.")})
 
     def remove(self) -> None:
         """Detach hooks and gate modules: the model is the plain backbone again."""
@@ -378,7 +383,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
                  contrast: bool | str = GATE.contrast, evidence: bool | str = GATE.evidence,
                  summary: bool | str = GATE.summary, gain: bool | str = GATE.gain, tent: bool | str = GATE.tent,
                  surprise: bool | str = GATE.surprise, typical: bool | str = GATE.typical,
-                 typical_quantile: float = GATE.typical_quantile, **trash_can) -> GateSet:
+                 typical_quantile: float = GATE.typical_quantile, halves: bool = GATE.halves,
+                 **trash_can) -> GateSet:
     """Add a quality gate to each chosen decoder layer (all by default); returns the model's GateSet.
 
     An MoE model (OLMoE, Qwen3-MoE) gets Select-MoE trash-can experts instead (`qgate.moe`), set up by the same
@@ -390,7 +396,8 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     ("auto": as summary); `tent` the read of its distance from the clean rows' ("auto": wherever `gain` is on);
     `surprise` the read of the response loss's distance from the clean rows' ("auto": off); `typical` the read of
     the response states' distance from the clean rows' Gaussian ("auto": off), above the fit rows'
-    `typical_quantile` quantile.
+    `typical_quantile` quantile. `halves` keeps the halves read's Gaussian with the gates (`qgate.halves`): not a
+    gate input, a per-row score collect writes beside q.
     """
     from qgate import moe
 
@@ -413,13 +420,17 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     if typical and mode != "probe":
         raise ValueError("gate.typical reads the whole response at every token, which a modulating gate must not see "
                          "before it is generated; use gate.mode=probe or gate.typical=false")
+    if halves and mode != "probe":
+        raise ValueError("gate.halves reads the states a modulating gate moves; use gate.mode=probe or "
+                         "gate.halves=false")
     if gain and mode != "probe":
         raise ValueError("gate.gain reads the LM head's output after the pass, which a modulating gate acts "
                          "before; use gate.mode=probe or gate.gain=false")
     if trash_cans:
-        if contrast or evidence or summary or gain or tent or surprise or typical:
-            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain, gate.tent, gate.surprise and "
-                             "gate.typical are for dense gates; MoE trash-can experts have no contrast input")
+        if contrast or evidence or summary or gain or tent or surprise or typical or halves:
+            raise ValueError("gate.contrast, gate.evidence, gate.summary, gate.gain, gate.tent, gate.surprise, "
+                             "gate.typical and gate.halves are for dense gates; MoE trash-can experts have no "
+                             "contrast input")
         return moe.attach_trash_cans(model, mode, init_mean, init_std, bias, init_bias, layers, seed, **trash_can)
     blocks = find_decoder_layers(model)
     layers = list(range(len(blocks))) if layers is None else sorted(int(i) for i in layers)
@@ -433,6 +444,10 @@ def attach_gates(model: nn.Module, mode: str = GATE.mode, init_mean: float = GAT
     # Gates (and so their optimizer state) stay at least float32 on a bf16/fp16 backbone: tiny weights, exact updates.
     gates = [g.to(device=reference.device, dtype=torch.promote_types(reference.dtype, torch.float32)) for g in gates]
     gate_set = GateSet(model, mode, layers, gates)
+    if halves:
+        from qgate.halves import HalvesRead
+
+        gate_set.halves = HalvesRead(len(blocks), model.config.hidden_size).to(reference.device)
     model.qgate_gates = gate_set
     return gate_set
 
@@ -464,7 +479,7 @@ def save_gates(gates: GateSet, out_dir: str | Path, metadata: dict | None = None
             "layers": gates.layers, "hidden_size": gates.gates[0].linear.in_features,
             "bias": gates.gates[0].linear.bias is not None, "contrast": gates.contrast, "evidence": gates.evidence,
             "summary": gates.summary, "gain": gates.gain, "tent": gates.tent, "surprise": gates.surprise,
-            "typical": gates.typical, "typical_quantile": gates.typical_quantile,
+            "typical": gates.typical, "typical_quantile": gates.typical_quantile, "halves": gates.halves is not None,
             "n_model_layers": len(find_decoder_layers(gates.model)),
             "kind": getattr(gates, "kind", "dense"), **getattr(gates, "extra_metadata", dict)(), **(metadata or {})}
     (out_dir / GATES_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -500,7 +515,8 @@ def load_gates(model: nn.Module, gates_dir: str | Path, mode: str | None = None)
                          evidence=meta.get("evidence", False), summary=meta.get("summary", False),
                          gain=meta.get("gain", False), tent=meta.get("tent", False),
                          surprise=meta.get("surprise", False), typical=meta.get("typical", False),
-                         typical_quantile=meta.get("typical_quantile", 0.0), **extra)
+                         typical_quantile=meta.get("typical_quantile", 0.0), halves=meta.get("halves", False),
+                         **extra)
     gates.load_state_dict(load_file(str(Path(gates_dir) / GATES_FILE)))
     return gates
 

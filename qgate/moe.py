@@ -164,6 +164,7 @@ class TrashCanGateSet(GateSet):
     surprise = False
     typical = False
     typical_quantile = 0.0
+    halves = None
 
     def __init__(self, model: nn.Module, mode: str, layers: list[int], gates: list[TrashCan],
                  settings: TrashCanSettings):

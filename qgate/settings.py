@@ -67,6 +67,11 @@ class GateSettings:
                                            "spread of typical rows moves no score. 0.9 on seed 13: "
                                            "left-out kinds −0.047 [−0.080, −0.014] (docs/experiments/"
                                            "generalisation.md)")
+    halves: bool = setting(False, "keep the halves read with the gates: a Gaussian of how far a row's later half of "
+                                  "tokens moves from its earlier half, fitted on the clean warmup rows (qgate/halves.py); "
+                                  "collect writes each row's distance (`halves`) and selection.score=q_halves blends "
+                                  "it with q. Probe gates on dense models. Leave-kinds-out q + halves − q +0.027 "
+                                  "[+0.012, +0.042] untrained over seeds 12–15 (docs/experiments/generalisation.md)")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "

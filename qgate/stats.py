@@ -92,26 +92,33 @@ class Scorer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @torch.inference_mode()
-    def _forward(self, ids: list[list[int]], masks: list[list[int]], alone: dict | None = None):
-        """(NLL [B, T], gate logits [B, L, T], score mask [B, T], NLL of the responses alone [B', T'] or None).
+    def _forward(self, ids: list[list[int]], masks: list[list[int]], alone: dict | None = None,
+                 with_halves: bool = False):
+        """(NLL [B, T], gate logits [B, L, T], score mask [B, T], NLL of the responses alone [B', T'] or None,
+        halves distance [B] or None).
 
-        With `alone` (contrast gates), the responses alone run first and the gates read the prompt contrast.
+        With `alone` (contrast gates), the responses alone run first and the gates read the prompt contrast; with
+        `with_halves` (gates that keep the halves read), the rows' pass also gives each row's halves distance.
         """
         from qgate.contrast import contrasted, prompt_gain
+        from qgate.halves import read_mask, recorded
 
         input_ids = pad(ids, self.pad_id).to(self.device)  # [B, T]
         attention = pad([[1] * len(s) for s in ids], 0).to(self.device)  # [B, T]
+        halves = recorded(self.model, read_mask(attention)) if with_halves else nullcontext([])
         with self._autocast():
             if alone is None:
-                nll, alone_nll = token_nll(self.model, input_ids, attention), None  # [B, T]
+                with halves as features:
+                    nll, alone_nll = token_nll(self.model, input_ids, attention), None  # [B, T]
             else:
                 alone = {k: v.to(self.device) for k, v in alone.items()}
-                with contrasted(self.model, alone, attention) as alone_nll:
+                with contrasted(self.model, alone, attention) as alone_nll, halves as features:
                     nll = token_nll(self.model, input_ids, attention)  # [B, T]
         gain = prompt_gain(nll, alone_nll, alone["pairs"]) if self.gates.gain else None
         gate_logits = self.gates.logits(gain).float()  # [B, L, T]
         self.gates.clear()
-        return nll, gate_logits, pad(masks, 0).to(self.device), alone_nll
+        distance = self.gates.halves.distance(torch.stack(features, 1)) if with_halves else None  # [B]
+        return nll, gate_logits, pad(masks, 0).to(self.device), alone_nll, distance
 
     def score(self, rows: list[dict]) -> list[dict]:
         """Per-row stats in input order; rows must carry `input_ids`, `score_mask`, `response_mask`.
@@ -147,8 +154,8 @@ class Scorer:
         from qgate.contrast import alone_batch
 
         alone = alone_batch(rows, self.pad_id) if self.gates.contrast else None
-        nll, gate_logits, score_mask, alone_nll = self._forward(
-            [r["input_ids"] for r in rows], [r["score_mask"] for r in rows], alone)
+        nll, gate_logits, score_mask, alone_nll, halves = self._forward(
+            [r["input_ids"] for r in rows], [r["score_mask"] for r in rows], alone, self.gates.halves is not None)
         response_mask = pad([r["response_mask"] if sum(r.get("response_mask") or []) else r["score_mask"]
                              for r in rows], 0).to(self.device)
         S = layer_scores_batch(gate_logits, nll, score_mask, self.alphas, self.eps)  # [B, A, L]
@@ -160,7 +167,7 @@ class Scorer:
             stats = {"n_scored": int(sum(row["score_mask"])), "alphas": self.alphas,
                      "S": S[i].float().cpu().numpy().tolist(), "mean_nll": float(mean_nll[i]),
                      "ppl": float(math.exp(min(float(mean_nll[i]), 80.0))), "response_nll": float(response_nll[i]),
-                     "ifd": ifd[i]}
+                     "ifd": ifd[i], "halves": None if halves is None else float(halves[i])}
             if self.raw:
                 stats.update(self._raw(gate_logits[i], nll[i], score_mask[i]))
             out.append(stats)
@@ -173,7 +180,7 @@ class Scorer:
             return [None] * len(rows)
         if alone_nll is None:
             alone_rows = [r for r in rows if r.get("ifd_input_ids")]
-            alone_nll, _, alone_mask, _ = self._forward([r["ifd_input_ids"] for r in alone_rows],
+            alone_nll, _, alone_mask, _, _ = self._forward([r["ifd_input_ids"] for r in alone_rows],
                                                         [r["ifd_score_mask"] for r in alone_rows])
         else:
             alone_mask = alone["alone_mask"].to(alone_nll.device)
@@ -192,14 +199,15 @@ class Scorer:
 
 
 def finite_or_reason(stats: dict) -> dict:
-    """`stats` when its NLL and S are finite (a non-finite IFD becomes None), else a `non_finite_score` reason."""
+    """`stats` when its NLL and S are finite (a non-finite IFD or halves distance becomes None), else a `non_finite_score` reason."""
     values = [stats["mean_nll"], stats["response_nll"], *(v for per_alpha in stats["S"] for v in per_alpha)]
     if not all(math.isfinite(v) for v in values):
         return {"reason": "non_finite_score",
                 "detail": f"NLL or S is not finite (mean NLL {stats['mean_nll']}, response NLL "
                           f"{stats['response_nll']}); the model overflows on this row"}
-    if stats["ifd"] is not None and not math.isfinite(stats["ifd"]):
-        stats["ifd"] = None
+    for companion in ("ifd", "halves"):  # a score beside q that is NaN or infinite is unknown, not a reason
+        if stats.get(companion) is not None and not math.isfinite(stats[companion]):
+            stats[companion] = None
     return stats
 
 

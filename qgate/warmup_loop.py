@@ -23,6 +23,7 @@ from torch import nn
 from qgate.config import as_dict
 from qgate.contrast import may_read_contrast
 from qgate.data import write_jsonl
+from qgate.halves import fit_halves
 from qgate.models import autocast_dtype
 from qgate.run_dir import RunDir
 from qgate.training import WarmupLossConfig, WarmupObjective, collate, objective_step, step_block
@@ -33,7 +34,8 @@ log = logging.getLogger("qgate.warmup")
 CHECKPOINT_GATES, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_RNG = (
     "gates.safetensors", "optimizer.pt", "state.json", "rng.pt")
 LOSS_PARTS = ("loss", "ce", "quality", "negatives")
-LATER_GATE_SETTINGS = {"gain": False, "tent": False, "surprise": False, "typical": False, "typical_quantile": 0.0}
+LATER_GATE_SETTINGS = {"gain": False, "tent": False, "surprise": False, "typical": False, "typical_quantile": 0.0,
+                       "halves": False}
 
 
 def training_parts(cfg: dict, prepare: Callable[[nn.Module], nn.Module] = lambda objective: objective):
@@ -60,6 +62,9 @@ def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optim
         fitted = fit_typical(gates, shard, cfg["batch_size"], cfg["pad_id"], device)
         if fitted and rank == 0:
             log.info("typical gates: Gaussian fitted on %d clean warmup rows", fitted)
+        fitted = fit_halves(gates, shard, cfg["batch_size"], cfg["pad_id"], device)
+        if fitted and rank == 0:
+            log.info("halves read: Gaussian fitted on %d clean warmup rows", fitted)
     window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
     for step in range(state["step"] + 1, cfg["steps"] + 1):
         maybe_fail(cfg, rank, step)
