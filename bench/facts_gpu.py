@@ -73,7 +73,7 @@ from qgate.finetune import LoraSettings, evaluate_model, train
 from qgate.gate import GateSet, attach_gates
 from qgate.model_negatives import answer_own
 from qgate.models import autocast_dtype, load_model, load_tokenizer
-from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, selection_count, sorted_reference
+from qgate.scoring import LayerStats, blend_with_q, quality_scores, selection_count, sorted_reference
 from qgate.selection import resolve_score
 from qgate.stats import Scorer
 from qgate.training import WarmupLossConfig
@@ -216,10 +216,10 @@ def scores_frame(config, scored: list[dict], q: np.ndarray, check: dict, referen
     """select's `scores.parquet` columns (dataset, id, q, score, selected, ifd, response_nll) and the name of the
     score sorted on; `selected` marks the top `selection.percentage` by that score, as select marks it."""
     ifd, higher = ifd_of(scored), check["direction"] == "higher"  # [N]
-    name, _ = resolve_score(config.selection.score, check, check["direction"], True)
+    name, _ = resolve_score(config.selection.score, check, check["direction"], {"q_ifd"})
     blended = name == "q_ifd"  # the blend is oriented: higher = clean
     frame = pd.DataFrame({"dataset": [r["dataset"] for r in scored], "id": [r["id"] for r in scored], "q": q,
-                          "score": blend_q_ifd(q, ifd, references["q"], references["ifd"], higher) if blended else q,
+                          "score": blend_with_q(q, ifd, references["q"], references["ifd"], higher) if blended else q,
                           "ifd": ifd, "response_nll": [r["response_nll"] for r in scored]})
     top = set(pick(frame, "qgate", selection_count(len(frame), config.selection.percentage),
                    direction="higher" if blended or higher else "lower"))

@@ -41,7 +41,7 @@ from results import command_line, table
 from qgate.corruption import CORRUPTIONS, compose_copies
 from qgate.model_negatives import answer_elsewhere, answer_own
 from qgate.models import load_model, load_tokenizer
-from qgate.scoring import auroc, band_ranks, blend_q_ifd, quality_scores, sorted_reference
+from qgate.scoring import auroc, band_ranks, blend_with_q, quality_scores, sorted_reference
 from qgate.selfcheck import auroc_interval
 from qgate.text_sources import in_test_split, source_rows
 
@@ -164,7 +164,7 @@ def scorer_values(result: dict) -> dict[str, np.ndarray]:
     # decided on warmup kinds only: the left-out ones stay unseen; a --trained-on fold, whose copies are all of the
     # kinds it measures, takes the direction every fold of the recipe has had
     higher = result.get("q_higher", auroc(q[seen], clean[seen]) >= 0.5)
-    blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
+    blend = blend_with_q(q, ifd, sorted_reference(q), sorted_reference(ifd), higher)
     ppl = -np.asarray(result["response_nll"], dtype=np.float64)
     corpus = np.asarray(result["corpus"])
     band = in_band(ifd, corpus)

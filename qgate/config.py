@@ -60,7 +60,7 @@ CHOICES = {
     "selection.strategy": STRATEGIES,
     "selection.features": FEATURES,
     "selection.direction": ("auto", "higher", "lower"),
-    "selection.score": ("auto", "q", "q_ifd"),
+    "selection.score": ("auto", "q", "q_ifd", "q_halves"),
     "selection.demote_shared_answers": ("auto", True, False),
 }
 

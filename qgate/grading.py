@@ -18,7 +18,7 @@ import pandas as pd
 
 from qgate.data import read_jsonl
 from qgate.scoring import sorted_reference
-from qgate.selfcheck import measure
+from qgate.selfcheck import measure, measured_blends, sorted_on
 
 CLEAN = "clean"
 
@@ -48,11 +48,12 @@ def grade(scores: pd.DataFrame, labels: dict[tuple[str, str], str], direction: s
     rows, kinds = scores[labelled], label_of[labelled]
     is_clean = kinds == CLEAN
     baselines = {"response_ppl": rows["response_nll"].to_numpy(np.float64)}
-    references = None
-    ifd_all = scores["ifd"].to_numpy(np.float64)
-    if np.isfinite(ifd_all).any():  # the blend ranks against every scored row, as select ranks the corpus
-        baselines["ifd"] = rows["ifd"].to_numpy(np.float64)
-        references = {"q": sorted_reference(scores["q"].to_numpy(np.float64)), "ifd": sorted_reference(ifd_all)}
+    references = {"q": sorted_reference(scores["q"].to_numpy(np.float64))}
+    for column in ("ifd", "halves"):
+        every = scores[column].to_numpy(np.float64) if column in scores else np.array([])
+        if np.isfinite(every).any():  # the blend ranks against every scored row, as select ranks the corpus
+            baselines[column] = rows[column].to_numpy(np.float64)
+            references[column] = sorted_reference(every)
     args = (rows["q"].to_numpy(np.float64), is_clean, ["" if c else k for c, k in zip(is_clean, kinds)], baselines,
             direction, min_auroc, score)
     overall = measure(*args, warmup_kinds=(), references=references, seed=seed)  # every noisy row held out
@@ -60,13 +61,14 @@ def grade(scores: pd.DataFrame, labels: dict[tuple[str, str], str], direction: s
     selected = rows["selected"].to_numpy(bool)
     return {
         "score": overall["score"], "direction": direction, "verdict": overall["verdict"],
-        "auroc": (overall.get("blend") or {}).get("auroc") if overall["score"] == "q_ifd" else overall["auroc"],
+        "auroc": sorted_on(overall)[0],
         "interval": overall["interval"], "min_auroc": min_auroc,
         "all_kinds": overall["heldout"],
         # apart only when the labels hold kinds of both sorts: else it repeats all_kinds
         "kinds_warmup_never_used": split["heldout"] if split["heldout_kinds"] and split["warmup_kinds"] else None,
         "warmup_kinds": split["warmup"], "unused_kinds": split["heldout_kinds"], "used_kinds": split["warmup_kinds"],
         "per_kind": {"q": overall["per_kind"], "q_ifd": (overall.get("blend") or {}).get("per_kind", {}),
+                     **{name: blend.get("per_kind", {}) for name, blend in measured_blends(overall).items()},
                      **overall["baselines_per_kind"]},
         "selection": {
             "noise_share_labelled": float(1 - is_clean.mean()),
@@ -94,7 +96,8 @@ def summary_line(check: dict) -> str:
             f"{(selection['noise_share_selected'] or 0.0):.1%} of those selected")
 
 
-NAMES = [("q", "q"), ("q_ifd", "q + IFD"), ("ifd", "IFD"), ("response_ppl", "response PPL")]
+NAMES = [("q", "q"), ("q_ifd", "q + IFD"), ("q_halves", "q + halves"), ("ifd", "IFD"), ("halves", "halves"),
+         ("response_ppl", "response PPL")]
 
 
 def grade_table(check: dict) -> str:

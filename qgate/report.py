@@ -20,6 +20,8 @@ from markupsafe import Markup
 from matplotlib.figure import Figure  # drawn without pyplot: the process's backend stays as it was
 from matplotlib.ticker import MaxNLocator
 
+from qgate.selfcheck import BLEND_NAMES, measured_blends
+
 N_BINS = 40
 TEXT_PREVIEW_CHARS = 300
 FIGSIZE = (7.2, 2.6)  # inches
@@ -122,8 +124,10 @@ def direction_banner(check: dict) -> Banner:
     """Verdict of the direction self-check: does a high q pick the clean rows of the user's own data?"""
     passed = bool(check.get("passed"))
     verdict = check.get("verdict", "passed" if passed else "failed").upper().replace("_", " ")
-    blend = check.get("blend")
-    blend_text = f", q+IFD blend AUROC {_fmt(blend.get('auroc'))}, verdict on {check.get('score')}" if blend else ""
+    blends = measured_blends(check)
+    blend_text = "".join(f", {BLEND_NAMES[name]} blend AUROC {_fmt(blend.get('auroc'))}"
+                         for name, blend in blends.items())
+    blend_text += f", verdict on {check.get('score')}" if blends else ""
     interval = check.get("interval")
     blend_text += f" (95% interval {_fmt(interval[0])}-{_fmt(interval[1])})" if interval else ""
     kinds = check.get("heldout_kinds")
@@ -134,7 +138,7 @@ def direction_banner(check: dict) -> Banner:
     return Banner(passed, line, kind_table(check))
 
 
-BASELINE_NAMES = {"ifd": "IFD", "response_ppl": "response PPL"}
+BASELINE_NAMES = {"ifd": "IFD", "response_ppl": "response PPL", "halves": "halves"}
 
 
 def kind_table(check: dict) -> Table | None:
@@ -144,8 +148,8 @@ def kind_table(check: dict) -> Table | None:
     if not per_kind:
         return None
     columns = {"AUROC q": per_kind}
-    if check.get("blend"):
-        columns["q+IFD blend"] = check["blend"].get("per_kind") or {}
+    for name, blend in measured_blends(check).items():
+        columns[f"{BLEND_NAMES[name]} blend"] = blend.get("per_kind") or {}
     for name, values in (check.get("baselines_per_kind") or {}).items():
         columns[BASELINE_NAMES.get(name, name)] = values
     heldout = set(check.get("heldout_kinds") or [])

@@ -9,8 +9,8 @@ For sample i, layer l, valid token t (g = gate logit, nll = token negative log-l
    `D_l = μ_l + tau` if tau > 0 else `max(μ_l, eps)`                         -> `one_step_mapping`
 4. `q_i = mean_l R_il`                                                       -> `quality_scores`
 5. the `ceil(p · N)` samples with the largest q                              -> `top_k`
-6. `selection.score=q_ifd`: the mean of the percentile ranks of q (oriented: higher = clean) and of −IFD
-   against a reference sample, `rank(x) = #{ref ≤ x} / |ref|`                 -> `blend_q_ifd`
+6. `selection.score=q_ifd` (`q_halves`): the mean of the percentile ranks of q (oriented: higher = clean) and of
+   −IFD (−halves) against a reference sample, `rank(x) = #{ref ≤ x} / |ref|`   -> `blend_with_q`
 
 No torch and no Ray here: the select job, the server and the tests all run this module anywhere.
 """
@@ -255,18 +255,23 @@ def _negated(reference) -> np.ndarray:
     return -np.asarray(reference, dtype=np.float32)[::-1]
 
 
-def blend_q_ifd(q, ifd, q_reference, ifd_reference, higher: bool = True) -> np.ndarray:
-    """Mean of the percentile ranks of q, oriented so that higher = clean, and of −IFD (lower IFD = clean).
+# the blends of q with a score beside it (lower = clean), by name: the companion's stats column
+BLENDS = {"q_ifd": "ifd", "q_halves": "halves"}
 
-    `q_reference` and `ifd_reference` are raw q and IFD of a reference sample, ascending (`sorted_reference`);
-    `higher` is the q direction. A row without IFD (NaN) gets the neutral IFD rank 0.5.
-    q [N], ifd [N] -> score [N] in [0, 1], higher = clean.
+
+def blend_with_q(q, other, q_reference, other_reference, higher: bool = True) -> np.ndarray:
+    """Mean of the percentile ranks of q, oriented so that higher = clean, and of −other, a score beside q where
+    lower = clean (IFD, the halves distance).
+
+    `q_reference` and `other_reference` are raw values of a reference sample, ascending (`sorted_reference`);
+    `higher` is the q direction. A row without the other score (NaN) gets its neutral rank 0.5.
+    q [N], other [N] -> score [N] in [0, 1], higher = clean.
     """
     q = _as_float_array(q, 1, "q")  # [N]
-    ifd = _as_float_array(ifd, 1, "ifd")  # [N]
+    other = _as_float_array(other, 1, "other")  # [N]
     q_rank = percentile_ranks(q, q_reference) if higher else percentile_ranks(-q, _negated(q_reference))
-    ifd_rank = percentile_ranks(-ifd, _negated(ifd_reference))  # [N]
-    return (q_rank + np.where(np.isnan(ifd_rank), 0.5, ifd_rank)) / 2.0
+    other_rank = percentile_ranks(-other, _negated(other_reference))  # [N]
+    return (q_rank + np.where(np.isnan(other_rank), 0.5, other_rank)) / 2.0
 
 
 def band_ranks(values, reference) -> np.ndarray:

@@ -16,12 +16,13 @@ distributed sort costs about 10 s however few its rows; the order and every outp
 α not among the collected alphas: S is recomputed from raw stats (collect.raw=true), no forward pass needed.
 
 `selection.score`: the score is q itself (`q`, in its direction), or (`q_ifd`) the mean of the percentile ranks of
-q (oriented: higher = clean) and of −IFD, descending (qgate.scoring.blend_q_ifd); a row without IFD gets IFD rank
-0.5. The ranks are taken against a reference sample, gathered in one more pass before pass 2: q and IFD of a
+q (oriented: higher = clean) and of −IFD, descending (qgate.scoring.blend_with_q); a row without IFD gets IFD rank
+0.5; `q_halves` the same with the halves distance (`gate.halves`, qgate/halves.py) in IFD's place. The ranks are
+taken against a reference sample, gathered in one more pass before pass 2: q and the other score of a
 hash-seeded sample of at most 200k rows (every row up to that: the ranks are then exact), kept sorted as float32
 in `selection/score_reference.npz` (the server ranks new samples against it). The driver then also keeps the
-score (8 more bytes per row). `auto`: the self-check's choice (`qgate.selfcheck.better_score`:
-the blend unless q beats it with the paired interval above zero), else `q`.
+score (8 more bytes per row). `auto`: the self-check's choice (`qgate.selfcheck.better_score`: the blend it
+measured best, unless q beats it with the paired interval above zero), else `q`.
     python -m ray_jobs.select out=runs/tiny use_gpu=false selection.direction=higher selection.score=q_ifd
 
 `selection.strategy` (qgate/diversity.py): `top_k` as above, or a diversity-aware pick of the same k rows, with
@@ -73,16 +74,17 @@ from qgate.diversity import (
 from qgate.identity import differences
 from qgate.report import render_report
 from qgate.run_dir import RunDir
-from qgate.scoring import LayerStats, blend_q_ifd, layer_scores, quality_scores, quantiles
-from qgate.selfcheck import better_score
+from qgate.scoring import BLENDS, LayerStats, blend_with_q, layer_scores, quality_scores, quantiles
+from qgate.selfcheck import better_score, measured_blends
 from qgate.shared_answers import answer_keys, demotes
 
 log = logging.getLogger("qgate.select")
 
 DIRECTIONS = ("higher", "lower")
-SCORES = ("q", "q_ifd")
-SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "n_tokens"]
-LINE_COLUMNS = ["id", "dataset", "ifd", "record", "messages"]
+SCORES = ("q", *BLENDS)
+SCORE_COLUMNS = ["id", "dataset", "ppl", "response_nll", "ifd", "halves", "n_tokens"]
+LINE_COLUMNS = ["id", "dataset", "ifd", "halves", "record", "messages"]
+LATER_COLUMNS = ("halves",)  # stats collected before these columns existed lack them: read as nulls
 
 
 def alpha_spec(stats_dir: Path, alpha: float) -> dict:
@@ -123,15 +125,31 @@ def _q(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float) -> np.n
     return quality_scores(batch_layer_scores(table, spec), eps, tau, stats=LayerStats.from_dict(stats))  # [B]
 
 
-def _ifd(table: pa.Table) -> np.ndarray:
-    return table.column("ifd").cast(pa.float64()).to_numpy()  # [B], NaN where null
+def present_columns(columns: list[str], spec: dict) -> list[str]:
+    """The `columns` a stats directory holds: stats collected before a later column lack it."""
+    held = spec["schema"].get("columns") or []
+    return [c for c in columns if c not in LATER_COLUMNS or c in held]
+
+
+def _float_column(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table.column(name).cast(pa.float64()).to_numpy()  # [B], NaN where null
+
+
+def _small_columns(table: pa.Table) -> dict:
+    """`SCORE_COLUMNS` of a batch, a later column the stats lack as nulls."""
+    return {name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, pa.float64())
+            for name in SCORE_COLUMNS}
 
 
 def sort_score(q: np.ndarray, table: pa.Table, ranking: dict | None) -> np.ndarray:
-    """The score sorted on [B]: q itself, or (with a ranking) its blend with IFD against the reference sample."""
+    """The score sorted on [B]: q itself, or (with a ranking) its blend with the other score (IFD, halves) against
+    the reference sample."""
     if ranking is None:
         return q
-    return blend_q_ifd(q, _ifd(table), ranking["q"], ranking["ifd"], ranking["higher"])
+    column = ranking["column"]
+    return blend_with_q(q, _float_column(table, column), ranking["q"], ranking[column], ranking["higher"])
 
 
 def partial_stats(table: pa.Table, spec: dict) -> pa.Table:
@@ -142,8 +160,7 @@ def partial_stats(table: pa.Table, spec: dict) -> pa.Table:
 def score_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None) -> pa.Table:
     """Pass 2: q, the score sorted on, and the small per-sample columns of `scores.parquet`."""
     q = _q(table, spec, stats, eps, tau)
-    return pa.table({"q": q, "score": sort_score(q, table, ranking),
-                     **{name: table.column(name) for name in SCORE_COLUMNS}})
+    return pa.table({"q": q, "score": sort_score(q, table, ranking), **_small_columns(table)})
 
 
 def output_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, ranking: dict | None,
@@ -199,7 +216,8 @@ def write_scores(sorted_rows, path: Path, k: int, n_worst: int, n: int, selected
     """
     schema = pa.schema([("id", pa.string()), ("dataset", pa.string()), ("q", pa.float64()), ("score", pa.float64()),
                         ("rank", pa.int64()), ("selected", pa.bool_()), ("ppl", pa.float64()),
-                        ("response_nll", pa.float64()), ("ifd", pa.float64()), ("n_tokens", pa.int32())])
+                        ("response_nll", pa.float64()), ("ifd", pa.float64()), ("halves", pa.float64()),
+                        ("n_tokens", pa.int32())])
     q_parts, score_parts, code_parts, id_parts, names, cuts, offset = [], [], [], [], {}, {}, 0
     with pq.ParquetWriter(path, schema) as writer, bar or tqdm(disable=True) as bar:
         for batch in sorted_rows.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -306,7 +324,7 @@ def clustered_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: fl
     S = batch_layer_scores(table, spec)  # [B, L]
     q = quality_scores(S, eps, tau, stats=LayerStats.from_dict(stats))  # [B]
     values = S if fitted.text is None else batch_features(table, spec, fitted.text)  # [B, F]
-    columns = {"q": q, "score": sort_score(q, table, ranking), **{name: table.column(name) for name in SCORE_COLUMNS},
+    columns = {"q": q, "score": sort_score(q, table, ranking), **_small_columns(table),
                "cluster": fitted.assign(values)}
     if features:
         columns["z"] = _fixed_lists(fitted.transform(values).astype(np.float32))
@@ -328,32 +346,40 @@ def _cluster_table(clusters: list[dict]) -> str:
 
 
 def reference_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, fraction: float,
-                   seed: int) -> pa.Table:
-    """q and IFD of the rows whose hash of (seed, id) falls below `fraction`."""
+                   seed: int, column: str = "ifd") -> pa.Table:
+    """q and the blend's other score (`column`) of the rows whose hash of (seed, id) falls below `fraction`."""
     sample = table.filter(pa.array(in_sample(table.column("id").to_pylist(), fraction, seed)))
-    return pa.table({"q": _q(sample, spec, stats, eps, tau), "ifd": _ifd(sample)})
+    return pa.table({"q": _q(sample, spec, stats, eps, tau), column: _float_column(sample, column)})
 
 
-def has_ifd(specs: list[dict]) -> bool:
-    """Whether every stats directory was collected with IFD (collect.ifd=true)."""
-    return all(spec["schema"].get("ifd") for spec in specs)
+def available_blends(specs: list[dict]) -> set[str]:
+    """The blends every stats directory can give: `q_ifd` where collected with IFD (collect.ifd=true), `q_halves`
+    where the gates keep the halves read (gate.halves=true)."""
+    held = {"q_ifd": lambda schema: schema.get("ifd"),
+            "q_halves": lambda schema: (schema.get("gates") or {}).get("halves")}
+    return {name for name, has in held.items() if all(has(spec["schema"]) for spec in specs)}
 
 
-def resolve_score(setting: str, check: dict | None, direction: str, ifd: bool) -> tuple[str, str]:
-    """(score, where it came from): the setting, or for `auto` the self-check's choice (`better_score`), else q."""
+BLEND_NEEDS = {"q_ifd": "IFD, and the stats have none: collect with collect.ifd=true",
+               "q_halves": "the halves read, and the gates do not keep it: warm up with gate.halves=true"}
+
+
+def resolve_score(setting: str, check: dict | None, direction: str, blends: set[str]) -> tuple[str, str]:
+    """(score, where it came from): the setting, or for `auto` the self-check's choice (`better_score`) among the
+    `blends` the stats can give, else q."""
     if setting not in (*SCORES, "auto"):
-        raise ValueError(f"selection.score must be auto, q or q_ifd, got {setting!r}")
-    if setting == "q_ifd" and not ifd:
-        raise ValueError("selection.score=q_ifd needs IFD, and the stats have none: collect with collect.ifd=true")
+        raise ValueError(f"selection.score must be auto or one of {', '.join(SCORES)}, got {setting!r}")
+    if setting in BLENDS and setting not in blends:
+        raise ValueError(f"selection.score={setting} needs {BLEND_NEEDS[setting]}")
     if setting in SCORES:
         return setting, "config"
-    if check is None or "blend" not in check or not ifd:
+    if check is None or not any(name in blends for name in measured_blends(check)):
         return "q", "default"
     if check.get("direction") != direction:
-        log.warning("selection.score=auto: the self-check measured the q + IFD blend with q %s, the selection "
+        log.warning("selection.score=auto: the self-check measured the blends with q %s, the selection "
                     "runs with q %s; selecting by q", check.get("direction"), direction)
         return "q", "default"
-    return better_score(check), "selfcheck"
+    return better_score(check, blends), "selfcheck"
 
 
 def resolve_direction(setting: str, out: Path, identity: dict | None = None,

@@ -3,10 +3,10 @@ the gates were never shown?
 
 Originals that warmup never saw get corrupted copies; most copies use kinds warmup never used (the held-out
 kinds), a few use warmup's own kinds, reported apart. q is mapped with the corpus's a/b/μ, and the q + IFD blend
-ranks q and IFD against the corpus reference sample that select uses, so a row scores here as it scores there.
-On the held-out copies: the direction (`direction=auto`), the score (`score=auto`: the blend of two signals, unless
-q alone beats it with the whole paired 95% interval of the difference above zero) and the verdict, an AUROC with a
-stratified-bootstrap 95% interval:
+(and q + halves, where the gates keep the halves read) ranks both scores against the corpus reference sample that
+select uses, so a row scores here as it scores there. On the held-out copies: the direction (`direction=auto`), the
+score (`score=auto`: the blend measured best, unless q alone beats it with the whole paired 95% interval of the
+difference above zero) and the verdict, an AUROC with a stratified-bootstrap 95% interval:
 - `passed`: the AUROC is at or above `min_auroc`;
 - `below`: under it, but the interval reaches it (not enough evidence to fail);
 - `failed`: the whole interval is under it (a strict run stops);
@@ -28,15 +28,24 @@ from omegaconf import DictConfig
 from qgate.corruption import corrupt_samples
 from qgate.data import read_jsonl
 from qgate.run_dir import RunDir
-from qgate.scoring import LayerStats, auroc, auroc_of_pairs, blend_q_ifd, quality_scores, sorted_reference
+from qgate.scoring import (
+    BLENDS,
+    LayerStats,
+    auroc,
+    auroc_of_pairs,
+    blend_with_q,
+    quality_scores,
+    sorted_reference,
+)
 
 log = logging.getLogger("qgate.selfcheck")
 
 DIRECTIONS = ("auto", "higher", "lower")
-SCORES = ("auto", "q", "q_ifd")
+SCORES = ("auto", "q", *BLENDS)
+BLEND_KEYS = {"q_ifd": "blend", "q_halves": "halves_blend"}  # where the check keeps each blend's figures
 VERDICTS = ("passed", "below", "failed", "too_few")
 BOOTSTRAP = 1000  # resamples of the 95% interval
-STATS_FIELDS = ("alphas", "S", "response_nll", "ifd")  # what an original brings from collect
+STATS_FIELDS = ("alphas", "S", "response_nll", "ifd", "halves")  # what an original brings from collect
 WARNINGS = {
     "below": "Below the threshold, though the interval reaches it: more rows (selfcheck.rows) would tell.",
     "failed": "The score the selection sorts on may NOT pick clean rows of this corpus for noise warmup never saw.",
@@ -127,13 +136,15 @@ def _per_kind(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray) -> dict
             for kind in sorted({k for k in kinds.tolist() if k})}
 
 
-def blend_of(q: np.ndarray, ifd: np.ndarray, higher: bool, references: dict | None) -> np.ndarray | None:
-    """The q + IFD blend [N], ranked against the corpus `references` ({"q", "ifd"} sorted) as select ranks it,
-    else within these rows; None when no row has IFD."""
-    refs = references or {"q": sorted_reference(q), "ifd": sorted_reference(ifd)}
-    if np.asarray(refs["ifd"]).size == 0:
+def blend_of(q: np.ndarray, other: np.ndarray, higher: bool, references: dict | None,
+             column: str = "ifd") -> np.ndarray | None:
+    """The blend [N] of q and the score `column` (IFD, halves), ranked against the corpus `references` ({"q",
+    column} sorted) as select ranks it, else within these rows; None when no row has the other score."""
+    refs = references if references and column in references else {"q": sorted_reference(q),
+                                                                     column: sorted_reference(other)}
+    if np.asarray(refs[column]).size == 0:
         return None
-    return blend_q_ifd(q, ifd, refs["q"], refs["ifd"], higher)
+    return blend_with_q(q, other, refs["q"], refs[column], higher)
 
 
 def group(scores: dict[str, np.ndarray], labels: np.ndarray, keep: np.ndarray, seed: int) -> dict:
@@ -153,24 +164,33 @@ def verdict_of(value: float | None, interval: list[float] | None, min_auroc: flo
     return "failed" if interval is not None and interval[1] < min_auroc else "below"
 
 
-def better_score(check: dict) -> str:
-    """What `selection.score=auto` sorts on: the blend when the check measured one, unless q alone beat it with the
-    whole paired interval of the difference above zero ("q" then, and when there is no blend). A check written
-    before the interval was kept decides on the two point values."""
-    q, blend = check.get("auroc"), check.get("blend") or {}
-    if q is None or blend.get("auroc") is None:
+def measured_blends(check: dict) -> dict[str, dict]:
+    """{blend name: its figures} of the blends the check measured (`q_ifd`, `q_halves`)."""
+    return {name: check[key] for name, key in BLEND_KEYS.items() if (check.get(key) or {}).get("auroc") is not None}
+
+
+def better_score(check: dict, blends: Sequence[str] | None = None) -> str:
+    """What `selection.score=auto` sorts on: of the blends the check measured (those in `blends`, when given), the
+    one with the best AUROC, unless q alone beat it with the whole paired interval of the difference above zero
+    ("q" then, and when there is no blend). A check written before the interval was kept decides on the two point
+    values."""
+    q = check.get("auroc")
+    measured = {name: b for name, b in measured_blends(check).items() if blends is None or name in blends}
+    if q is None or not measured:
         return "q"
+    name, blend = max(measured.items(), key=lambda item: item[1]["auroc"])
     interval = blend.get("q_minus_blend_interval")
     if interval is None:
-        return "q_ifd" if blend["auroc"] > q else "q"
-    return "q" if interval[0] > 0 else "q_ifd"
+        return name if blend["auroc"] > q else "q"
+    return "q" if interval[0] > 0 else name
 
 
 def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: dict[str, np.ndarray],
             direction: str = "auto", min_auroc: float = 0.7, score: str = "auto", warmup_kinds: Sequence[str] = (),
             references: dict | None = None, min_rows: int = 0, seed: int = 0) -> dict:
     """The check on held-out kinds (copies whose kind is not in `warmup_kinds`; every copy when there is none),
-    with warmup's kinds reported apart. Baselines: lower = clean. `references`: the corpus's sorted q and IFD."""
+    with warmup's kinds reported apart. Baselines: lower = clean; with `ifd` (`halves`) among them, the q + IFD
+    (q + halves) blend too. `references`: the corpus's sorted q, IFD and halves."""
     if direction not in DIRECTIONS:
         raise ValueError(f"selection.direction must be one of {DIRECTIONS}, got {direction!r}")
     if score not in SCORES:
@@ -184,9 +204,10 @@ def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: di
     chosen = ("higher" if (raw is None or raw >= 0.5) else "lower") if direction == "auto" else direction
     sign = 1.0 if chosen == "higher" else -1.0
     scores = {"q": sign * q, **{name: -values for name, values in baselines.items()}}
-    blend = None if "ifd" not in baselines else blend_of(q, baselines["ifd"], chosen == "higher", references)
-    if blend is not None:
-        scores["q_ifd"] = blend
+    blends = {name: blend_of(q, baselines[column], chosen == "higher", references, column)
+              for name, column in BLENDS.items() if column in baselines}
+    blends = {name: values for name, values in blends.items() if values is not None}
+    scores.update(blends)
     on_heldout, on_warmup = group(scores, labels, heldout, seed), group(scores, labels, (labels == 1) | seen, seed)
     check = {
         "auroc": on_heldout["q"], "auroc_interval": on_heldout["q_interval"], "auroc_higher_q_clean": raw,
@@ -198,13 +219,13 @@ def measure(q: np.ndarray, is_clean: np.ndarray, kinds: list[str], baselines: di
         "baselines": {name: on_heldout[name] for name in baselines}, "heldout": on_heldout, "warmup": on_warmup,
         "baselines_per_kind": {name: _per_kind(-values, labels, kind_of) for name, values in baselines.items()},
     }
-    if blend is not None:
-        check["blend"] = {"auroc": on_heldout["q_ifd"], "interval": on_heldout["q_ifd_interval"],
-                          "per_kind": _per_kind(blend, labels, kind_of),
-                          "q_minus_blend_interval": difference_interval(scores["q"][heldout], blend[heldout],
-                                                                        labels[heldout], seed=seed)}
+    for name, blend in blends.items():
+        check[BLEND_KEYS[name]] = {"auroc": on_heldout[name], "interval": on_heldout[f"{name}_interval"],
+                                   "per_kind": _per_kind(blend, labels, kind_of),
+                                   "q_minus_blend_interval": difference_interval(scores["q"][heldout], blend[heldout],
+                                                                                 labels[heldout], seed=seed)}
     check["score"] = better_score(check) if score == "auto" else score
-    name = "q_ifd" if check["score"] == "q_ifd" and blend is not None else "q"
+    name = check["score"] if check["score"] in blends else "q"
     enough = min(on_heldout["n_originals"], on_heldout["n_copies"]) >= min_rows
     check["interval"] = on_heldout[f"{name}_interval"]
     check["verdict"] = verdict_of(on_heldout[name], check["interval"], min_auroc, enough)
@@ -224,7 +245,7 @@ def summary_line(check: dict) -> str:
     interval = check.get("interval")
     ci = f" [95% {interval[0]:.3f}-{interval[1]:.3f}]" if interval else ""
     name = check.get("score", "q")
-    value = (check.get("blend") or {}).get("auroc") if name == "q_ifd" else check["auroc"]
+    value = sorted_on(check)[0]
     warm = check.get("warmup") or {}
     warm_text = f"; warmup kinds apart: q {_auroc_text(warm.get('q'))}" if warm.get("n_copies") else ""
     weakest = weakest_kind(check)
@@ -234,21 +255,30 @@ def summary_line(check: dict) -> str:
           else "warmup's own kinds only (no kind left to hold out)")
     return (f"self-check {check.get('verdict', 'passed' if check['passed'] else 'failed').upper()} on {on}: AUROC "
             f"{_auroc_text(value)}{ci} (score: {name}), q {_auroc_text(check['auroc'])}"
-            + (f", q+IFD blend {_auroc_text(check['blend']['auroc'])}" if "blend" in check else "")
+            + "".join(f", {BLEND_NAMES[n]} blend {_auroc_text(b['auroc'])}" for n, b in measured_blends(check).items())
             + f" (direction: {check['direction']}, threshold {check['min_auroc']}) on {check['n_originals']} unseen "
             f"rows and {check['n_copies']} corrupted copies{weak_text}{warm_text}")
 
 
+BLEND_NAMES = {"q_ifd": "q+IFD", "q_halves": "q+halves"}
+
+
+def sorted_on(check: dict) -> tuple[float | None, dict]:
+    """(AUROC, per-kind AUROCs) of the score the check says the selection sorts on."""
+    blend = measured_blends(check).get(check.get("score", "q"))
+    return (blend["auroc"], blend.get("per_kind") or {}) if blend else (check["auroc"], check["per_kind"])
+
+
 def weakest_kind(check: dict) -> tuple[str, float] | None:
     """(kind, AUROC) of the held-out kind the sorted-on score separates worst; None when none was measured."""
-    per_kind = (check.get("blend") or {}).get("per_kind") if check.get("score") == "q_ifd" else check["per_kind"]
+    per_kind = sorted_on(check)[1]
     measured = {k: v for k, v in (per_kind or {}).items() if k in check.get("heldout_kinds", []) and v is not None}
     return min(measured.items(), key=lambda item: item[1]) if measured else None
 
 
 def _baselines_on(check: dict, kind: str) -> str:
     """" (IFD 0.702, response PPL 0.551)": what the baselines measured on one kind, when the check holds them."""
-    names = {"ifd": "IFD", "response_ppl": "response PPL"}
+    names = {"ifd": "IFD", "response_ppl": "response PPL", "halves": "halves"}
     measured = [f"{names.get(name, name)} {_auroc_text(per_kind.get(kind))}"
                 for name, per_kind in (check.get("baselines_per_kind") or {}).items()]
     return f" ({', '.join(measured)})" if measured else ""
@@ -291,7 +321,8 @@ def stats_columns(spec: dict) -> list[str]:
     """The stats columns an original brings, S for the spec's α (`qgate.selection.alpha_spec`) among them."""
     from qgate import selection
 
-    return ["id", "dataset", "messages", "response_nll", "ifd", *selection.s_columns(spec)]
+    return selection.present_columns(["id", "dataset", "messages", "response_nll", "ifd", "halves"], spec) \
+        + selection.s_columns(spec)
 
 
 def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
@@ -300,6 +331,8 @@ def collected_stats(table: pa.Table, spec: dict) -> pa.Table:
 
     S = selection.batch_layer_scores(table, spec)  # [B, L]
     kept = table.select(["id", "dataset", "messages", "response_nll", "ifd"])
+    halves = table.column("halves") if "halves" in table.column_names else pa.nulls(table.num_rows, pa.float64())
+    kept = kept.append_column("halves", halves)
     return kept.append_column("S_alpha", pa.array(list(S), type=pa.list_(pa.float64())))
 
 
@@ -307,7 +340,7 @@ def originals_of(rows: list[dict], spec: dict, n: int, seed: int, exclude: set[t
     """The seeded sample of `collected_stats` rows as originals: messages, and the stats for the spec's α."""
     rows = [{"id": r["id"], "dataset": r["dataset"], "messages": json.loads(r["messages"]), "reason": "",
              "alphas": [spec["alpha"]], "S": [list(r["S_alpha"])], "response_nll": r["response_nll"],
-             "ifd": r["ifd"]} for r in rows]
+             "ifd": r["ifd"], "halves": r["halves"]} for r in rows]
     return sample_originals(sorted(rows, key=lambda r: (r["dataset"], r["id"])), n, seed, exclude)
 
 
@@ -333,8 +366,10 @@ def measure_scored(config: DictConfig, scored: list[dict], kinds_warmed: list[st
     clean = np.array([r["is_clean"] for r in valid])
     q = q_of(valid, config.selection.alpha, config.selection.eps, config.selection.tau, corpus)
     baselines = {"response_ppl": np.array([r["response_nll"] for r in valid], dtype=np.float64)}
-    if config.collect.ifd:
-        baselines["ifd"] = np.array([np.nan if r["ifd"] is None else r["ifd"] for r in valid], dtype=np.float64)
+    for column in ("ifd", "halves"):  # collected with IFD; gates that keep the halves read
+        if any(r.get(column) is not None for r in valid):
+            baselines[column] = np.array([np.nan if r.get(column) is None else r[column] for r in valid],
+                                         dtype=np.float64)
     return measure(q, clean, [r["corruption"] for r in valid], baselines, config.selection.direction,
                    config.selfcheck.min_auroc, config.selection.score, kinds_warmed, references,
                    config.selfcheck.min_rows, config.seed)

@@ -67,11 +67,12 @@ class GateSettings:
                                            "spread of typical rows moves no score. 0.9 on seed 13: "
                                            "left-out kinds −0.047 [−0.080, −0.014] (docs/experiments/"
                                            "generalisation.md)")
-    halves: bool = setting(False, "keep the halves read with the gates: a Gaussian of how far a row's later half of "
-                                  "tokens moves from its earlier half, fitted on the clean warmup rows (qgate/halves.py); "
-                                  "collect writes each row's distance (`halves`) and selection.score=q_halves blends "
-                                  "it with q. Probe gates on dense models. Leave-kinds-out q + halves − q +0.027 "
-                                  "[+0.012, +0.042] untrained over seeds 12–15 (docs/experiments/generalisation.md)")
+    halves: bool = setting(False, "keep the halves read with the gates: a Gaussian of how far a row's later half "
+                                  "of tokens moves from its earlier half, fitted on the clean warmup rows "
+                                  "(qgate/halves.py); collect writes each row's distance (`halves`), "
+                                  "selection.score=q_halves blends it with q and the self-check measures the blend. "
+                                  "Probe gates on dense models. Leave-kinds-out q + halves − q +0.027 [+0.012, "
+                                  "+0.042] untrained over seeds 12–15 (docs/experiments/generalisation.md)")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "
@@ -178,8 +179,8 @@ class SelectionSettings:
                                 "coverage costs at most that much of the score order | auto: all with "
                                 "prompt_response, else 1.5")
     direction: str = setting("auto", "auto: as the self-check finds | higher | lower")
-    score: str = setting("auto", "sorted on: q | q_ifd (mean percentile rank of q and of −IFD) | auto: as the "
-                                 "self-check finds")
+    score: str = setting("auto", "sorted on: q | q_ifd (mean percentile rank of q and of −IFD) | q_halves (the "
+                                 "same with the halves distance, gate.halves) | auto: as the self-check finds")
     runs: Optional[List[str]] = setting(None, "more stats directories to select over together (batch selection)")
     report_samples: int = setting(10, "best and worst rows shown in report.html")
 

@@ -22,7 +22,7 @@ from ray_jobs.common import config_from_argv, run_paths, setup_logging
 
 log = logging.getLogger("qgate.grade")
 
-COLUMNS = ["dataset", "id", "q", "selected", "ifd", "response_nll"]
+COLUMNS = ["dataset", "id", "q", "selected", "ifd", "halves", "response_nll"]
 
 
 def grade_run(out, labels_path, warmup_kinds: Sequence[str] = (), min_auroc: float = 0.7, seed: int = 0) -> dict:
@@ -31,7 +31,8 @@ def grade_run(out, labels_path, warmup_kinds: Sequence[str] = (), min_auroc: flo
     if not (selection / "selection_stats.json").exists():
         raise SystemExit(f"{out} has no finished selection to grade: run `qgate select out={out}`")
     chosen = json.loads((selection / "selection_stats.json").read_text())
-    scores = pq.read_table(selection / "scores.parquet", columns=COLUMNS).to_pandas()
+    held = pq.read_schema(selection / "scores.parquet").names  # selections made before the halves column lack it
+    scores = pq.read_table(selection / "scores.parquet", columns=[c for c in COLUMNS if c in held]).to_pandas()
     check = grading.grade(scores, grading.read_labels(labels_path), chosen["direction"], chosen["score"],
                           warmup_kinds, min_auroc, seed)
     (selection / "grade.json").write_text(json.dumps(check, indent=2))

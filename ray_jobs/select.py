@@ -21,7 +21,7 @@ import numpy as np
 from qgate import selection as policy
 from qgate.identity import selection_identity
 from qgate.run_dir import RunDir
-from qgate.scoring import selection_count
+from qgate.scoring import BLENDS, selection_count
 from ray_jobs.common import config_from_argv, init_ray, record_config, run_paths, setup_logging, stage_log
 from ray_jobs.progress import progress_bar
 from ray_jobs.select_passes import (
@@ -41,11 +41,13 @@ def stats_dirs(config) -> list[Path]:
     return policy.selection_dirs(run_paths(config.out)["stats"], config.selection.runs)
 
 
-def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, run: RunDir) -> dict:
-    """The reference sample of `q_ifd`, written to `score_reference.npz` for the server, with the q direction."""
-    reference = score_reference(dirs, specs, kwargs, n, seed)
+def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, run: RunDir, score: str) -> dict:
+    """The reference sample of a blend (`q_ifd`, `q_halves`), written to `score_reference.npz` for the server,
+    with the other score's column and the q direction."""
+    column = BLENDS[score]
+    reference = score_reference(dirs, specs, kwargs, n, seed, column)
     np.savez(run.score_reference, **reference)
-    return {**reference, "higher": direction == "higher"}
+    return {**reference, "column": column, "higher": direction == "higher"}
 
 
 def run(config) -> Path:
@@ -63,15 +65,15 @@ def run(config) -> Path:
         identity = selection_identity(dirs, [sp["schema"] for sp in specs],
                                       config.gates or run_paths(config.out)["gates"])
         direction = policy.resolve_direction(str(s.direction), out["out"], identity, float(s.alpha))
-        score = policy.resolve_score(str(s.score), direction[2], direction[0], policy.has_ifd(specs))
+        score = policy.resolve_score(str(s.score), direction[2], direction[0], policy.available_blends(specs))
         stats = global_stats(dirs, specs)
         n, n_report = stats.n, int(s.report_samples)
         k = selection_count(n, float(s.percentage))
         kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
         out["selection"].mkdir(parents=True, exist_ok=True)
         out.score_reference.unlink(missing_ok=True)
-        ranking = (score_ranking(dirs, specs, kwargs, n, int(config.seed), direction[0], out)
-                   if score[0] == "q_ifd" else None)
+        ranking = (score_ranking(dirs, specs, kwargs, n, int(config.seed), direction[0], out, score[0])
+                   if score[0] in BLENDS else None)
         kwargs["ranking"] = ranking
         higher = ranking is not None or direction[0] == "higher"  # the blend is oriented: higher = clean
         scores_path, n_worst = out.scores, max(1, min(n_report, n))

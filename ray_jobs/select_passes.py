@@ -31,7 +31,7 @@ def datasets(dirs: list[Path], specs: list[dict], columns: list[str], fn, fn_kwa
     for path, spec in zip(dirs, specs):
         files = sorted(str(p) for p in path.rglob("*.parquet"))
         if files:
-            ds = read_parquet(files, columns + policy.s_columns(spec))
+            ds = read_parquet(files, policy.present_columns(columns, spec) + policy.s_columns(spec))
             parts.append(ds.map_batches(fn, batch_format="pyarrow", fn_kwargs={"spec": spec, **fn_kwargs}))
     if not parts:
         raise FileNotFoundError(f"no stats shards in {', '.join(map(str, dirs))}")
@@ -107,18 +107,20 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
     return scores
 
 
-# ---- the q + IFD reference sample (selection.score=q_ifd) -----------------------------------------------
+# ---- the reference sample of a blend (selection.score=q_ifd, q_halves) ------------------------------------
 
 
-def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Raw q and IFD, each sorted float32, of a hash-seeded sample of about MAX_FIT_ROWS rows (every row when
-    N ≤ MAX_FIT_ROWS); IFD without its nulls."""
+def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int,
+                    column: str = "ifd") -> dict[str, np.ndarray]:
+    """Raw q and the blend's other score (`column`: ifd, halves), each sorted float32, of a hash-seeded sample of
+    about MAX_FIT_ROWS rows (every row when N ≤ MAX_FIT_ROWS); the other score without its nulls."""
     fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
-    sample = datasets(dirs, specs, ["id", "ifd"], policy.reference_rows, {**kwargs, "fraction": fraction, "seed": seed})
+    sample = datasets(dirs, specs, ["id", column], policy.reference_rows,
+                      {**kwargs, "fraction": fraction, "seed": seed, "column": column})
     table = pa.concat_tables(list(sample.iter_batches(batch_format="pyarrow", batch_size=None)))
-    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", "ifd")}  # [M], [M']
-    if reference["ifd"].size == 0:
-        raise ValueError(f"selection.score=q_ifd: no row of {', '.join(map(str, dirs))} has an IFD")
+    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", column)}  # [M], [M']
+    if reference[column].size == 0:
+        raise ValueError(f"no row of {', '.join(map(str, dirs))} has a value of {column} to blend with q")
     return reference
 
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from qgate import selection, selfcheck
 from qgate.collect_sizing import pool_size
 from qgate.identity import checked_stats_identity
-from qgate.scoring import LayerStats
+from qgate.scoring import BLENDS, LayerStats
 from qgate.selfcheck import collected_stats, without_stats
 from ray_jobs.common import (
     config_from_argv,
@@ -97,17 +97,22 @@ def score_rows(config: DictConfig, rows: list[dict]) -> list[dict]:
 
 
 def corpus_reference(config: DictConfig) -> tuple[LayerStats, dict | None]:
-    """The corpus's a/b/μ and (with IFD) select's reference sample of raw q and IFD, as the select job makes them."""
+    """The corpus's a/b/μ and select's reference sample of raw q and of each blend's other score the stats hold
+    (IFD, halves), as the select job makes them."""
     from ray_jobs import select
 
     s = config.selection
     dirs = select.stats_dirs(config)
     specs = [selection.alpha_spec(d, float(s.alpha)) for d in dirs]
     stats = select.global_stats(dirs, specs)
-    if not selection.has_ifd(specs):
+    blends = selection.available_blends(specs)
+    if not blends:
         return stats, None
     kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
-    return stats, select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed))
+    references = {}
+    for name in sorted(blends):
+        references.update(select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed), BLENDS[name]))
+    return stats, references
 
 
 def run(config: DictConfig) -> dict:

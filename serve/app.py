@@ -82,10 +82,13 @@ class SampleScore(BaseModel):
     dataset: str
     q: float | None = Field(description="quality score, mapped with the corpus's a/b/μ")
     score: float | None = Field(
-        description="the score the run sorted on (the response's `score`): q itself, or the q + IFD rank blend")
+        description="the score the run sorted on (the response's `score`): q itself, or the q + IFD (q + halves) "
+                    "rank blend")
     S: list[float] | None = Field(description="per-layer score S_l for the run's α")
     ppl: float | None = Field(description="perplexity over the scored tokens")
     ifd: float | None = Field(default=None, description="IFD, computed when the run selected by q_ifd")
+    halves: float | None = Field(default=None, description="the halves distance (lower = clean), computed when the "
+                                                           "run's gates keep the halves read (gate.halves)")
     percentile: float | None = Field(
         description="percent of the corpus this sample outranks by `score` in the selection direction (0–100): "
                     "share of corpus scores below it when higher is selected, above it when lower q is; null "
@@ -101,7 +104,7 @@ class ScoreResponse(BaseModel):
     batch_size: int = Field(description="how many requests shared this request's model batch")
     direction: str = Field(description="the q direction of the run: higher or lower q selected")
     score: str = Field(description="what percentile and selected rank by: q, or q_ifd (mean percentile rank of q "
-                                   "and of −IFD, higher = clean)")
+                                   "and of −IFD, higher = clean), or q_halves (the same with the halves distance)")
     threshold: float = Field(description="the selection threshold, in units of `score`")
 
 

@@ -6,9 +6,10 @@ than it is given (`identity` in selection_stats.json, qgate/identity.py).
 and score from `selection/selection_stats.json`, and the corpus's sorted scores from `selection/scores.parquet`.
 `score(samples)` then does for a handful of samples what collect + select do for the corpus:
 `qgate.data.normalize` -> `qgate.encoding.encode_row` -> `Scorer.score` (the run's α) -> `quality_scores`
-with the corpus's a/b/μ. A run that selected by `q_ifd` also gets each sample's IFD and its blend with q against
-the run's reference sample (`selection/score_reference.npz`, `qgate.scoring.blend_q_ifd`): percentile and selected
-then rank by that blend, as the selection did. Plain class, no Ray: the Ray Serve app (`serve/app.py`) wraps it.
+with the corpus's a/b/μ. A run that selected by `q_ifd` (`q_halves`) also gets each sample's IFD (halves distance)
+and its blend with q against the run's reference sample (`selection/score_reference.npz`,
+`qgate.scoring.blend_with_q`): percentile and selected then rank by that blend, as the selection did.
+Plain class, no Ray: the Ray Serve app (`serve/app.py`) wraps it.
 
 A sample that the loader or the encoder would reject does not fail the others: its result carries
 `error: {reason, detail}` (the reason codes of the rejects file) and null scores.
@@ -31,7 +32,7 @@ from qgate.encoding import encode_row
 from qgate.gate import read_gate_metadata
 from qgate.identity import check_same, identity_of
 from qgate.run_dir import RunDir
-from qgate.scoring import LayerStats, blend_q_ifd, percentile_of, quality_scores
+from qgate.scoring import BLENDS, LayerStats, blend_with_q, percentile_of, quality_scores
 from qgate.selection import DIRECTIONS
 from qgate.stats import load_scorer
 
@@ -63,7 +64,7 @@ def scorer_settings(config) -> dict:
 
 
 def score_name(stats: dict) -> str:
-    """What the run sorted on: "q" or "q_ifd" (runs from before the choice existed: q)."""
+    """What the run sorted on: "q", "q_ifd" or "q_halves" (runs from before the choice existed: q)."""
     return stats.get("score", "q")
 
 
@@ -77,20 +78,25 @@ def load_corpus(run_dir: str | Path) -> tuple[dict, np.ndarray | None]:
         raise ValueError(f"{paths['stats']}: direction must be one of {DIRECTIONS}, got {stats.get('direction')!r}")
     if not paths["scores"].exists():
         return stats, None
-    column = "score" if score_name(stats) == "q_ifd" else "q"
+    column = "score" if score_name(stats) in BLENDS else "q"
     values = pq.read_table(paths["scores"], columns=[column]).column(column).to_numpy(zero_copy_only=False)
     return stats, np.sort(values.astype(np.float64))  # [N]
 
 
 def load_reference(run_dir: str | Path, stats: dict) -> dict[str, np.ndarray] | None:
-    """The sorted q and IFD reference sample of a `q_ifd` run (float32), None for a run that selected by q."""
-    if score_name(stats) != "q_ifd":
+    """The sorted reference sample of a blend's run (float32): q and the other score (IFD, halves) under its
+    column's name, with `column`; None for a run that selected by q."""
+    name = score_name(stats)
+    if name not in BLENDS:
         return None
-    path = corpus_files(run_dir)["reference"]
+    path, column = corpus_files(run_dir)["reference"], BLENDS[name]
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the run selected by q_ifd; run `select` on {run_dir} again")
+        raise FileNotFoundError(f"{path} not found: the run selected by {name}; run `select` on {run_dir} again")
     with np.load(path) as npz:
-        return {"q": npz["q"], "ifd": npz["ifd"]}  # [M], [M']
+        if column not in npz:
+            raise ValueError(f"{path} holds no {column} reference, yet the run selected by {name}: run `select` on "
+                             f"{run_dir} again")
+        return {"q": npz["q"], column: npz[column], "column": column}  # [M], [M']
 
 
 def layer_stats(stats: dict) -> LayerStats:
@@ -135,7 +141,8 @@ class CorpusScorer:
         self.reference = load_reference(run_dir, self.stats)
         self.scorer = load_scorer(model, gates_dir, dtype, autocast, device, trust_remote_code,
                                   alphas=[float(self.stats["alpha"])], eps=scorer_eps,
-                                  max_batch_tokens=max_batch_tokens, ifd=self.reference is not None)
+                                  max_batch_tokens=max_batch_tokens,
+                                  ifd=self.reference is not None and self.reference["column"] == "ifd")
         self.tokenizer = self.scorer.tokenizer
         self._lock = threading.Lock()  # the gates keep the logits of the last forward: one pass at a time
 
@@ -164,7 +171,7 @@ class CorpusScorer:
     def encode(self, samples: list[dict]) -> list[dict]:
         """Loader rows with the encoding fields; `reason != ""` marks a sample that cannot be scored."""
         rows = [normalize(sample, SOURCE, i) for i, sample in enumerate(samples)]
-        alone = self.reference is not None or self.scorer.gates.contrast  # IFD or contrast gates need it
+        alone = self.scorer.ifd or self.scorer.gates.contrast  # IFD or contrast gates need it
         return [encode_row(self.tokenizer, row, self.max_length, self.score_on, ifd=alone) for row in rows]
 
     def score(self, samples: list[dict]) -> list[dict]:
@@ -189,18 +196,19 @@ class CorpusScorer:
         rank = rank_in_corpus(self.corpus_scores, score, self.score_direction)
         selected = is_selected(score, self.threshold, self.score_direction)
         return [{"id": row["id"], "dataset": row["dataset"], "q": float(q[i]), "score": float(score[i]),
-                 "S": S[i].tolist(), "ppl": s["ppl"], "ifd": s["ifd"],
+                 "S": S[i].tolist(), "ppl": s["ppl"], "ifd": s["ifd"], "halves": s.get("halves"),
                  "percentile": None if rank is None else float(rank[i]),
                  "selected": bool(selected[i]), "n_tokens": row["n_tokens"], "truncated": bool(row["truncated"]),
                  "error": None}
                 for i, (row, s) in enumerate(zip(rows, per_row))]
 
     def _sort_score(self, q: np.ndarray, per_row: list[dict]) -> np.ndarray:
-        """What the run sorted on [N]: q, or its blend with IFD against the run's reference sample."""
+        """What the run sorted on [N]: q, or its blend with IFD or halves against the run's reference sample."""
         if self.reference is None:
             return q
-        ifd = np.array([np.nan if s["ifd"] is None else s["ifd"] for s in per_row], dtype=np.float64)  # [N]
-        return blend_q_ifd(q, ifd, self.reference["q"], self.reference["ifd"], self.direction == "higher")
+        column = self.reference["column"]
+        other = np.array([np.nan if s.get(column) is None else s[column] for s in per_row], dtype=np.float64)  # [N]
+        return blend_with_q(q, other, self.reference["q"], self.reference[column], self.direction == "higher")
 
     def info(self) -> dict:
         """What a client needs to read the scores: model, gates, corpus stats, threshold, self-check."""

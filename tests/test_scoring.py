@@ -12,7 +12,7 @@ from qgate.scoring import (
     auroc,
     auroc_of_pairs,
     band_ranks,
-    blend_q_ifd,
+    blend_with_q,
     layer_scores,
     one_step_mapping,
     percentile_of,
@@ -330,16 +330,16 @@ def test_percentile_ranks_count_the_reference_at_or_below():
 def test_blend_puts_best_in_both_above_best_in_one():
     q, ifd = np.array([0.9, 0.9, 0.1, 0.1]), np.array([0.5, 2.0, 0.5, 2.0])  # low IFD = clean
     refs = sorted_reference(q), sorted_reference(ifd)
-    blend = blend_q_ifd(q, ifd, *refs)
+    blend = blend_with_q(q, ifd, *refs)
     np.testing.assert_allclose(blend, [1.0, 0.75, 0.75, 0.5])  # (rank of q + rank of −IFD) / 2
     assert blend[0] > max(blend[1], blend[2])
-    lower = blend_q_ifd(-q, ifd, sorted_reference(-q), refs[1], higher=False)  # q selected from the bottom
+    lower = blend_with_q(-q, ifd, sorted_reference(-q), refs[1], higher=False)  # q selected from the bottom
     np.testing.assert_array_equal(lower, blend)
 
 
 def test_blend_gives_rows_without_ifd_the_neutral_rank():
     q, ifd = np.array([0.1, 0.5, 0.9]), np.array([1.0, np.nan, 2.0])
-    blend = blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd))
+    blend = blend_with_q(q, ifd, sorted_reference(q), sorted_reference(ifd))
     np.testing.assert_allclose(blend, [(1 / 3 + 1.0) / 2, (2 / 3 + 0.5) / 2, (1.0 + 0.5) / 2])
 
 

@@ -14,7 +14,7 @@ from test_collect import collect_config, make_gates, read_stats, write_inputs
 
 from qgate import selection
 from qgate.config import load_config
-from qgate.scoring import LayerStats, blend_q_ifd, quality_scores, sorted_reference
+from qgate.scoring import LayerStats, blend_with_q, quality_scores, sorted_reference
 
 ray = pytest.importorskip("ray")
 from ray_jobs import collect, select, select_passes
@@ -199,7 +199,7 @@ def expected_blend(stats_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     table = read_stats(stats_dir)
     q = quality_scores(np.array([s[1] for s in table.column("S").to_pylist()]))  # [N]
     ifd = table.column("ifd").to_numpy()  # [N], NaN where null
-    return table.column("id").to_pylist(), q, blend_q_ifd(q, ifd, sorted_reference(q), sorted_reference(ifd))
+    return table.column("id").to_pylist(), q, blend_with_q(q, ifd, sorted_reference(q), sorted_reference(ifd))
 
 
 def with_selfcheck(out: Path, q_auroc: float, blend_auroc: float) -> Path:
@@ -237,20 +237,30 @@ def test_auto_selects_the_top_k_of_the_blend_when_the_selfcheck_finds_it_better(
 
 def test_auto_keeps_q_when_the_selfcheck_finds_the_blend_worse(tmp_path):
     direction = selection.resolve_direction("auto", with_selfcheck(tmp_path, q_auroc=0.8, blend_auroc=0.75))
-    assert selection.resolve_score("auto", direction[2], direction[0], True) == ("q", "selfcheck")
+    assert selection.resolve_score("auto", direction[2], direction[0], {"q_ifd"}) == ("q", "selfcheck")
 
 
 def test_score_resolution():
     check = {"direction": "higher", "auroc": 0.7, "blend": {"auroc": 0.8}}
-    assert selection.resolve_score("q", check, "higher", True) == ("q", "config")
-    assert selection.resolve_score("q_ifd", None, "lower", True) == ("q_ifd", "config")
-    assert selection.resolve_score("auto", check, "higher", True) == ("q_ifd", "selfcheck")
-    assert selection.resolve_score("auto", check, "higher", False) == ("q", "default")  # no IFD collected
-    assert selection.resolve_score("auto", check, "lower", True) == ("q", "default")  # measured the other way
-    assert selection.resolve_score("auto", {"direction": "higher", "auroc": 0.7}, "higher", True) == ("q", "default")
-    assert selection.resolve_score("auto", None, "higher", True) == ("q", "default")
+    assert selection.resolve_score("q", check, "higher", {"q_ifd"}) == ("q", "config")
+    assert selection.resolve_score("q_ifd", None, "lower", {"q_ifd"}) == ("q_ifd", "config")
+    assert selection.resolve_score("auto", check, "higher", {"q_ifd"}) == ("q_ifd", "selfcheck")
+    assert selection.resolve_score("auto", check, "higher", set()) == ("q", "default")  # no IFD collected
+    assert selection.resolve_score("auto", check, "lower", {"q_ifd"}) == ("q", "default")  # measured the other way
+    assert selection.resolve_score("auto", {"direction": "higher", "auroc": 0.7}, "higher", {"q_ifd"}) \
+        == ("q", "default")
+    assert selection.resolve_score("auto", None, "higher", {"q_ifd"}) == ("q", "default")
     with pytest.raises(ValueError, match="collect.ifd=true"):
-        selection.resolve_score("q_ifd", check, "higher", False)
+        selection.resolve_score("q_ifd", check, "higher", set())
+    with pytest.raises(ValueError, match="gate.halves=true"):
+        selection.resolve_score("q_halves", check, "higher", {"q_ifd"})
+    # both blends measured: the better one, unless q beats it by evidence; only blends the stats can give
+    both = {**check, "halves_blend": {"auroc": 0.9, "q_minus_blend_interval": [-0.3, -0.1]},
+            "blend": {"auroc": 0.8, "q_minus_blend_interval": [-0.2, 0.0]}}
+    assert selection.resolve_score("auto", both, "higher", {"q_ifd", "q_halves"}) == ("q_halves", "selfcheck")
+    assert selection.resolve_score("auto", both, "higher", {"q_ifd"}) == ("q_ifd", "selfcheck")
+    beaten = {**both, "halves_blend": {"auroc": 0.9, "q_minus_blend_interval": [0.01, 0.1]}}
+    assert selection.resolve_score("auto", beaten, "higher", {"q_ifd", "q_halves"}) == ("q", "selfcheck")
 
 
 def test_q_ifd_without_ifd_is_an_error(runs, tmp_path):
