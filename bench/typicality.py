@@ -5,11 +5,13 @@
 Reads finished folds of `bench/generalisation.py` (the recipe's per-row q, IFD and labels), rebuilds each fold's test
 rows, and adds one score per row that no warmup shaped, with its rule fixed before any figure was read:
 
-- a row's feature at layer l: the mean over its scored (response) tokens of the hidden state after layer l, from
-  the prompt-conditioned pass of the plain model (`--feature states`); or that mean less the same mean from the
-  response alone (`--feature gain`: what the prompt moves in the response's states, IFD's question asked of the
-  states rather than of the loss); or the mean over the response's second half of its tokens less the mean over
-  the first half (`--feature halves`: how far the answer moves as it goes on; a drifted answer ends elsewhere);
+- a row's feature at layer l: the mean over its scored tokens of the hidden state after layer l, from the
+  prompt-conditioned pass of the plain model (`--feature states`); or that mean less the same mean from the
+  response alone (`--feature gain`: what the prompt moves in the states, IFD's question asked of the states rather
+  than of the loss); or the mean over the second half of the scored tokens less the mean over the first half
+  (`--feature halves`). The rows are encoded with `score_on=all`, so the scored tokens are every token of the row
+  but the first, prompt included: in a chat row the first half is mostly the prompt and the second mostly the
+  answer (`qgate.halves` is the product's form of this read);
 - per corpus, a Gaussian fitted on that seed's warmup originals (the rows the fold's gates warmed on): their mean
   and a Ledoit-Wolf covariance, layer by layer (`--fit pooled`: one Gaussian on the three corpora's originals
   together, as `gate.typical` fits one over a run's datasets);

@@ -76,13 +76,14 @@ def shared_finished_run(tmp_path_factory):
 
 
 # One `qgate pipeline` run every stage of, on a tiny model, for the tests that read it (the pipeline command, the
-# self-check job) or work on a copy of it (run consistency). Held-out self-check kinds: warmup trains on two.
+# self-check job) or work on a copy of it (run consistency). Held-out self-check kinds: warmup trains on two. The
+# gates keep the halves read, so collect writes it and the self-check measures both blends.
 TINY_PIPELINE_ROWS = 80
 TINY_PIPELINE = ["model=tiny-qwen3", "steps=2", "warmup.batch_size=2", "warmup.checkpoint_every=1",
                  "max_length=256", "collect.actors=1", "selfcheck.rows=24", "selfcheck.min_rows=5",
                  "selfcheck.strict=false", "selection_percentage=0.25", "gate.contrast=true",
                  "warmup.negative_kinds=[word_shuffle,truncate]", "warmup.warmup_fraction=0.5",
-                 "selection.score=q_ifd"]
+                 "selection.score=q_ifd", "gate.halves=true"]
 
 
 @pytest.fixture(scope="session")

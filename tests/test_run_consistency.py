@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from qgate.data import read_jsonl
 from qgate.demo_corpus import build_demo_corpus
 from qgate.gate import attach_gates, save_gates
 from qgate.identity import IdentityMismatch
+from qgate.scoring import blend_with_q
 from qgate.tiny import tiny_model
 
 pytestmark = pytest.mark.timeout(900)  # the module fixture runs a whole pipeline
@@ -64,6 +66,29 @@ def test_select_keeps_the_runs_encoding_and_serve_encodes_with_it(run):
     long_sample = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     result = scorer.score([long_sample])[0]
     assert scorer.max_length == 256 and result["n_tokens"] == 256 and result["truncated"]
+
+
+def test_a_selection_by_q_halves_is_served_by_the_same_blend(run, tmp_path):
+    from serve.scoring import CorpusScorer
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    main(["select", f"out={copy}", "selection.score=q_halves"])
+    stats = json.loads((copy / "selection" / "selection_stats.json").read_text())
+    assert stats["score"] == "q_halves"
+    scores = pq.read_table(copy / "selection" / "scores.parquet").to_pandas().set_index("id")
+    assert scores["halves"].notna().all() and scores["selected"].sum() == stats["k"]
+    # sorted on the mean of q's rank and −halves' rank against the reference sample (every row of a small corpus)
+    with np.load(copy / "selection" / "score_reference.npz") as reference:
+        assert len(reference["halves"]) == len(scores)
+        expected = blend_with_q(scores["q"], scores["halves"], reference["q"], reference["halves"],
+                                stats["direction"] == "higher")
+    np.testing.assert_allclose(scores["score"], expected, atol=1e-6)
+    row = read_jsonl(copy / "selection" / "selected_data.jsonl")[0]
+    served = CorpusScorer.from_run_dir(copy).score([{"messages": row["messages"]}])[0]
+    assert served["halves"] == pytest.approx(scores.loc[row["id"], "halves"], rel=1e-3)
+    assert served["score"] == pytest.approx(scores.loc[row["id"], "score"], abs=1.0 / len(scores))
+    assert served["selected"]
 
 
 def test_collect_with_another_max_length_is_refused_by_name(run):

@@ -285,3 +285,7 @@ def test_selfcheck_job_leaves_warmup_rows_and_kinds_out_and_scores_as_select(tin
     # a row one step of the reference's q ranks, which the blend averages with the IFD rank: half a step
     rank_step = 0.5 / len(references["q"])
     np.testing.assert_allclose(blend, selected.loc[ids, "score"].to_numpy(), atol=rank_step + 1e-6)
+    # the halves read (gate.halves): the self-check's pass reads each row as collect did, and measures its blend
+    np.testing.assert_allclose([r["halves"] for r in scored], selected.loc[ids, "halves"].to_numpy(), rtol=1e-3)
+    assert check["halves_blend"]["auroc"] is not None and "halves" in check["baselines"]
+    assert len(references["halves"]) == len(selected) - int(selected["halves"].isna().sum())
