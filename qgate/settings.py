@@ -71,8 +71,10 @@ class GateSettings:
                                   "of tokens moves from its earlier half, fitted on the clean warmup rows "
                                   "(qgate/halves.py); collect writes each row's distance (`halves`), "
                                   "selection.score=q_halves blends it with q and the self-check measures the blend. "
-                                  "Probe gates on dense models. Leave-kinds-out q + halves − q +0.027 [+0.012, "
-                                  "+0.042] untrained over seeds 12–15 (docs/experiments/generalisation.md)")
+                                  "Probe gates on dense models; L·H² float32 more in gates.safetensors (40 MB on "
+                                  "SmolLM2-135M, 2 GB on a 7B model of H 4096). Leave-kinds-out q + halves − q "
+                                  "+0.027 [+0.012, +0.042] untrained over seeds 12–15 "
+                                  "(docs/experiments/generalisation.md)")
     # MoE models (OLMoE, Qwen3-MoE) get Select-MoE trash-can experts instead (qgate/moe.py): top_k extra router rows;
     # good_ratio = real-expert mass
     train_router: bool = setting(False, "MoE: warmup also trains the original router rows (the experts stay "
