@@ -97,13 +97,15 @@ def recorded(model: nn.Module, mask: torch.Tensor) -> Iterator[list[torch.Tensor
             handle.remove()
 
 
-def row_features(model: nn.Module, rows: list[dict], batch_size: int, pad_id: int,
-                 device: torch.device) -> np.ndarray:
-    """Each encoded row's halves feature at every decoder layer, from its prompt-conditioned pass. -> [N, L, H]"""
+def row_features(model: nn.Module, rows: list[dict], batch_size: int, pad_id: int, device: torch.device,
+                 autocast: torch.dtype | None = None) -> np.ndarray:
+    """Each encoded row's halves feature at every decoder layer, from its prompt-conditioned pass (under `autocast`,
+    as collect reads the rows it scores). -> [N, L, H]"""
     from qgate.stats import pad
 
     out = []
-    with torch.no_grad():
+    cast = torch.autocast(device_type=device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with torch.no_grad(), cast:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             input_ids = pad([r["input_ids"] for r in chunk], pad_id).to(device)  # [B, T]
@@ -114,14 +116,16 @@ def row_features(model: nn.Module, rows: list[dict], batch_size: int, pad_id: in
     return np.concatenate(out)
 
 
-def fit_halves(gates, shard: list[dict], batch_size: int, pad_id: int, device: torch.device) -> int:
+def fit_halves(gates, shard: list[dict], batch_size: int, pad_id: int, device: torch.device,
+               autocast: torch.dtype | None = None) -> int:
     """Fit the gates' halves read on the shard's originals (items as `warmup_batch` reads them, every worker's
-    under DDP, so the replicas hold the same Gaussian); returns the rows it was fitted on (0 without the read)."""
+    under DDP, so the replicas hold the same Gaussian), their passes under the run's `autocast` as collect's are;
+    returns the rows it was fitted on (0 without the read)."""
     from qgate.typical import gathered
 
     if gates.halves is None:
         return 0
-    features = gathered([row_features(gates.model, shard, batch_size, pad_id, device)])[0]  # [N, L, H]
+    features = gathered([row_features(gates.model, shard, batch_size, pad_id, device, autocast)])[0]  # [N, L, H]
     gates.halves.fit(features)
     gates.clear()
     return len(features)

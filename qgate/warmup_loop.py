@@ -62,7 +62,7 @@ def run_steps(cfg: dict, shard: list[dict], state: dict, gates, objective, optim
         fitted = fit_typical(gates, shard, cfg["batch_size"], cfg["pad_id"], device)
         if fitted and rank == 0:
             log.info("typical gates: Gaussian fitted on %d clean warmup rows", fitted)
-        fitted = fit_halves(gates, shard, cfg["batch_size"], cfg["pad_id"], device)
+        fitted = fit_halves(gates, shard, cfg["batch_size"], cfg["pad_id"], device, autocast)
         if fitted and rank == 0:
             log.info("halves read: Gaussian fitted on %d clean warmup rows", fitted)
     window, clock, ticker = [], time.perf_counter(), ProgressTicker(cfg["steps"], state["step"])
