@@ -79,8 +79,11 @@ class Scorer:
 
     def __init__(self, model, tokenizer, gates: GateSet, alphas=tuple(COLLECT.alphas), eps: float = COLLECT.eps,
                  max_batch_tokens: int = COLLECT.max_batch_tokens, ifd: bool = COLLECT.ifd, raw: bool = COLLECT.raw,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, halves_fitted: frozenset = frozenset()):
         self.model, self.gates, self.alphas, self.eps = model.eval(), gates, [float(a) for a in alphas], eps
+        # (dataset, id) of the rows the halves read was fitted on: their distance is in-sample, smaller than any
+        # other row's (measured on the demo: 0.7-1.0 against 2.6 and more), so they read null (the blend's neutral)
+        self.halves_fitted = halves_fitted
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
         self.max_batch_tokens, self.ifd, self.raw = max_batch_tokens, ifd, raw
         self.device = next(model.parameters()).device
@@ -167,11 +170,16 @@ class Scorer:
             stats = {"n_scored": int(sum(row["score_mask"])), "alphas": self.alphas,
                      "S": S[i].float().cpu().numpy().tolist(), "mean_nll": float(mean_nll[i]),
                      "ppl": float(math.exp(min(float(mean_nll[i]), 80.0))), "response_nll": float(response_nll[i]),
-                     "ifd": ifd[i], "halves": None if halves is None else float(halves[i])}
+                     "ifd": ifd[i], "halves": self._halves(row, halves, i)}
             if self.raw:
                 stats.update(self._raw(gate_logits[i], nll[i], score_mask[i]))
             out.append(stats)
         return out
+
+    def _halves(self, row: dict, halves: torch.Tensor | None, i: int) -> float | None:
+        if halves is None or (row.get("dataset"), row.get("id")) in self.halves_fitted:
+            return None
+        return float(halves[i])
 
     def _ifd(self, rows: list[dict], conditioned_nll: torch.Tensor, alone_nll: torch.Tensor | None = None,
              alone: dict | None = None) -> list[float | None]:
@@ -199,7 +207,8 @@ class Scorer:
 
 
 def finite_or_reason(stats: dict) -> dict:
-    """`stats` when its NLL and S are finite (a non-finite IFD or halves distance becomes None), else a `non_finite_score` reason."""
+    """`stats` when its NLL and S are finite (a non-finite IFD or halves distance becomes None), else a
+    `non_finite_score` reason."""
     values = [stats["mean_nll"], stats["response_nll"], *(v for per_alpha in stats["S"] for v in per_alpha)]
     if not all(math.isfinite(v) for v in values):
         return {"reason": "non_finite_score",
@@ -221,7 +230,21 @@ def load_scorer(model: str, gates_dir: str, dtype: str = "float32", autocast: st
 
     net, tokenizer, gates = build_gated_model(model, gates_dir, dtype=dtype, device=device,
                                               trust_remote_code=trust_remote_code)
-    return Scorer(net, tokenizer, gates, autocast_dtype=autocast_dtype(autocast, device), **scorer_args)
+    return Scorer(net, tokenizer, gates, autocast_dtype=autocast_dtype(autocast, device),
+                  halves_fitted=halves_fit_rows(gates, gates_dir), **scorer_args)
+
+
+def halves_fit_rows(gates: GateSet, gates_dir: str) -> frozenset:
+    """(dataset, id) of the rows the gates' halves read was fitted on: the warmup rows beside the gates."""
+    from pathlib import Path
+
+    from qgate.data import read_jsonl
+    from qgate.warmup_rows import WARMUP_ROWS
+
+    path = Path(gates_dir) / WARMUP_ROWS
+    if gates.halves is None or not path.exists():
+        return frozenset()
+    return frozenset((r["dataset"], r["id"]) for r in read_jsonl(str(path)))
 
 
 def decode_raw(row: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
