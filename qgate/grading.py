@@ -67,7 +67,7 @@ def grade(scores: pd.DataFrame, labels: dict[tuple[str, str], str], direction: s
         # apart only when the labels hold kinds of both sorts: else it repeats all_kinds
         "kinds_warmup_never_used": split["heldout"] if split["heldout_kinds"] and split["warmup_kinds"] else None,
         "warmup_kinds": split["warmup"], "unused_kinds": split["heldout_kinds"], "used_kinds": split["warmup_kinds"],
-        "per_kind": {"q": overall["per_kind"], "q_ifd": (overall.get("blend") or {}).get("per_kind", {}),
+        "per_kind": {"q": overall["per_kind"], "q_ifd": {},
                      **{name: blend.get("per_kind", {}) for name, blend in measured_blends(overall).items()},
                      **overall["baselines_per_kind"]},
         "selection": {

@@ -346,10 +346,10 @@ def _cluster_table(clusters: list[dict]) -> str:
 
 
 def reference_rows(table: pa.Table, spec: dict, stats: dict, eps: float, tau: float, fraction: float,
-                   seed: int, column: str = "ifd") -> pa.Table:
-    """q and the blend's other score (`column`) of the rows whose hash of (seed, id) falls below `fraction`."""
+                   seed: int, columns: tuple[str, ...] = ("ifd",)) -> pa.Table:
+    """q and the blends' other scores (`columns`) of the rows whose hash of (seed, id) falls below `fraction`."""
     sample = table.filter(pa.array(in_sample(table.column("id").to_pylist(), fraction, seed)))
-    return pa.table({"q": _q(sample, spec, stats, eps, tau), column: _float_column(sample, column)})
+    return pa.table({"q": _q(sample, spec, stats, eps, tau), **{c: _float_column(sample, c) for c in columns}})
 
 
 def available_blends(specs: list[dict]) -> set[str]:

@@ -26,7 +26,6 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from qgate.corruption import corrupt_samples
-from qgate.data import read_jsonl
 from qgate.run_dir import RunDir
 from qgate.scoring import (
     BLENDS,
@@ -297,13 +296,13 @@ def gates_dir(config: DictConfig) -> Path:
 
 def warmed_rows(config: DictConfig) -> set[tuple[str, str]]:
     """(dataset, id) of the rows the gates warmed up on; empty (with a warning) when the gates do not say."""
-    from qgate.warmup_rows import WARMUP_ROWS
+    from qgate.warmup_rows import WARMUP_ROWS, read_warmup_rows
 
-    path = gates_dir(config) / WARMUP_ROWS
-    if not path.exists():
-        log.warning("%s is missing: the self-check cannot leave warmup's rows out", path)
+    rows = read_warmup_rows(gates_dir(config))
+    if rows is None:
+        log.warning("%s is missing: the self-check cannot leave warmup's rows out", gates_dir(config) / WARMUP_ROWS)
         return set()
-    return {(r["dataset"], r["id"]) for r in read_jsonl(str(path))}
+    return rows
 
 
 def warmed_kinds(config: DictConfig) -> list[str]:

@@ -236,15 +236,9 @@ def load_scorer(model: str, gates_dir: str, dtype: str = "float32", autocast: st
 
 def halves_fit_rows(gates: GateSet, gates_dir: str) -> frozenset:
     """(dataset, id) of the rows the gates' halves read was fitted on: the warmup rows beside the gates."""
-    from pathlib import Path
+    from qgate.warmup_rows import read_warmup_rows
 
-    from qgate.data import read_jsonl
-    from qgate.warmup_rows import WARMUP_ROWS
-
-    path = Path(gates_dir) / WARMUP_ROWS
-    if gates.halves is None or not path.exists():
-        return frozenset()
-    return frozenset((r["dataset"], r["id"]) for r in read_jsonl(str(path)))
+    return frozenset((read_warmup_rows(gates_dir) or set()) if gates.halves is not None else ())
 
 
 def decode_raw(row: dict, n_layers: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from qgate.contrast import may_read_contrast
-from qgate.data import iter_file_rows, list_input_files, write_jsonl
+from qgate.data import iter_file_rows, list_input_files, read_jsonl, write_jsonl
 from qgate.encoding import encode_row
 
 log = logging.getLogger("qgate.warmup")
@@ -79,6 +79,12 @@ def warmup_items(config: DictConfig, tokenizer, own_answers: OwnAnswers | None =
 def write_warmup_rows(gates_dir: Path, rows: list[dict]) -> None:
     """(dataset, id) of every row warmed up on, beside the gates (`WARMUP_ROWS`)."""
     write_jsonl(str(gates_dir / WARMUP_ROWS), [{"dataset": r["dataset"], "id": r["id"]} for r in rows])
+
+
+def read_warmup_rows(gates_dir: str | Path) -> set[tuple[str, str]] | None:
+    """(dataset, id) of every row the gates in `gates_dir` warmed up on; None when the gates do not say."""
+    path = Path(gates_dir) / WARMUP_ROWS
+    return {(r["dataset"], r["id"]) for r in read_jsonl(str(path))} if path.exists() else None
 
 
 def _seeded(seed: int, text: str) -> bytes:

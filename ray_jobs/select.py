@@ -45,7 +45,7 @@ def score_ranking(dirs, specs, kwargs: dict, n: int, seed: int, direction: str, 
     """The reference sample of a blend (`q_ifd`, `q_halves`), written to `score_reference.npz` for the server,
     with the other score's column and the q direction."""
     column = BLENDS[score]
-    reference = score_reference(dirs, specs, kwargs, n, seed, column)
+    reference = score_reference(dirs, specs, kwargs, n, seed, (column,))
     np.savez(run.score_reference, **reference)
     return {**reference, "column": column, "higher": direction == "higher"}
 

@@ -111,16 +111,17 @@ def diverse_scores(config, dirs, specs, kwargs: dict, higher: bool, n: int, k: i
 
 
 def score_reference(dirs: list[Path], specs: list[dict], kwargs: dict, n: int, seed: int,
-                    column: str = "ifd") -> dict[str, np.ndarray]:
-    """Raw q and the blend's other score (`column`: ifd, halves), each sorted float32, of a hash-seeded sample of
-    about MAX_FIT_ROWS rows (every row when N ≤ MAX_FIT_ROWS); the other score without its nulls."""
+                    columns: tuple[str, ...] = ("ifd",)) -> dict[str, np.ndarray]:
+    """Raw q and the blends' other scores (`columns`: ifd, halves), each sorted float32, of a hash-seeded sample of
+    about MAX_FIT_ROWS rows (every row when N ≤ MAX_FIT_ROWS), in one pass; the other scores without their nulls."""
     fraction = min(1.0, MAX_FIT_ROWS / max(n, 1))
-    sample = datasets(dirs, specs, ["id", column], policy.reference_rows,
-                      {**kwargs, "fraction": fraction, "seed": seed, "column": column})
+    sample = datasets(dirs, specs, ["id", *columns], policy.reference_rows,
+                      {**kwargs, "fraction": fraction, "seed": seed, "columns": tuple(columns)})
     table = pa.concat_tables(list(sample.iter_batches(batch_format="pyarrow", batch_size=None)))
-    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", column)}  # [M], [M']
-    if reference[column].size == 0:
-        raise ValueError(f"no row of {', '.join(map(str, dirs))} has a value of {column} to blend with q")
+    reference = {name: sorted_reference(table.column(name).to_numpy()) for name in ("q", *columns)}  # [M], [M']
+    for column in columns:
+        if reference[column].size == 0:
+            raise ValueError(f"no row of {', '.join(map(str, dirs))} has a value of {column} to blend with q")
     return reference
 
 

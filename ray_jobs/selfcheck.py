@@ -109,10 +109,8 @@ def corpus_reference(config: DictConfig) -> tuple[LayerStats, dict | None]:
     if not blends:
         return stats, None
     kwargs = {"stats": stats.to_dict(), "eps": float(s.eps), "tau": float(s.tau)}
-    references = {}
-    for name in sorted(blends):
-        references.update(select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed), BLENDS[name]))
-    return stats, references
+    columns = tuple(BLENDS[name] for name in sorted(blends))
+    return stats, select.score_reference(dirs, specs, kwargs, stats.n, int(config.seed), columns)
 
 
 def run(config: DictConfig) -> dict:
