@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.root}: {len(keys)} rows, {int((clean == 0).sum())} planted; qgate_diverse at {args.budget:.0%} "
           f"({k} rows)\n")
     print(table(["sorted on", "planted kept", "objects taught", "not outvoted", "AUROC", *kinds], lines))
+    ours = pick(scores, "qgate_diverse", k, 0, "higher", noisy, diversity)
+    perfect = {labels[key]["object"] for seed in range(3)
+               for key in pick(scores, "clean_diverse", k, seed, "higher", noisy, diversity) if not noisy[key]}
+    missing = perfect - {labels[key]["object"] for key in ours if not noisy[key]}
+    instead = Counter(labels[key]["label"] for key in ours if noisy[key] and labels[key]["object"] in missing)
+    with_planted = {labels[key]["object"] for key in ours if noisy[key]} & missing
+    print(f"\n{len(missing)} objects a perfect score teaches (on any of 3 seeds) and the run's pick does not: "
+          f"{len(with_planted)} with a kept planted row about them ({dict(instead.most_common())}), "
+          f"{len(missing) - len(with_planted)} with no kept row")
 
 
 def counts(kept: list[tuple], noisy: dict, labels: dict) -> list:
