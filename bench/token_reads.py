@@ -76,7 +76,8 @@ def reads_of(losses: dict) -> dict[str, float]:
             "drop": float(c[middle:].mean() - c[:middle].mean())}
 
 
-def scores_of(result: dict, reference: dict[str, list[dict]] | None = None, tail: float = 0.01) -> dict[str, np.ndarray]:
+def scores_of(result: dict, reference: dict[str, list[dict]] | None = None,
+              tail: float = 0.01) -> dict[str, np.ndarray]:
     """Each scorer of one fold, higher = clean; `reference`: the seed's clean rows' losses per corpus (q+veto)."""
     values = bench.scorer_values(result)
     reads = [reads_of(r) for r in result["losses"]]
