@@ -34,12 +34,9 @@ import generalisation as bench
 import numpy as np
 import torch
 from demo_rows import encoded
-from results import table
-from typicality import fold_rows
+from typicality import fold_rows, paired_line, report_text
 
 from qgate.models import load_model, load_tokenizer
-from qgate.scoring import auroc
-from qgate.selfcheck import difference_interval
 
 READS = ("late gain", "end", "drop")
 VETO_READS = ("end", "late gain")  # the specialists whose tails q+veto reads
@@ -118,13 +115,9 @@ def report(folds: dict[str, dict], references: dict[str, dict] | None = None, ta
     lines += [[f"left out: {k} ({int((left & (kind == k)).sum())})"]
               + [bench.cell(rows[s], clean, (clean == 1) | (left & (kind == k))) for s in scorers]
               for k in bench.kinds_in_rotation() if (left & (kind == k)).any()]
-    pairs = []
-    for blend in [s for s in scorers if s.startswith("q+") and s != "q+IFD"]:
-        paired = difference_interval(rows[blend][left_out], rows["q"][left_out], clean[left_out])
-        gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows["q"][left_out], clean[left_out])
-        pairs.append(f"{blend} − q on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]")
-    return (f"{len(folds)} folds ({', '.join(sorted(folds))}); AUROC [95% interval], clean = positive\n\n"
-            + table(["rows", *scorers], lines) + "\n\n" + "\n".join(pairs) + "\n")
+    pairs = [paired_line(rows, blend, "q", clean, left_out) for blend in scorers
+             if blend.startswith("q+") and blend != "q+IFD"]
+    return report_text(folds, scorers, lines, pairs)
 
 
 def main(argv: list[str] | None = None) -> None:

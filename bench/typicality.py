@@ -124,12 +124,19 @@ def report(folds: dict[str, dict], beside: dict[str, dict] | None = None) -> str
     lines += [[f"left out: {k} ({int((left & (kind == k)).sum())})"]
               + [bench.cell(rows[s], clean, (clean == 1) | (left & (kind == k))) for s in scorers]
               for k in bench.kinds_in_rotation()]
-    pairs = []
-    for blend, versus in (("q+typicality", "q"), ("q+both", "q"), ("typicality", "typicality 2"))[:3 if beside else 1]:
-        paired = difference_interval(rows[blend][left_out], rows[versus][left_out], clean[left_out])
-        gain = auroc(rows[blend][left_out], clean[left_out]) - auroc(rows[versus][left_out], clean[left_out])
-        pairs.append(f"{blend} − {versus} on left-out kinds, paired: {gain:+.3f} "
-                     f"[{paired[0]:+.3f}, {paired[1]:+.3f}]")
+    pairs = [paired_line(rows, blend, versus, clean, left_out) for blend, versus in
+             (("q+typicality", "q"), ("q+both", "q"), ("typicality", "typicality 2"))[:3 if beside else 1]]
+    return report_text(folds, scorers, lines, pairs)
+
+
+def paired_line(rows: dict[str, np.ndarray], blend: str, versus: str, clean: np.ndarray, keep: np.ndarray) -> str:
+    """`blend − versus` on the kept rows (the left-out kinds), AUROC gain with its paired 95% interval."""
+    paired = difference_interval(rows[blend][keep], rows[versus][keep], clean[keep])
+    gain = auroc(rows[blend][keep], clean[keep]) - auroc(rows[versus][keep], clean[keep])
+    return f"{blend} − {versus} on left-out kinds, paired: {gain:+.3f} [{paired[0]:+.3f}, {paired[1]:+.3f}]"
+
+
+def report_text(folds: dict, scorers: list[str], lines: list[list[str]], pairs: list[str]) -> str:
     return (f"{len(folds)} folds ({', '.join(sorted(folds))}); AUROC [95% interval], clean = positive\n\n"
             + table(["rows", *scorers], lines) + "\n\n" + "\n".join(pairs) + "\n")
 
