@@ -152,11 +152,12 @@ def corpus(out: Path, args) -> dict:
 # ---- 2. warmup -----------------------------------------------------------------------------------
 
 
-def warm_up(config, model, tokenizer, device: torch.device) -> tuple[GateSet, list[dict], dict]:
-    """Gates trained on the frozen model as `qgate warmup` trains them (one worker); returns the gates, the rows
-    they warmed up on and a log (row counts, loss parts of the first and last step)."""
+def warm_up(config, model, tokenizer, rows: list[dict] | None = None) -> tuple[GateSet, list[dict], dict]:
+    """Gates trained on the frozen model as `qgate warmup` trains them (one worker), on `rows` as the originals
+    (default: warmup's seeded sample of the corpus); returns the gates, the rows they warmed up on and a log (row
+    counts, loss parts of the first and last step)."""
     w, counts = config.warmup, Counter()
-    rows = sample_rows(config, counts)
+    rows = sample_rows(config, counts) if rows is None else rows
     answer = lambda chosen: answer_own(chosen, model, tokenizer, config.seed)  # warmup.own_answers, on this GPU
     items = encode_items(config, tokenizer, rows, counts, answer)  # each original with its corrupted copies
     if len(items) < w.batch_size:
@@ -166,11 +167,18 @@ def warm_up(config, model, tokenizer, device: torch.device) -> tuple[GateSet, li
     steps = warm_up_alone(model, shard, WarmupLossConfig(**as_dict(config.loss)), steps=w.steps,
                           batch_size=w.batch_size, lr=w.lr, pad_id=tokenizer.pad_token_id, seed=config.seed,
                           weight_decay=w.weight_decay, contrast=config.gate.contrast, autocast=config.autocast)
-    say(f"warmup: {w.steps} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
+    say(f"warmup: {w.steps} steps on {len(rows)} originals, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
     return gates, rows, {"rows": dict(counts), "first": steps[0], "last": steps[-1]}
 
 
 # ---- 3. scores -----------------------------------------------------------------------------------
+
+
+def scorer_of(config, model, tokenizer, gates: GateSet, device: torch.device) -> Scorer:
+    """collect's scorer of the gated model: S per α, response NLL and IFD of each row."""
+    c = config.collect
+    return Scorer(model, tokenizer, gates, alphas=list(c.alphas), eps=c.eps, max_batch_tokens=c.max_batch_tokens,
+                  ifd=True, autocast_dtype=autocast_dtype(config.autocast, device.type))
 
 
 def score(scorer: Scorer, config, tokenizer, rows: list[dict]) -> list[dict]:
@@ -233,11 +241,8 @@ def select_rows(config, device: torch.device, phases: Phases) -> tuple[pd.DataFr
         model = load_model(config.model, dtype=config.dtype, device=str(device),
                            trust_remote_code=config.trust_remote_code)
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        gates, warmed, warmup_log = warm_up(config, model, tokenizer, device)
-    collect = config.collect
-    scorer = Scorer(model, tokenizer, gates, alphas=list(collect.alphas), eps=collect.eps,
-                    max_batch_tokens=collect.max_batch_tokens, ifd=True,
-                    autocast_dtype=autocast_dtype(config.autocast, device.type))
+        gates, warmed, warmup_log = warm_up(config, model, tokenizer)
+    scorer = scorer_of(config, model, tokenizer, gates, device)
     with phases("score"):
         rows = good_rows(config.data)
         scored = [r for r in score(scorer, config, tokenizer, rows) if not r.get("reason")]

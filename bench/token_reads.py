@@ -92,11 +92,11 @@ def vetoes(reads: dict[str, np.ndarray], corpus: np.ndarray, reference: dict[str
            tail: float) -> np.ndarray:
     """How many of VETO_READS put each row below the `tail` quantile of its corpus's reference rows. -> [N]"""
     count = np.zeros(len(corpus))
-    for name in VETO_READS:
-        for dataset, losses in reference.items():
-            clean = np.array([reads_of(r)[name] for r in losses])
+    for dataset, losses in reference.items():
+        clean_reads, rows = [reads_of(r) for r in losses], corpus == dataset
+        for name in VETO_READS:
+            clean = np.array([r[name] for r in clean_reads])
             floor = np.quantile(clean[np.isfinite(clean)], tail)
-            rows = corpus == dataset
             count[rows] += np.nan_to_num(reads[name][rows], nan=np.inf) < floor
     return count
 

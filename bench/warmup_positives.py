@@ -24,34 +24,20 @@ import torch
 from omegaconf import OmegaConf
 from results import table
 
-from qgate.config import as_dict
 from qgate.data import read_jsonl
-from qgate.gate import attach_gates
-from qgate.models import autocast_dtype, load_model, load_tokenizer
+from qgate.models import load_model, load_tokenizer
 from qgate.scoring import LayerStats, auroc, blend_with_q, quality_scores, sorted_reference
 from qgate.selfcheck import difference_interval
-from qgate.stats import Scorer
-from qgate.training import WarmupLossConfig
-from qgate.warmup_loop import gate_kwargs, warm_up_alone
-from qgate.warmup_rows import encode_items, sample_rows, shard_items
+from qgate.warmup_rows import sample_rows
 
 
 def warmed_scores(config, rows: list[dict], positives: list[dict]) -> dict[str, np.ndarray]:
     """q and the q + IFD blend of every row, from gates warmed on `positives` (and their corrupted copies)."""
     model = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    w, counts = config.warmup, Counter()
-    items = encode_items(config, tokenizer, positives, counts)
-    gates = attach_gates(model, **gate_kwargs(config))
-    steps = warm_up_alone(model, shard_items(items, w.batch_size, 1)[0], WarmupLossConfig(**as_dict(config.loss)),
-                          steps=w.steps, batch_size=w.batch_size, lr=w.lr, pad_id=tokenizer.pad_token_id,
-                          seed=config.seed, weight_decay=w.weight_decay, contrast=config.gate.contrast,
-                          autocast=config.autocast)
-    print(f"warmup on {len(positives)} originals: loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}", flush=True)
-    c = config.collect
-    scorer = Scorer(model, tokenizer, gates, alphas=list(c.alphas), eps=c.eps, max_batch_tokens=c.max_batch_tokens,
-                    ifd=True, autocast_dtype=autocast_dtype(config.autocast, "cpu"))
-    scored = facts_gpu.score(scorer, config, tokenizer, rows)
+    gates, _, _ = facts_gpu.warm_up(config, model, tokenizer, positives)
+    scored = facts_gpu.score(facts_gpu.scorer_of(config, model, tokenizer, gates, torch.device("cpu")), config,
+                             tokenizer, rows)
     S, s = facts_gpu.layer_scores_at(scored, config.selection.alpha), config.selection  # [N, L]
     q = quality_scores(S, s.eps, s.tau, LayerStats.of(S))  # [N]
     ifd = facts_gpu.ifd_of(scored)  # [N]
